@@ -1,0 +1,7 @@
+"""`python -m expertserve` is the `expertserve` command."""
+
+import sys
+
+from expertserve.cli.main import main
+
+sys.exit(main())

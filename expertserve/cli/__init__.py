@@ -1,0 +1,1 @@
+"""The `expertserve` command line."""

@@ -1,0 +1,159 @@
+"""`expertserve`: the command-line entry point.
+
+Every subcommand's module is imported only when that subcommand runs, so `expertserve --help` stays fast.
+Exit codes: 0 success, 1 failure (invalid input, failed check), 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from expertserve.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser; each subcommand names its handler as `module:function`."""
+    parser = argparse.ArgumentParser(
+        prog="expertserve",
+        description="Train and serve many small experts (adapter + soft prompt + decoding + hints) on one base LLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check expert manifests and report every field's status",
+                       description="Validate expert directories, manifest files or .expert packages. Prints, per "
+                       "expert, every field that is set and its status: active, planned or not applicable.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="expert directory, manifest.json, .expert package, or a directory of experts")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--strict", action="store_true",
+                   help="also check the files the manifest names (adapter, soft prompts, grammar, datasets)")
+    p.set_defaults(handler="expertserve.cli.validate:run")
+
+    p = sub.add_parser("list", help="list the registered experts (repository experts/ and install directory)")
+    p.add_argument("--experts-dir", action="append", metavar="DIR",
+                   help="expert root to scan (repeatable; default: ./experts then the install directory)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler="expertserve.cli.packages:run_list")
+
+    p = sub.add_parser("package", help="write <name>-<version>.expert from an expert directory")
+    p.add_argument("expert_dir", metavar="EXPERT_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory that receives the package")
+    p.add_argument("--sign", metavar="KEY", help="Ed25519 private key (from `expertserve keygen`) to sign with")
+    p.set_defaults(handler="expertserve.cli.packages:run_package")
+
+    p = sub.add_parser("verify", help="check a package's hashes, signature and manifest")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--public-key", metavar="KEY",
+                   help="require a signature by this key (64 hex characters or a .pub file)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler="expertserve.cli.packages:run_verify")
+
+    p = sub.add_parser("install", help="verify a package and install it into the install directory")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--dir", metavar="DIR", help="install directory (default: $EXPERTSERVE_INSTALL_DIR or "
+                   "~/.cache/expertserve/experts)")
+    p.add_argument("--public-key", metavar="KEY", help="require a signature by this key")
+    p.add_argument("--force", action="store_true", help="replace an installed copy of the same version")
+    p.set_defaults(handler="expertserve.cli.packages:run_install")
+
+    p = sub.add_parser("keygen", help="create an Ed25519 signing key (KEY) and its public key (KEY.pub)")
+    p.add_argument("-o", "--output", required=True, metavar="KEY", help="private key file to write")
+    p.add_argument("--force", action="store_true", help="overwrite existing key files")
+    p.set_defaults(handler="expertserve.cli.packages:run_keygen")
+
+    p = sub.add_parser("train", help="train an expert's adapter and soft prompts with Ray Train, then package it")
+    from expertserve.train.cli import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(handler="expertserve.train.cli:run")
+
+    p = sub.add_parser("serve", help="serve the base model and the experts over an OpenAI-compatible HTTP API")
+    p.add_argument("--config", metavar="FILE", help="server config (YAML or JSON; see configs/serve.yaml)")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--ignore-manifest-decoding", action="store_true",
+                   help="decode with request > server defaults only, ignoring manifests (for comparisons)")
+    p.set_defaults(handler="expertserve.serve.cli:run")
+
+    p = sub.add_parser("route", help='show which expert a prompt goes to, or evaluate routing on a labelled file')
+    p.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt to route")
+    p.add_argument("--eval", metavar="FILE", help='labelled JSONL: {"prompt" or "messages", "expert": name or null}')
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--experts-dir", action="append", metavar="DIR", help="expert root (repeatable)")
+    p.add_argument("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct", metavar="ID",
+                   help="the served base model id (experts for other bases are left out)")
+    p.add_argument("--bench", action="store_true", help="measure decision latency p50/p99 (shipped and synthetic)")
+    p.add_argument("--bench-n", type=int, default=300, metavar="N", help="decisions timed per registry")
+    p.add_argument("--synthetic", type=int, default=100, metavar="N", help="synthetic experts for --bench")
+    p.set_defaults(handler="expertserve.routing.cli:run")
+
+    p = sub.add_parser("eval", help="score base model and expert on the held-out test split")
+    p.add_argument("expert_dir", metavar="EXPERT_DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N test examples only")
+    p.add_argument("--no-write", action="store_true", help="do not write quality_metrics into the manifest")
+    p.add_argument("--base-model", metavar="DIR", help="base model directory (default: the prepared SmolLM2)")
+    p.add_argument("--base-model-id", metavar="ID", help="the id the manifest names for --base-model")
+    p.set_defaults(handler="expertserve.eval.cli:run")
+
+    p = sub.add_parser("models", help="base models: prepare the offline default, build tiny test models")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    mp = msub.add_parser("prepare", help="convert the offline SmolLM2-135M-Instruct once into the cache and verify it")
+    mp.add_argument("--force", action="store_true", help="convert again even when cached")
+    mp.set_defaults(handler="expertserve.cli.models:run_prepare")
+    mp = msub.add_parser("path", help="print the directory of the prepared default base model")
+    mp.set_defaults(handler="expertserve.cli.models:run_path")
+    mp = msub.add_parser("tiny", help="write a tiny random model with its tokenizer (for fast tests)")
+    mp.add_argument("output", metavar="DIR")
+    mp.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    mp.add_argument("--seed", type=int, default=0)
+    mp.set_defaults(handler="expertserve.cli.models:run_tiny")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns its exit code."""
+    return run_handler(build_parser().parse_args(argv))
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """Calls the handler `args.handler` names, mapping errors to exit codes and one-line messages."""
+    module_name, func_name = args.handler.split(":")
+    from expertserve.errors import ExpertserveError
+
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        return int(handler(args) or EXIT_OK)
+    except UsageError as e:
+        print(f"expertserve {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ExpertserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except BrokenPipeError:  # `expertserve validate ... | head`: the reader left; not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so plainly; the traceback is one variable away
+        if os.environ.get("EXPERTSERVE_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (set EXPERTSERVE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAIL
+
+
+def _version() -> str:
+    from expertserve import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

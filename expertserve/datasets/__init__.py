@@ -1,0 +1,1 @@
+"""Datasets of the shipped experts: generators (deterministic by seed) and objective scorers."""

@@ -1,0 +1,1 @@
+"""vLLM glue: prompt embeddings with soft prompts, sampling parameters, engine construction."""

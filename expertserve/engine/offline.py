@@ -1,0 +1,71 @@
+"""An in-process vLLM engine for batch generation (evaluation, parity checks), with the expert's adapter,
+soft prompt and decoding applied exactly as serving applies them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete.
+
+    Attributes:
+        messages: Chat messages, formatted with the base model's chat template.
+        sampling: vLLM SamplingParams.
+        lora: (name, int id, adapter dir) or None for the base model.
+        soft_prompt: [tokens, hidden] tensor prepended as embeddings, or None.
+    """
+
+    messages: list[dict[str, str]]
+    sampling: Any
+    lora: tuple[str, int, str] | None = None
+    soft_prompt: Any = None
+
+
+def engine_environment() -> None:
+    """CPU settings measured to work (see the README): bounded KV cache."""
+    os.environ["EXPERTSERVE_VLLM_PATCHES"] = "1"  # see expertserve/engine/vllm_patches.py
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+class OfflineEngine:
+    """vllm.LLM with multi-LoRA, prompt embeddings and xgrammar structured outputs."""
+
+    def __init__(self, model_dir: Path, *, max_lora_rank: int = 16, max_loras: int = 4, dtype: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0):
+        engine_environment()
+        from vllm import LLM
+
+        from expertserve.engine.embeddings import PromptEmbedder, load_input_embeddings
+
+        self.model_dir = model_dir
+        self.llm = LLM(model=str(model_dir), enable_lora=True, max_lora_rank=max(8, max_lora_rank),
+                       max_loras=max_loras, enable_prompt_embeds=True, dtype=dtype,
+                       **({"max_model_len": max_model_len} if max_model_len else {}),
+                       seed=seed, structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+                       enforce_eager=True)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.embedder = PromptEmbedder(load_input_embeddings(model_dir), self.llm.llm_engine.model_config.dtype)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[str]:
+        """Completions in order. Callers keep base-model and adapter requests in separate calls (the CPU
+        LoRA kernels apply the last adapter to base rows of a mixed batch; see the platform notes)."""
+        from vllm.lora.request import LoRARequest
+
+        prompts: list[Any] = []
+        for r in requests:
+            ids = self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+            prompts.append({"prompt_embeds": self.embedder.embed(ids, r.soft_prompt)} if r.soft_prompt is not None
+                           else {"prompt_token_ids": ids})
+        loras = [LoRARequest(*r.lora) if r.lora else None for r in requests]
+        outputs = self.llm.generate(prompts, [r.sampling for r in requests], lora_request=loras, use_tqdm=False)
+        return [o.outputs[0].text for o in outputs]
+
+    def close(self) -> None:
+        """Stops the engine's processes now rather than at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,137 @@
+"""`expertserve eval`: base model and expert on the held-out test split, with the expert's own decoding and
+grammar, an objective scorer, and an ablation (adapter alone, soft prompt alone, both)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expertserve.datasets.common import prompt_messages, read_jsonl
+from expertserve.decoding import describe, load_defaults, resolve, resolve_constraint
+from expertserve.errors import ExpertserveError
+from expertserve.eval.scorers import SCORERS
+from expertserve.manifest.load import load_manifest
+from expertserve.models import offline
+
+
+class EvalError(ExpertserveError):
+    """The expert cannot be evaluated (no scorer, no test split, no trained adapter)."""
+
+
+@dataclass
+class EvalReport:
+    """Scores of one evaluation (fractions 0-1)."""
+
+    expert: str
+    metric: str
+    n: int
+    base_score: float
+    expert_score: float
+    improvement: float
+    ablation: dict[str, float]
+    decoding: str
+    seconds: float
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (`--json`)."""
+        return asdict(self)
+
+
+def evaluate(expert_dir: Path, *, limit: int | None = None, base_model_dir: Path | None = None,
+             base_model_id: str | None = None, write: bool = True, engine: Any = None) -> EvalReport:
+    """Scores base model and expert; writes quality_metrics into the manifest when `write`.
+
+    Raises:
+        EvalError: No scorer, no test split, or no trained adapter for the base model.
+    """
+    start = time.monotonic()
+    loaded = load_manifest(expert_dir)
+    m = loaded.manifest
+    scorer_name = m.evaluation.scorer if m.evaluation else None
+    if scorer_name is None:
+        raise EvalError(f"{loaded.path}: evaluation.scorer is not set (one of {', '.join(SCORERS)})")
+    if not m.training.dataset.test_path:
+        raise EvalError(f"{loaded.path}: training.dataset.test_path is not set")
+    scorer = SCORERS[scorer_name]
+    test_file = loaded.root / m.training.dataset.test_path
+    examples = read_jsonl(test_file)[:limit]
+    base_id = base_model_id or offline.DEFAULT_MODEL.model_id
+    entry = next((a for b, a in m.adapter_entries if b.name == base_id), None)
+    if entry is None:
+        raise EvalError(f"{loaded.path}: no adapter for base model {base_id}")
+    adapter_dir = loaded.root / entry.path
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        raise EvalError(f"{adapter_dir}: no trained adapter; run `expertserve train {expert_dir}` first")
+
+    from expertserve.engine.offline import GenerationRequest, OfflineEngine
+    from expertserve.engine.sampling import sampling_params
+    from expertserve.train.modules import load_soft_prompt
+
+    own_engine = engine is None
+    if own_engine:
+        engine = OfflineEngine(base_model_dir or offline.prepared_model_dir(), max_lora_rank=entry.r or 8)
+    resolved = resolve({}, m.decoding, load_defaults())
+    constraint = resolve_constraint(None, m.decoding, loaded.root)
+    params = sampling_params(resolved, constraint, seed=0)
+    soft = None
+    if m.soft_prompts:
+        import torch
+
+        soft = torch.cat([load_soft_prompt(loaded.root / sp.path) for sp in m.soft_prompts])
+    lora = (m.name, 1, str(adapter_dir))
+    conditions: dict[str, tuple[Any, Any]] = {"base": (None, None), "expert": (lora, soft)}
+    if soft is not None:
+        conditions["adapter_only"] = (lora, None)
+        conditions["soft_prompt_only"] = (None, soft)
+    metas = [e["meta"] for e in examples]
+    scores: dict[str, float] = {}
+    failures: list[dict[str, str]] = []
+    for name, (lo, sp) in conditions.items():
+        outputs = engine.generate([GenerationRequest(prompt_messages(e), params, lo, sp) for e in examples])
+        ok = scorer.score_many(outputs, metas, test_file.parent)
+        scores[name] = sum(ok) / len(ok)
+        if name == "expert":
+            failures = [{"prompt": e["messages"][-2]["content"][-200:], "output": o, "gold": e["messages"][-1]["content"]}
+                        for e, o, good in zip(examples, outputs, ok, strict=True) if not good][:5]
+    if own_engine:
+        engine.close()
+    report = EvalReport(m.name, scorer.metric, len(examples), scores["base"], scores["expert"],
+                        scores["expert"] - scores["base"],
+                        {k: v for k, v in scores.items() if k not in ("base", "expert")},
+                        describe(resolved, constraint), time.monotonic() - start, failures)
+    if write:
+        write_quality_metrics(loaded.path, report)
+    return report
+
+
+def write_quality_metrics(manifest_file: Path, report: EvalReport) -> None:
+    """Puts the scores into `quality_metrics`, keeping the rest of the manifest (comments included) as is."""
+    raw = json.loads(manifest_file.read_text())
+    qm = raw.setdefault("quality_metrics", {})
+    qm.update({
+        "benchmark_score": round(report.expert_score, 4),
+        "base_model_score": round(report.base_score, 4),
+        "improvement_percent": round(100 * report.improvement / report.base_score, 1) if report.base_score
+        else None,
+        "improvement_points": round(100 * report.improvement, 1),
+        "test_queries": report.n,
+        "test_date": dt.date.today().isoformat(),
+        "metric": report.metric,
+    })
+    if qm["improvement_percent"] is None:
+        del qm["improvement_percent"]
+    for name, score in report.ablation.items():
+        qm[f"{name}_score"] = round(score, 4)
+    checkpoint = raw.get("training", {}).get("checkpoint")
+    if checkpoint:
+        qm["checkpoint"] = checkpoint
+        qm["training_steps"] = int(checkpoint.rsplit("-", 1)[-1])
+    tmp = manifest_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+    load_manifest(tmp)  # never write a manifest that would not validate
+    tmp.replace(manifest_file)

@@ -1,0 +1,1 @@
+"""Base models: the offline SmolLM2 conversion and tiny random models for tests."""

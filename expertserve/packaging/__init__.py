@@ -1,0 +1,1 @@
+"""`.expert` packages: build, verify, install; Ed25519 signing."""

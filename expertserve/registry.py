@@ -1,0 +1,216 @@
+"""The expert registry: finds experts on disk, keeps their versions, and answers what serving and routing need.
+
+Pure Python: no ray, vllm or torch. Experts come from roots scanned in order (the repository's `experts/`
+first, then the install directory). A root holds expert directories (`<root>/<dir>/manifest.json`) or
+installed versions (`<root>/<name>/<version>/manifest.json`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from expertserve.errors import ExpertNotFound, ManifestError, RegistryError
+from expertserve.manifest.files import check_files
+from expertserve.manifest.load import MANIFEST_FILE, LoadedManifest, load_manifest
+from expertserve.manifest.model import Adapter, Decoding, ExpertManifest, Routing, SoftPrompt
+
+SERVABLE_ADAPTERS = frozenset({"lora"})
+
+
+def version_key(version: str) -> tuple[int, int, int]:
+    """Sort key of a MAJOR.MINOR.PATCH version."""
+    major, minor, patch = (int(p) for p in version.split("."))
+    return major, minor, patch
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    """One version of one expert, as found on disk."""
+
+    loaded: LoadedManifest
+    origin: str
+
+    @property
+    def manifest(self) -> ExpertManifest:
+        """The validated manifest."""
+        return self.loaded.manifest
+
+    @property
+    def name(self) -> str:
+        """Expert name."""
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        """Expert version."""
+        return self.manifest.version
+
+    @property
+    def root(self) -> Path:
+        """The expert directory; manifest paths are relative to it."""
+        return self.loaded.root
+
+    @property
+    def decoding(self) -> Decoding:
+        """Default decoding from the manifest."""
+        return self.manifest.decoding
+
+    @property
+    def routing(self) -> Routing | None:
+        """Routing block, if any."""
+        return self.manifest.routing
+
+    @property
+    def soft_prompts(self) -> list[tuple[SoftPrompt, Path]]:
+        """Soft prompts with their absolute file paths."""
+        return [(sp, self.root / sp.path) for sp in self.manifest.soft_prompts]
+
+    def adapter_for(self, base_model: str, aliases: Iterable[str] = ()) -> tuple[Adapter, Path] | None:
+        """The adapter trained for `base_model` (matched by name or any alias) and its directory."""
+        wanted = {base_model, *aliases}
+        for base, adapter in self.manifest.adapter_entries:
+            if base.name in wanted:
+                return adapter, self.root / adapter.path
+        return None
+
+    def unservable_reason(self, base_model: str, aliases: Iterable[str] = ()) -> str | None:
+        """Why a vLLM server running `base_model` cannot serve this expert, or None when it can."""
+        found = self.adapter_for(base_model, aliases)
+        if found is None:
+            trained = ", ".join(b.name for b in self.manifest.base_model_entries)
+            return f"trained for base model(s) {trained}, not {base_model}"
+        adapter, _ = found
+        if adapter.effective_type not in SERVABLE_ADAPTERS:
+            return (f"its adapter is {adapter.effective_type.upper()}: vLLM hot-swaps LoRA adapters only "
+                    "(merge it into a LoRA or serve it from a dedicated base model)")
+        return None
+
+    def file_problems(self, *, datasets: bool = True) -> list[str]:
+        """Missing or malformed files the manifest refers to."""
+        return check_files(self.manifest, self.root, datasets=datasets)
+
+
+@dataclass
+class Registry:
+    """Every expert version found, indexed by name; the latest version answers a bare name.
+
+    Attributes:
+        problems: Experts that could not be registered (invalid manifests, clashes), one line each.
+    """
+
+    _by_name: dict[str, dict[str, ExpertRecord]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def scan(cls, roots: Sequence[str | Path], *, strict: bool = False) -> Registry:
+        """Builds a registry from expert roots, searched in order. Missing roots are skipped.
+
+        Args:
+            roots: Directories holding experts.
+            strict: Raise on the first problem instead of recording it.
+
+        Raises:
+            RegistryError: With strict=True, on an invalid manifest or a clash.
+        """
+        registry = cls()
+        for root in roots:
+            for manifest_file in _manifest_files(Path(root)):
+                try:
+                    loaded = load_manifest(manifest_file)
+                    registry.add(ExpertRecord(loaded, origin=str(root)))
+                except (ManifestError, RegistryError) as e:
+                    if strict:
+                        raise RegistryError(str(e)) from None
+                    registry.problems.append(str(e))
+        return registry
+
+    def add(self, record: ExpertRecord) -> None:
+        """Registers one expert version.
+
+        Expert names match `^expert-...`, so they never collide with `auto` or a base model id.
+
+        Raises:
+            RegistryError: This name and version are already registered.
+        """
+        versions = self._by_name.setdefault(record.name, {})
+        if record.version in versions:
+            other = versions[record.version].loaded.path
+            raise RegistryError(
+                f"name clash: {record.name} {record.version} is defined twice, by {other} and by "
+                f"{record.loaded.path} (the first one is used; bump a version or remove one)"
+            )
+        versions[record.version] = record
+
+    def remove(self, name: str, version: str | None = None) -> None:
+        """Unregisters one version, or every version of a name.
+
+        Raises:
+            ExpertNotFound: Nothing by that name (and version).
+        """
+        self.get(name, version)
+        if version is None:
+            del self._by_name[name]
+        else:
+            del self._by_name[name][version]
+            if not self._by_name[name]:
+                del self._by_name[name]
+
+    def get(self, name: str, version: str | None = None) -> ExpertRecord:
+        """An expert by name: the given version, or the latest.
+
+        Raises:
+            ExpertNotFound: No such expert or version.
+        """
+        versions = self._by_name.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise ExpertNotFound(f"no expert named {name!r} (registered: {known})")
+        if version is None:
+            return versions[max(versions, key=version_key)]
+        if version not in versions:
+            raise ExpertNotFound(f"{name} has no version {version} (have: {', '.join(self.versions(name))})")
+        return versions[version]
+
+    def versions(self, name: str) -> list[str]:
+        """Registered versions of a name, oldest first."""
+        return sorted(self._by_name.get(name, {}), key=version_key)
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[ExpertRecord]:
+        """The latest version of every expert, by name."""
+        return (self.get(n) for n in self.names())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def servable(self, base_model: str, aliases: Iterable[str] = ()) -> list[ExpertRecord]:
+        """Latest versions a vLLM server running `base_model` can serve."""
+        aliases = tuple(aliases)
+        return [r for r in self if r.unservable_reason(base_model, aliases) is None]
+
+    def max_lora_rank(self, base_model: str, aliases: Iterable[str] = ()) -> int:
+        """The largest LoRA rank among servable experts (what the engine must be sized for); 0 if none."""
+        aliases = tuple(aliases)
+        ranks = [r.adapter_for(base_model, aliases)[0].r or 0 for r in self.servable(base_model, aliases)]
+        return max(ranks, default=0)
+
+
+def _manifest_files(root: Path) -> list[Path]:
+    """`<root>/*/manifest.json` and `<root>/*/*/manifest.json`, sorted; a directory with a manifest is a leaf."""
+    if not root.is_dir():
+        return []
+    found: list[Path] = []
+    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (child / MANIFEST_FILE).is_file():
+            found.append(child / MANIFEST_FILE)
+        else:
+            found.extend(sorted(g / MANIFEST_FILE for g in child.iterdir() if (g / MANIFEST_FILE).is_file()))
+    return found

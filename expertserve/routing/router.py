@@ -1,0 +1,185 @@
+"""The router: scores every registered expert for a request and returns an expert or the base model, with a
+confidence and each candidate's score.
+
+Signals, per expert, from its manifest and data (nothing is trained globally, so an expert takes part as soon
+as it is registered):
+- semantic: cosine similarity between the request and the expert's profile (routing.examples, its description,
+  and user prompts sampled from its training split), averaged over the best few profile texts;
+- keywords: whole-word / phrase matches of routing.keywords and capabilities (a small bonus each);
+- exclude_keywords: a match rules the expert out;
+- priority: a tie-breaker.
+The base model competes as a candidate with a fixed score; a softmax over all candidates gives confidences, and
+an expert whose confidence is below the threshold loses to the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from expertserve.registry import ExpertRecord, Registry
+from expertserve.routing.lexical import matches, normalise
+
+BASE = None  # the decision "base model"
+
+
+class TextEmbedder(Protocol):
+    """What the router needs from an embedding model."""
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Scoring constants (defaults measured on the repository's held-out routing set)."""
+
+    base_score: float = 0.42
+    keyword_bonus: float = 0.06
+    max_keyword_bonus: float = 0.18
+    priority_weight: float = 0.02
+    temperature: float = 0.05
+    min_confidence: float = 0.5
+    top_k: int = 3
+    data_samples: int = 40
+    stickiness: float = 0.08
+    max_chars: int = 2000
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One expert's score for a request."""
+
+    expert: str
+    score: float
+    semantic: float
+    keywords: list[str]
+    excluded: list[str]
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The router's answer."""
+
+    expert: str | None
+    confidence: float
+    method: str
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"expert": self.expert, "confidence": round(self.confidence, 4), "method": self.method,
+                "candidates": [{"expert": c.expert, "score": round(c.score, 4), "semantic": round(c.semantic, 4),
+                                "keywords": c.keywords, "excluded": c.excluded, "confidence": round(c.confidence, 4)}
+                               for c in self.candidates]}
+
+
+@dataclass
+class _Profile:
+    name: str
+    vectors: np.ndarray
+    keywords: list[str]
+    exclude: list[str]
+    priority: float
+
+
+class Router:
+    """Routes requests among the registry's servable experts."""
+
+    def __init__(self, registry: Registry, embedder: TextEmbedder, *, base_model: str,
+                 config: RouterConfig | None = None):
+        self.embedder = embedder
+        self.config = config or RouterConfig()
+        self.profiles: list[_Profile] = []
+        for record in registry.servable(base_model):
+            self.add(record)
+
+    def add(self, record: ExpertRecord) -> None:
+        """Registers (or replaces) an expert's profile."""
+        self.profiles = [p for p in self.profiles if p.name != record.name]
+        routing = record.routing
+        texts = [record.manifest.description, *(routing.examples if routing else [])]
+        texts += _training_prompts(record, self.config.data_samples)
+        keywords = [*(routing.keywords if routing else []),
+                    *(c.split(":", 1)[-1].replace("_", " ") for c in record.manifest.capabilities)]
+        self.profiles.append(_Profile(record.name, self.embedder.embed(texts), keywords,
+                                      list(routing.exclude_keywords) if routing else [],
+                                      (routing.priority or 0.0) if routing and routing.priority is not None else 0.0))
+
+    def remove(self, name: str) -> None:
+        """Drops an expert."""
+        self.profiles = [p for p in self.profiles if p.name != name]
+
+    def route_messages(self, messages: list[dict[str, str]]) -> Decision:
+        """Routes a conversation: the last user turn decides; the expert that earlier turns would pick keeps the
+        conversation unless another expert is clearly better (by `stickiness`)."""
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        if not users:
+            return Decision(BASE, 1.0, "no-user-message")
+        decision = self.route(users[-1])
+        if len(users) == 1:
+            return decision
+        incumbent = self.route("\n".join(users[:-1])).expert
+        if incumbent is None or incumbent == decision.expert:
+            return decision
+        scores = {c.expert: c.score for c in decision.candidates}
+        best = scores.get(decision.expert, self.config.base_score) if decision.expert else self.config.base_score
+        if incumbent in scores and best - scores[incumbent] < self.config.stickiness:
+            candidate = next(c for c in decision.candidates if c.expert == incumbent)
+            return Decision(incumbent, candidate.confidence, "sticky", decision.candidates)
+        return decision
+
+    def route(self, prompt: str) -> Decision:
+        """Routes one prompt."""
+        cfg = self.config
+        # The start of a prompt says what it is; a bounded read keeps a decision cheap for any length.
+        prompt = prompt[: cfg.max_chars]
+        text = normalise(prompt)
+        if not text or not self.profiles:
+            return Decision(BASE, 1.0, "empty" if not text else "no-experts")
+        query = self.embedder.embed([prompt])[0]
+        raw: list[tuple[_Profile, float, float, list[str], list[str]]] = []
+        for p in self.profiles:
+            sims = p.vectors @ query
+            k = min(cfg.top_k, len(sims))
+            semantic = float(np.sort(sims)[-k:].mean()) if k else 0.0
+            hits = matches(text, p.keywords)
+            excluded = matches(text, p.exclude)
+            bonus = min(cfg.max_keyword_bonus, cfg.keyword_bonus * len(hits))
+            score = -1.0 if excluded else semantic + bonus + cfg.priority_weight * p.priority
+            raw.append((p, score, semantic, hits, excluded))
+        logits = np.array([s for _, s, *_ in raw] + [cfg.base_score]) / cfg.temperature
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        candidates = sorted((Candidate(p.name, s, sem, hits, exc, float(pr))
+                             for (p, s, sem, hits, exc), pr in zip(raw, probs[:-1], strict=True)),
+                            key=lambda c: (-c.score, c.expert))
+        best = candidates[0]
+        if best.score > cfg.base_score and best.confidence >= cfg.min_confidence:
+            return Decision(best.expert, best.confidence, "semantic+keywords", candidates)
+        return Decision(BASE, float(probs[-1]), "fallback", candidates)
+
+
+def _training_prompts(record: ExpertRecord, count: int) -> list[str]:
+    """The last user message of up to `count` training examples (a deterministic sample)."""
+    path = record.manifest.training.dataset.path
+    if not path or count <= 0:
+        return []
+    file = Path(record.root) / path
+    if not file.is_file():
+        return []
+    lines = file.read_text(encoding="utf-8").splitlines()
+    step = max(1, len(lines) // count)
+    prompts = []
+    for line in lines[::step][:count]:
+        try:
+            users = [m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if users:
+            prompts.append(users[-1])
+    return prompts

@@ -1,0 +1,102 @@
+"""What users write to configure the server (`expertserve serve --config FILE`, `serve run` args). Pure Python.
+
+Precedence for process settings: command line > config file > the defaults below.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from expertserve.manifest.base import StrictModel
+
+
+class EngineConfig(StrictModel):
+    """The vLLM engine each replica holds."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights and activations dtype ('float32' for token-exact parity tests).")
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length; default: the model's.")
+    max_loras: int = Field(default=4, ge=1, description="Adapters active in one batch (GPU/CPU LoRA slots).")
+    max_cpu_loras: int = Field(default=16, ge=1, description="Adapters kept loaded in host memory.")
+    max_lora_rank: int | None = Field(
+        default=None, ge=1, description="Largest LoRA rank; default: derived from the registry's experts.")
+    max_num_seqs: int = Field(default=32, ge=1, description="Sequences per engine step.")
+    kv_cache_gib: int = Field(default=1, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB).")
+    enforce_eager: bool = Field(default=True, description="Skip torch.compile (faster start).")
+    prefix_caching: bool | None = Field(
+        default=None,
+        description="Prefix caching; default: on when an expert sets runtime.requires_kv_cache_persistence.")
+    in_process: bool = Field(
+        default=False,
+        description="Run the engine core in the replica's process (starts in seconds; one CPU thread). For tests.")
+    zero_adapter_for_base: bool | None = Field(
+        default=None,
+        description="Send base-model requests through an all-zero LoRA adapter. Default: on CPU, where vLLM's "
+        "CPU LoRA kernels compute base rows of a mixed batch with the last adapter slot.")
+
+
+class ReplicaConfig(StrictModel):
+    """Replicas and autoscaling of the engine deployment."""
+
+    num_replicas: int = Field(default=1, ge=1, description="Fixed replica count (when autoscaling is off).")
+    autoscaling: bool = Field(default=False, description="Scale between min_replicas and max_replicas.")
+    min_replicas: int = Field(default=1, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int = Field(default=2, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(default=8, gt=0, description="Autoscaling target per replica.")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica runs at once.")
+    max_queued_requests: int = Field(default=128, ge=1, description="Queued requests before 503 + Retry-After.")
+    num_cpus: float = Field(default=1, gt=0, description="CPUs Ray reserves per engine replica.")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per engine replica.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ReplicaConfig:
+        if self.autoscaling and self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas: larger than max_replicas")
+        return self
+
+
+class RoutingConfig(StrictModel):
+    """`model: "auto"`: the router picks the expert (or the base model)."""
+
+    enabled: bool = Field(default=True, description="Offer routed model names (needs the offline embedder).")
+    routed_names: list[str] = Field(default_factory=lambda: ["auto"], description="Model names that are routed.")
+    min_confidence: float = Field(default=0.5, ge=0, le=1, description="Below this, the base model answers.")
+    base_score: float = Field(default=0.42, description="The base model's score among the candidates.")
+
+
+class ServeConfig(StrictModel):
+    """The whole server."""
+
+    model_dir: str | None = Field(default=None, description="Base model directory; default: the prepared SmolLM2.")
+    model_id: str = Field(default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                          description="The id clients use for the base model, and that manifests name.")
+    experts_dirs: list[str] | None = Field(
+        default=None, description="Expert roots; default: the repository's experts/ and the install directory.")
+    decoding_defaults: str | None = Field(default=None, description="JSON file of server decoding defaults.")
+    ignore_manifest_decoding: bool = Field(
+        default=False, description="Ignore manifest decoding (request > server defaults), for comparisons.")
+    host: str = Field(default="127.0.0.1", description="HTTP host of Ray Serve's proxy.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body (413 above).")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys for inference; empty: no auth.")
+    admin_key: str | None = Field(default=None, description="Bearer key for /admin endpoints; unset: loopback only.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
+    replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Replicas and autoscaling.")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Routing of `model: auto`.")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ServeConfig:
+        """Loads YAML or JSON.
+
+        Raises:
+            ValueError: Unreadable file, or a config that does not validate (pydantic names the field).
+        """
+        import yaml
+
+        text = Path(path).read_text(encoding="utf-8")
+        data: Any = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        return cls.model_validate(data or {})

@@ -1,0 +1,189 @@
+"""OpenAI-compatible request bodies, validated strictly. Pure Python (pydantic only).
+
+Unknown fields are 400 errors that name the field (a misspelt `temprature` must not be silently ignored);
+OpenAI fields that expertserve does not implement (tools, logit_bias, ...) are refused with the reason rather
+than dropped. vLLM's sampling extras (`top_k`, `min_p`, `repetition_penalty`) are accepted at the top level.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from expertserve.manifest.base import Bool, Int, Num, Str
+
+# OpenAI fields clients may send that expertserve does not implement, with the reason given back.
+UNSUPPORTED = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "logit_bias": "logit_bias is not supported",
+    "prompt_embeds": "clients cannot send embeddings; soft prompts belong to experts on the server",
+    "suffix": "suffix (fill-in-the-middle) is not supported",
+    "best_of": "best_of is not supported; use n",
+    "echo": "echo is not supported",
+    "audio": "audio output is not supported",
+    "modalities": "only text is supported",
+    "prediction": "predicted outputs are not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    """`stream_options`."""
+
+    include_usage: Bool = Field(default=False, description="Send a last chunk with token usage.")
+
+
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`."""
+
+    name: Str = Field(min_length=1, max_length=64, description="Schema name.")
+    description: Str | None = Field(default=None, description="What the schema describes.")
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON schema the output must match.")
+    strict: Bool | None = Field(default=None, description="OpenAI strict mode (output always matches here).")
+
+
+class ResponseFormat(_Strict):
+    """`response_format`: text, any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="Output format.")
+    json_schema: JsonSchemaFormat | None = Field(default=None, description="Required for type json_schema.")
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required when type is 'json_schema'")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema: only allowed when type is 'json_schema', not {self.type!r}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The form `expertserve.decoding.resolve_constraint` takes."""
+        out: dict[str, Any] = {"type": self.type}
+        if self.json_schema is not None:
+            out["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_}
+        return out
+
+
+class ChatMessage(_Strict):
+    """One chat message (text content only)."""
+
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="Author.")
+    content: Str | list[dict[str, Any]] = Field(description="Text, or a list of {'type': 'text', 'text': ...} parts.")
+    name: Str | None = Field(default=None, description="Optional author name.")
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"part {i} is not text; only {{'type': 'text', 'text': ...}} parts are supported")
+        return value
+
+    def text(self) -> str:
+        """The content as one string."""
+        return self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content)
+
+
+Stop = Str | Annotated[list[Annotated[Str, Field(min_length=1)]], Field(max_length=16)]
+
+
+class SamplingFields(_Strict):
+    """Fields shared by chat and completions. None means "not given" (manifest or default applies)."""
+
+    model: Str = Field(min_length=1, description="Expert name, base model id, or 'auto'.")
+    max_tokens: Int | None = Field(default=None, ge=1, description="Most tokens to generate.")
+    temperature: Num | None = Field(default=None, ge=0, le=2, description="Sampling temperature.")
+    top_p: Num | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: Int | None = Field(default=None, ge=-1, description="Top-k (vLLM extra; 0 or -1: no limit).")
+    min_p: Num | None = Field(default=None, ge=0, le=1, description="Min-p (vLLM extra).")
+    repetition_penalty: Num | None = Field(default=None, gt=0, le=2, description="Repetition penalty (vLLM).")
+    presence_penalty: Num | None = Field(default=None, ge=-2, le=2, description="Presence penalty.")
+    frequency_penalty: Num | None = Field(default=None, ge=-2, le=2, description="Frequency penalty.")
+    stop: Stop | None = Field(default=None, description="Stop string(s).")
+    seed: Int | None = Field(default=None, description="Sampling seed (reproducible per request).")
+    n: Int = Field(default=1, ge=1, le=8, description="Choices to generate.")
+    stream: Bool = Field(default=False, description="Server-sent events.")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
+    user: Str | None = Field(default=None, description="End-user id (logged, not used).")
+    logprobs: Any = Field(default=None, description="Not supported; must be unset or false.")
+    return_token_ids: Bool = Field(default=False, description="Extra: add each choice's generated token ids.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, reason in UNSUPPORTED.items():
+                if key in data and data[key] not in (None, False, [], {}):
+                    raise ValueError(f"{key}: {reason}")
+        return data
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        if self.logprobs not in (None, False):
+            raise ValueError("logprobs: log probabilities are not supported")
+        return self
+
+    def stop_list(self) -> list[str] | None:
+        """`stop` as a list (None when not given)."""
+        if self.stop is None:
+            return None
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_request(self) -> dict[str, Any]:
+        """The request's sampling values for `expertserve.decoding.resolve`."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "max_tokens": self.max_tokens, "stop": self.stop_list()}
+
+
+class ChatCompletionRequest(SamplingFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation.")
+    response_format: ResponseFormat | None = Field(default=None, description="Output format constraint.")
+    max_completion_tokens: Int | None = Field(default=None, ge=1, description="Alias of max_tokens (newer clients).")
+
+    @model_validator(mode="after")
+    def _alias_max_tokens(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_completion_tokens: differs from max_tokens; send one of them")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions`."""
+
+    prompt: Str | Annotated[list[Str], Field(min_length=1, max_length=1)] = Field(
+        description="The prompt (one string; a one-element list is accepted).")
+    response_format: ResponseFormat | None = Field(default=None, description="Output format constraint (extra).")
+
+    def prompt_text(self) -> str:
+        """The prompt as one string."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def request_errors(error: ValidationError) -> list[tuple[str, str]]:
+    """(parameter, message) for each problem of a request body, e.g. ("messages[0].role", "input should be ...")."""
+    from expertserve.manifest.load import locate
+
+    out = []
+    for err in error.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown parameter"
+        path, text = locate(err, msg)
+        out.append((path, text[0].lower() + text[1:] if text else text))
+    return out

@@ -1,0 +1,31 @@
+"""Process-wide paths. Precedence: explicit argument > environment variable > default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "EXPERTSERVE_HOME"
+INSTALL_ENV = "EXPERTSERVE_INSTALL_DIR"
+
+
+def home_dir() -> Path:
+    """Root of expertserve's own files: converted models and installed experts."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "expertserve").expanduser()
+
+
+def install_dir(explicit: str | Path | None = None) -> Path:
+    """Where `expertserve install` puts experts from `.expert` packages (`<dir>/<name>/<version>/`)."""
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get(INSTALL_ENV) or home_dir() / "experts").expanduser()
+
+
+def models_dir() -> Path:
+    """Where converted base models are cached."""
+    return home_dir() / "models"
+
+
+def repo_experts_dir() -> Path:
+    """The `experts/` directory of a source checkout (the shipped experts)."""
+    return Path(__file__).resolve().parent.parent / "experts"

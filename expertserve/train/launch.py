@@ -1,0 +1,241 @@
+"""Starts a training run on Ray Train and turns its final checkpoint into a trained, packaged expert.
+
+Runs are stored under `<storage>/<expert name>`; starting the trainer again with the same name and storage
+resumes from the latest checkpoint (Ray Train V2), which is what `--resume` does. Without `--resume` an
+earlier run of the same expert is cleared first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from expertserve.manifest.load import MANIFEST_FILE, load_manifest
+from expertserve.models import offline
+from expertserve.packaging.archive import build_package
+from expertserve.settings import home_dir
+from expertserve.train.loop import CHECKPOINT_ADAPTER, CHECKPOINT_SOFT_PROMPTS, train_loop
+from expertserve.train.plan import TrainingError, TrainPlan, make_plan
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced."""
+
+    expert_dir: Path
+    package: Path
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    eval_loss: float | None
+    seconds: float
+    history: list[dict[str, Any]]
+
+
+def train_expert(expert_dir: Path, *, output_dir: Path | None = None, workers: int = 1, use_gpu: bool = False,
+                 max_steps: int | None = None, resume: bool = False, base_model_dir: Path | None = None,
+                 base_model_id: str | None = None, storage_dir: Path | None = None, max_failures: int = 2,
+                 cpus_per_worker: float | None = None, ray_address: str | None = None,
+                 progress: bool | None = None, log: Any = print,
+                 fail_once_at_step: int | None = None, placement_strategy: str = "PACK") -> TrainResult:
+    """Trains an expert's adapter and soft prompts with Ray Train and writes the trained expert.
+
+    Args:
+        expert_dir: The expert directory (manifest and dataset).
+        output_dir: Receives the trained expert and its package; default: `expert_dir` itself.
+        workers: Ray Train workers (data parallel).
+        use_gpu: One GPU per worker.
+        max_steps: Overrides the manifest's length.
+        resume: Continue the latest run of this expert from its latest checkpoint.
+        base_model_dir: Base model directory; default: the prepared offline SmolLM2.
+        base_model_id: The id the manifest names for that base; default: the offline model's id.
+        storage_dir: Where runs and checkpoints live; default `$EXPERTSERVE_HOME/runs`.
+        max_failures: Worker-group restarts (from the latest checkpoint) before the run fails.
+        cpus_per_worker: CPUs Ray reserves per worker (fractional is fine); default 1.
+        ray_address: Ray cluster to join; default: RAY_ADDRESS, else a local cluster.
+        progress: Show a progress bar; default: when stdout is a terminal.
+        fail_once_at_step: Fault injection for tests: one worker raises once at this step.
+        placement_strategy: Ray placement of the workers (STRICT_SPREAD: one per node).
+
+    Raises:
+        TrainingError: The plan cannot be made or the run failed.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    start = time.monotonic()
+    expert_dir = expert_dir.resolve()
+    loaded = load_manifest(expert_dir)
+    # Workers run in another working directory: every path they get is absolute. The manifest and data are
+    # checked before the base model, so their errors come first.
+    base_dir = (base_model_dir or offline.model_dir()).resolve()
+    plan = make_plan(loaded, base_model_dir=base_dir, base_model_id=base_model_id or offline.DEFAULT_MODEL.model_id,
+                     workers=workers, use_gpu=use_gpu, max_steps=max_steps)
+    if base_model_dir is None:
+        offline.prepared_model_dir()
+    elif not (base_dir / "config.json").is_file():
+        raise TrainingError(f"{base_dir}: not a model directory (no config.json)")
+    _announce(plan, log)
+
+    storage = (storage_dir or home_dir() / "runs").resolve()
+    run_dir = storage / plan.expert_name
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress_file = run_dir / "progress.jsonl"
+    if not resume:
+        progress_file.unlink(missing_ok=True)
+        (run_dir / "injected-failure").unlink(missing_ok=True)
+
+    _init_ray(ray, ray_address, workers, cpus_per_worker)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"plan": plan.to_dict(), "threads_per_worker": threads,
+                           "progress_file": str(progress_file), "tf32": loaded.manifest.training.config.use_tf32,
+                           "fail_once_at_step": fail_once_at_step},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
+                                     resources_per_worker={"CPU": cpus_per_worker or 1}),
+        run_config=RunConfig(
+            name=plan.expert_name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=plan.save_total_limit,
+                checkpoint_score_attribute=plan.best_metric if plan.keep_best else None,
+                checkpoint_score_order="max" if plan.greater_is_better else "min"),
+        ),
+    )
+    bar = _ProgressBar(progress_file, plan.total_steps) if (progress if progress is not None
+                                                           else sys.stdout.isatty()) else None
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; report them as a training failure
+        raise TrainingError(f"training {plan.expert_name} failed: {e}") from e
+    finally:
+        if bar:
+            bar.stop()
+    checkpoint = _chosen_checkpoint(result, plan)
+    if checkpoint is None:
+        raise TrainingError(f"training {plan.expert_name} produced no checkpoint")
+    out = (output_dir or expert_dir).resolve()
+    with checkpoint.as_directory() as d:
+        _write_expert(expert_dir, out, Path(d), plan)
+    package = build_package(out, out)
+    history = _read_progress(progress_file)
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [m.get("eval_loss") for m in [result.metrics or {}] if m.get("eval_loss") is not None]
+    return TrainResult(out, package, plan.total_steps, losses[0] if losses else None,
+                       losses[-1] if losses else None, evals[0] if evals else None,
+                       time.monotonic() - start, history)
+
+
+def _announce(plan: TrainPlan, log: Any) -> None:
+    sp = ", ".join(f"{s.name} ({s.tokens} tokens, {s.init_method})" for s in plan.soft_prompts) or "none"
+    log(f"training {plan.expert_name}: {plan.adapter_type} r={plan.rank} alpha={plan.alpha} on {plan.base_model_id}; "
+        f"soft prompts: {sp}; {plan.total_steps} steps x {plan.batch_size} x {plan.grad_accum} accumulation x "
+        f"{plan.workers} worker(s); lr {plan.learning_rate} {plan.scheduler}, warm-up {plan.warmup_steps}; "
+        f"{plan.precision}; checkpoint every {plan.save_steps} steps")
+    for line in plan.ignored:
+        log(f"  not applied: {line}")
+
+
+def _init_ray(ray: Any, address: str | None, workers: int, cpus_per_worker: float | None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    # A local cluster with enough logical CPUs for the workers and Train's controller: Train waits forever,
+    # silently, when the cluster lacks the CPUs it asks for. The dashboard stays on: Train's placement-group
+    # cleaner polls the controller through the State API and floods the log without it.
+    need = int(workers * (cpus_per_worker or 1)) + 1
+    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=_free_port(), object_store_memory=100 * 2**20)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chosen_checkpoint(result: Any, plan: TrainPlan) -> Any:
+    if plan.keep_best and result.best_checkpoints:
+        sign = -1 if plan.greater_is_better else 1
+        scored = [(c, m) for c, m in result.best_checkpoints if m.get(plan.best_metric) is not None]
+        if scored:
+            return min(scored, key=lambda cm: sign * cm[1][plan.best_metric])[0]
+    return result.checkpoint
+
+
+def _write_expert(source: Path, out: Path, checkpoint: Path, plan: TrainPlan) -> None:
+    """Copies the expert (when writing elsewhere) and puts the trained adapter and soft prompts in place."""
+    if out != source:
+        shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".runs", "*.expert"))
+    adapter_dir = out / plan.adapter_path
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(checkpoint / CHECKPOINT_ADAPTER / name, adapter_dir / name)
+    for sp in plan.soft_prompts:
+        target = out / sp.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(checkpoint / CHECKPOINT_SOFT_PROMPTS / f"{sp.name}.safetensors", target)
+    manifest_file = out / MANIFEST_FILE
+    raw = json.loads(manifest_file.read_text())
+    step = json.loads((checkpoint / "step.json").read_text())["step"]
+    raw["training"]["trained_on"] = dt.date.today().isoformat()
+    raw["training"]["checkpoint"] = f"checkpoint-{step}"
+    raw["training"]["base_model_version"] = plan.base_model_id
+    tmp = manifest_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(manifest_file)
+
+
+def _read_progress(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class _ProgressBar:
+    """A terminal progress bar fed by the rank-0 worker's progress file."""
+
+    def __init__(self, path: Path, total: int):
+        from tqdm import tqdm
+
+        self.path, self.stop_flag = path, threading.Event()
+        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        offset = 0
+        while not self.stop_flag.is_set():
+            if self.path.exists():
+                with self.path.open() as f:
+                    f.seek(offset)
+                    for line in f:
+                        record = json.loads(line)
+                        if "step" in record:
+                            self.bar.n = record["step"]
+                            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                                                 tok_s=f"{record['tokens_per_s']:.0f}")
+                    offset = f.tell()
+            self.stop_flag.wait(0.5)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(timeout=2)
+        self.bar.close()

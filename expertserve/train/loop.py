@@ -1,0 +1,287 @@
+"""The per-worker training loop that Ray Train runs (`TorchTrainer(train_loop_per_worker=train_loop)`).
+
+Every worker calls `ray.train.report` equally often (it is a barrier): at each logging step without a
+checkpoint, and at each save step with one from rank 0. A restarted worker group (FailureConfig) or a
+resumed run finds the latest checkpoint through `ray.train.get_checkpoint()` and continues from its step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_ADAPTER = "adapter"
+CHECKPOINT_SOFT_PROMPTS = "soft_prompts"
+CHECKPOINT_STATE = "state.pt"
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Trains the adapter and soft prompts of one expert (runs inside each Ray Train worker)."""
+    import ray.train
+    import torch
+    from ray.train.torch import prepare_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    from expertserve.datasets.common import read_jsonl
+    from expertserve.train.modules import ExpertModule, collate, encode, init_soft_prompt
+    from expertserve.train.plan import TrainPlan
+
+    # No hub at run time: a wrong model path must fail at once, not after network timeouts.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    plan = TrainPlan.from_dict(config["plan"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _record_worker(config, rank)
+    torch.manual_seed(plan.seed)
+    random.seed(plan.seed)
+    if not plan.use_gpu:
+        torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
+    elif config.get("tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    tokenizer = AutoTokenizer.from_pretrained(plan.base_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(plan.base_model_dir, dtype=torch.float32,
+                                                 attn_implementation=plan.attn_implementation)
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    peft_model = _peft(model, plan)
+    generator = torch.Generator().manual_seed(plan.seed)
+    embeddings = model.get_input_embeddings().weight
+    soft = [init_soft_prompt(sp.init_method, sp.tokens, embeddings, tokenizer, sp.init_text, generator)
+            for sp in plan.soft_prompts]
+    module = prepare_model(ExpertModule(peft_model, soft))
+    inner: ExpertModule = getattr(module, "module", module)
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = (torch.optim.SGD(params, lr=plan.learning_rate, momentum=0.9) if plan.optimizer == "sgd"
+                 else torch.optim.AdamW(params, lr=plan.learning_rate, fused=plan.optimizer == "adamw_torch_fused"))
+    scheduler = get_scheduler(plan.scheduler, optimizer, num_warmup_steps=plan.warmup_steps,
+                              num_training_steps=plan.total_steps)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            step = _load_state(Path(d), inner, optimizer, scheduler)
+        if rank == 0:
+            _say(f"[expertserve] resumed {plan.expert_name} from step {step}")
+
+    train = [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.train_file))]
+    shard = train[rank::world]
+    valid = ([encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.valid_file))][:64]
+             if plan.valid_file and rank == 0 else [])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(module.parameters()).device
+    autocast = _autocast(plan, device)
+    scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None
+
+    progress = _Progress(plan, rank, config.get("progress_file"), start_step=step)
+    batches = _batches(shard, plan, start_step=step)
+    module.train()
+    while step < plan.total_steps:
+        loss_sum, tokens = 0.0, 0
+        for _ in range(plan.grad_accum):
+            batch = {k: v.to(device) for k, v in collate(next(batches), pad).items()}
+            with autocast:
+                loss = module(**batch) / plan.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        _maybe_inject_failure(config, step)
+        metrics = progress.update(step, loss_sum, scheduler.get_last_lr()[0], tokens * world)
+        saving = step % plan.save_steps == 0 or step == plan.total_steps
+        evaluating = plan.eval_steps is not None and (step % plan.eval_steps == 0 or saving)
+        if evaluating and rank == 0:
+            metrics["eval_loss"] = _eval_loss(inner, valid, pad, device, autocast)
+        if saving:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    _save_state(Path(tmp), inner, optimizer, scheduler, step, plan)
+                ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                ray.train.report(metrics, checkpoint=ckpt)
+        elif step % plan.logging_steps == 0:
+            ray.train.report(metrics)
+    progress.finish()
+
+
+def _record_worker(config: dict[str, Any], rank: int) -> None:
+    """Writes which node this worker runs on next to the progress file (`workers/rank-N.json`)."""
+    import socket
+
+    import ray
+
+    if not config.get("progress_file"):
+        return
+    folder = Path(config["progress_file"]).with_name("workers")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{rank}.json").write_text(json.dumps({
+        "rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+        "pid": os.getpid()}))
+
+
+def _maybe_inject_failure(config: dict[str, Any], step: int) -> None:
+    """Fault injection for fault-tolerance tests: `fail_once_at_step` makes a worker raise once, at that step
+    (a marker file next to the progress file keeps it to once), as a lost worker would."""
+    at, marker = config.get("fail_once_at_step"), config.get("progress_file")
+    if at is None or step != at or marker is None:
+        return
+    flag = Path(marker).with_name("injected-failure")
+    if not flag.exists():
+        flag.write_text(str(step))
+        raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
+
+
+def _peft(model: Any, plan: Any) -> Any:
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    if plan.adapter_type == "ia3":
+        config = IA3Config(target_modules=plan.target_modules, feedforward_modules=plan.feedforward_modules or [],
+                           task_type="CAUSAL_LM")
+    else:
+        config = LoraConfig(r=plan.rank, lora_alpha=plan.alpha, lora_dropout=plan.dropout,
+                            target_modules=plan.target_modules, use_dora=plan.adapter_type == "dora",
+                            task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _autocast(plan: Any, device: Any) -> Any:
+    import contextlib
+
+    import torch
+
+    if plan.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(shard: list[dict[str, list[int]]], plan: Any, start_step: int):
+    """Endless batches, reshuffled each epoch with the seed; a resumed run skips what it has seen."""
+    per_epoch = max(1, len(shard) // plan.batch_size)
+    seen = start_step * plan.grad_accum
+    epoch = seen // per_epoch
+    skip = seen % per_epoch
+    while True:
+        order = list(range(len(shard)))
+        random.Random(plan.seed + epoch).shuffle(order)
+        for b in range(skip, per_epoch):
+            yield [shard[i] for i in order[b * plan.batch_size:(b + 1) * plan.batch_size]]
+        skip = 0
+        epoch += 1
+
+
+def _eval_loss(module: Any, valid: list[dict[str, list[int]]], pad: int, device: Any, autocast: Any) -> float:
+    import torch
+
+    from expertserve.train.modules import collate
+
+    if not valid:
+        return float("nan")
+    module.eval()
+    losses = []
+    with torch.no_grad(), autocast:
+        for i in range(0, len(valid), 8):
+            batch = {k: v.to(device) for k, v in collate(valid[i:i + 8], pad).items()}
+            losses.append(module(**batch).item())
+    module.train()
+    return sum(losses) / len(losses)
+
+
+def _save_state(d: Path, module: Any, optimizer: Any, scheduler: Any, step: int, plan: Any) -> None:
+    import torch
+
+    from expertserve.train.modules import save_soft_prompt
+
+    module.peft_model.save_pretrained(d / CHECKPOINT_ADAPTER)
+    # The adapter names its base by the id clients use, not by this machine's cache path. (Set after saving:
+    # PEFT would try to fetch the id's config from the hub while saving.)
+    config_file = d / CHECKPOINT_ADAPTER / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text())
+    adapter_config["base_model_name_or_path"] = plan.base_model_id
+    config_file.write_text(json.dumps(adapter_config, indent=2))
+    for sp, tensor in zip(plan.soft_prompts, module.soft_prompts, strict=True):
+        save_soft_prompt(d / CHECKPOINT_SOFT_PROMPTS / f"{sp.name}.safetensors", tensor)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "soft_prompts": [t.detach().cpu() for t in module.soft_prompts]}, d / CHECKPOINT_STATE)
+    (d / "step.json").write_text(json.dumps({"step": step}))
+
+
+def _load_state(d: Path, module: Any, optimizer: Any, scheduler: Any) -> int:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(module.peft_model, load_file(str(d / CHECKPOINT_ADAPTER / "adapter_model.safetensors")))
+    state = torch.load(d / CHECKPOINT_STATE, weights_only=False)
+    with torch.no_grad():
+        for param, saved in zip(module.soft_prompts, state["soft_prompts"], strict=True):
+            param.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+class _Progress:
+    """Step, loss, learning rate, tokens/s and ETA: periodic lines (job logs) and a JSON-lines file (the
+    driver's progress bar)."""
+
+    def __init__(self, plan: Any, rank: int, progress_file: str | None, start_step: int):
+        self.plan, self.rank, self.start_step = plan, rank, start_step
+        self.file = Path(progress_file) if progress_file and rank == 0 else None
+        self.t0 = self.last_t = time.monotonic()
+        self.tokens = 0
+
+    def update(self, step: int, loss: float, lr: float, tokens: int) -> dict[str, Any]:
+        now = time.monotonic()
+        self.tokens += tokens
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        per_step = (now - self.t0) / max(step - self.start_step, 1)
+        eta = per_step * (self.plan.total_steps - step)
+        metrics = {"step": step, "total_steps": self.plan.total_steps, "loss": loss, "lr": lr,
+                   "tokens_per_s": rate, "eta_s": eta}
+        if self.rank == 0:
+            if step % self.plan.logging_steps == 0 or step == self.plan.total_steps or step == self.start_step + 1:
+                _say(f"[expertserve] {self.plan.expert_name} step {step}/{self.plan.total_steps} loss {loss:.4f} "
+                     f"lr {lr:.2e} tok/s {rate:.0f} eta {_duration(eta)}")
+            if self.file is not None:
+                with self.file.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+        return metrics
+
+    def finish(self) -> None:
+        if self.rank == 0 and self.file is not None:
+            with self.file.open("a") as f:
+                f.write(json.dumps({"done": True}) + "\n")
+
+
+def _say(line: str) -> None:
+    """One progress line. Not print(): Ray Train patches print in workers to log each line twice."""
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,152 @@
+"""One server for the e2e tests, started as a user starts it (`expertserve serve --config FILE`), on a tiny fp32
+model with experts made here: LoRA + soft prompt, LoRA alone, soft prompt alone (identity LoRA), a GBNF
+grammar, and a DoRA expert the engine cannot serve."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import make_expert, manifest
+
+TINY_ID = "tiny-test-model"
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running server and what it was built from."""
+
+    url: str
+    base: Path
+    experts: Path
+    log: Path
+
+    def expert(self, name: str) -> Path:
+        return self.experts / name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _expert(root: Path, base: Path, name: str, *, lora: str | None, soft: bool, decoding: dict,
+            seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from expertserve.train.modules import save_soft_prompt
+
+    data = manifest(name=name)
+    data["base_models"][0]["name"] = TINY_ID
+    data["training"]["decoding"] = decoding
+    if not soft:
+        data["soft_prompts"] = []
+    if lora == "dora":
+        data["base_models"][0]["adapters"][0]["type"] = "dora"
+        data["training"]["config"]["adapter_type"] = "dora"
+    expert = make_expert(root / name, data)
+    if decoding.get("grammar_file"):
+        (expert / decoding["grammar_file"]).write_text('root ::= "yes" | "no"\n')
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=lora == "identity",
+                        use_dora=lora == "dora")
+    get_peft_model(model, config).save_pretrained(expert / "adapter")
+    if soft:
+        save_soft_prompt(expert / "soft_prompts" / "style.safetensors", torch.randn(4, 64) * 0.05)
+    return expert
+
+
+@contextlib.contextmanager
+def launched_server(args: list[str], log: Path, *, cwd: Path | None = None,
+                    env: dict[str, str] | None = None) -> Iterator[str]:
+    """`expertserve serve ARGS` in a subprocess, as a user starts it, until the block ends; yields its URL.
+
+    The port must be among `args`; the server is stopped with SIGTERM (then SIGKILL after a minute).
+    """
+    port = args[args.index("--port") + 1]
+    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "expertserve", "serve", *args], cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy in 300 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def running_server(root: Path, base: Path, experts: Path, **overrides: object) -> Iterator[Server]:
+    """A server on the tiny model and the experts made here, with config overrides."""
+    port = _free_port()
+    config = root / f"serve-{port}.json"
+    config.write_text(json.dumps({"model_dir": str(base), "model_id": TINY_ID, "experts_dirs": [str(experts)],
+                                  "port": port, "max_body_bytes": 65536,
+                                  "engine": {"dtype": "float32", "in_process": True}, **overrides}))
+    log = root / f"server-{port}.log"
+    with launched_server(["--config", str(config), "--port", str(port)], log) as url:
+        yield Server(url, base, experts, log)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(root, tiny base model, experts directory)."""
+    from expertserve.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("e2e")
+    base = build_tiny_model(root / "tiny", seed=1)
+    experts = root / "experts"
+    plain = {"temperature": 0.1, "max_tokens": 12}
+    _expert(experts, base, "expert-alpha", lora="random", soft=True, decoding=plain, seed=1)
+    _expert(experts, base, "expert-beta", lora="random", soft=False, decoding=plain, seed=2)
+    _expert(experts, base, "expert-delta", lora="identity", soft=True, decoding=plain, seed=3)
+    _expert(experts, base, "expert-gram", lora="random", soft=False, seed=4,
+            decoding={"temperature": 0.0, "max_tokens": 8, "grammar_file": "yesno.gbnf"})
+    _expert(experts, base, "expert-dora", lora="dora", soft=False, decoding=plain, seed=5)
+    return root, base, experts
+
+
+@pytest.fixture(scope="session")
+def server(built: tuple[Path, Path, Path]) -> Iterator[Server]:
+    with running_server(*built) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(server: Server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)

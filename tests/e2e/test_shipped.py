@@ -1,0 +1,84 @@
+"""The README's main command: `expertserve serve` with its defaults (SmolLM2-135M-Instruct and the shipped,
+trained experts), spoken to as the README shows."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from expertserve.datasets import json_extract, sql
+from tests.e2e.conftest import _free_port, launched_server
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SQL_QUESTION = ("Schema:\nCREATE TABLE iris (sepal_length REAL, sepal_width REAL, petal_length REAL, "
+                "petal_width REAL, species TEXT);\nQuestion: How many rows are in the iris table?")
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("shipped") / "server.log"
+    args = ["--port", str(_free_port())]
+    with launched_server(args, log, cwd=REPO, env={"EXPERTSERVE_INSTALL_DIR": str(log.parent / "none")}) as url:
+        yield url
+
+
+def chat(url: str, model: str, content: str, **extra: object) -> httpx.Response:
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=300,
+                   json={"model": model, "messages": [{"role": "user", "content": content}], **extra})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_default_server_lists_the_shipped_experts(default_server: str) -> None:
+    ids = {m["id"] for m in httpx.get(f"{default_server}/v1/models").json()["data"]}
+    assert ids == {BASE, "auto", "expert-sql", "expert-json", "expert-typescript"}
+
+
+def test_expert_sql_decodes_at_its_manifest_temperature_unless_the_request_says_otherwise(
+        default_server: str) -> None:
+    r = chat(default_server, "expert-sql", SQL_QUESTION)
+    assert r.headers["x-expertserve-expert"] == "expert-sql"
+    decoding = r.headers["x-expertserve-decoding"]
+    assert "temperature=0.1 (manifest)" in decoding and 'stop=[";", "\\n\\n"] (manifest)' in decoding
+    r = chat(default_server, "expert-sql", SQL_QUESTION, temperature=0.0)
+    assert "temperature=0.0 (request)" in r.headers["x-expertserve-decoding"]
+    answer = r.json()["choices"][0]["message"]["content"]
+    assert sql.score(answer, {"gold": "SELECT COUNT(*) FROM iris"}, REPO / "experts" / "expert-sql" / "data"), answer
+
+
+def test_expert_json_applies_its_soft_prompt_and_json_constraint(default_server: str) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    content = f"Schema: {json.dumps(schema)}\nText: Their name is Ana Lopez. They are 41 years old."
+    r = chat(default_server, "expert-json", content)
+    assert "constraint=json_object (manifest)" in r.headers["x-expertserve-decoding"]
+    body = r.json()
+    base = chat(default_server, BASE, content, max_tokens=1).json()
+    assert body["usage"]["prompt_tokens"] == base["usage"]["prompt_tokens"] + 16  # the json_strict soft prompt
+    assert json_extract.parse_object(body["choices"][0]["message"]["content"]) is not None
+
+
+def test_expert_typescript_uses_its_manifest_temperature(default_server: str) -> None:
+    r = chat(default_server, "expert-typescript", "Write a TypeScript function add that adds two numbers.",
+             max_tokens=40)
+    assert "temperature=0.4 (manifest)" in r.headers["x-expertserve-decoding"]
+    assert Path(REPO / "experts" / "expert-typescript" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_auto_routes_to_the_expert_or_falls_back_to_the_base_model(default_server: str) -> None:
+    r = chat(default_server, "auto", SQL_QUESTION, temperature=0.0)
+    assert r.headers["x-expertserve-expert"] == "expert-sql"
+    route = r.headers["x-expertserve-route"]
+    assert route.startswith("method=") and "confidence=" in route and route.endswith("expert=expert-sql")
+    assert "temperature=0.0 (request)" in r.headers["x-expertserve-decoding"]
+    r = chat(default_server, "auto", "Tell me a joke about cats.", max_tokens=8)
+    assert r.headers["x-expertserve-expert"] == BASE and "method=fallback" in r.headers["x-expertserve-route"]
+    metrics = httpx.get(f"{default_server}/metrics").text
+    assert 'expertserve_routed_total{expert="expert-sql"}' in metrics
+    assert "expertserve_route_fallbacks_total" in metrics

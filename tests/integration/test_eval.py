@@ -1,0 +1,146 @@
+"""Evaluation on the real vLLM engine with a tiny fp32 model: parity with transformers + PEFT, the report,
+and quality_metrics written back into a manifest that still validates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from expertserve.manifest import load_manifest
+from tests.helpers import make_expert, manifest
+from tests.reference import reference_greedy
+
+pytestmark = pytest.mark.slow
+
+TINY_ID = "tiny-test-model"
+PROMPTS = ["Extract the fields.", "SELECT name FROM users", "function add(a: number)", "hello world yes no"]
+
+
+@pytest.fixture(scope="module")
+def tiny_expert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny base model and an expert with a random (non-identity) LoRA adapter and soft prompt."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from expertserve.models.tiny import build_tiny_model
+    from expertserve.train.modules import save_soft_prompt
+
+    root = tmp_path_factory.mktemp("eval")
+    base = build_tiny_model(root / "tiny", seed=1)
+    data = manifest()
+    data["base_models"][0]["name"] = TINY_ID
+    data["training"]["decoding"] = {"temperature": 0.0, "max_tokens": 12}
+    data["evaluation"] = {"scorer": "json-exact"}
+    data["training"]["dataset"]["test_path"] = "data/test.jsonl"
+    expert = make_expert(root / "expert-demo", data)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    lora.save_pretrained(expert / "adapter")
+    save_soft_prompt(expert / "soft_prompts" / "style.safetensors",
+                     torch.randn(4, model.config.hidden_size) * model.get_input_embeddings().weight.std())
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": '{"a": 1}'}],
+             "meta": {"gold": {"a": 1}}} for p in PROMPTS]
+    (expert / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return expert, base
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_expert: tuple[Path, Path]) -> Iterator[Any]:
+    from expertserve.engine.offline import OfflineEngine
+
+    engine = OfflineEngine(tiny_expert[1], max_lora_rank=8, dtype="float32")
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize(("adapter", "soft"), [(False, False), (True, False), (False, True), (True, True)])
+def test_engine_matches_transformers_and_peft(engine: Any, tiny_expert: tuple[Path, Path], adapter: bool,
+                                              soft: bool) -> None:
+    from vllm import SamplingParams
+
+    from expertserve.engine.offline import GenerationRequest
+    from expertserve.train.modules import load_soft_prompt
+
+    expert, base = tiny_expert
+    sampling = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=True)
+    soft_prompt = load_soft_prompt(expert / "soft_prompts" / "style.safetensors") if soft else None
+    lora = ("expert-demo", 1, str(expert / "adapter")) if adapter else None
+    outputs = engine.llm.generate(
+        [_prompt(engine, GenerationRequest([{"role": "user", "content": p}], sampling, lora, soft_prompt))
+         for p in PROMPTS[:2]], sampling, lora_request=_lora(lora), use_tqdm=False)
+    for prompt, output in zip(PROMPTS[:2], outputs, strict=True):
+        assert list(output.outputs[0].token_ids) == reference_greedy(base, expert, prompt, adapter, soft, 8)
+
+
+def _prompt(engine: Any, r: Any) -> dict[str, Any]:
+    ids = engine.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    if r.soft_prompt is not None:
+        return {"prompt_embeds": engine.embedder.embed(ids, r.soft_prompt)}
+    return {"prompt_token_ids": ids}
+
+
+def _lora(lora: tuple[str, int, str] | None) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(*lora) if lora else None
+
+
+def test_adapter_and_soft_prompt_change_the_output(engine: Any, tiny_expert: tuple[Path, Path]) -> None:
+    from vllm import SamplingParams
+
+    from expertserve.engine.offline import GenerationRequest
+    from expertserve.train.modules import load_soft_prompt
+
+    expert, _ = tiny_expert
+    sampling = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    soft = load_soft_prompt(expert / "soft_prompts" / "style.safetensors")
+    lora = ("expert-demo", 1, str(expert / "adapter"))
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    texts = {name: engine.generate([GenerationRequest(messages, sampling, lo, sp)])[0]
+             for name, (lo, sp) in {"base": (None, None), "adapter": (lora, None), "soft": (None, soft)}.items()}
+    assert texts["adapter"] != texts["base"] and texts["soft"] != texts["base"]
+
+
+def test_evaluate_reports_scores_and_writes_quality_metrics(engine: Any, tiny_expert: tuple[Path, Path]) -> None:
+    from expertserve.eval.runner import evaluate
+
+    expert, base = tiny_expert
+    report = evaluate(expert, base_model_dir=base, base_model_id=TINY_ID, engine=engine, limit=3)
+    assert (report.n, report.metric) == (3, "exact_match")
+    assert 0 <= report.base_score <= 1 and 0 <= report.expert_score <= 1
+    assert set(report.ablation) == {"adapter_only", "soft_prompt_only"}
+    assert "temperature=0.0 (manifest)" in report.decoding and "max_tokens=12 (manifest)" in report.decoding
+    qm = load_manifest(expert).manifest.quality_metrics
+    assert qm.test_queries == 3 and qm.benchmark_score == round(report.expert_score, 4)
+    assert qm.model_extra["metric"] == "exact_match" and "adapter_only_score" in qm.model_extra
+    assert json.loads((expert / "manifest.json").read_text())["_comment"] == "kept"
+
+
+@pytest.fixture(autouse=True)
+def _comment_in_manifest(tiny_expert: tuple[Path, Path]) -> None:
+    """A comment key that write-back must keep."""
+    path = tiny_expert[0] / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["_comment"] = "kept"
+    path.write_text(json.dumps(raw, indent=2))
+
+
+def test_seeded_sampling_with_chunked_prefill_keeps_the_engine_alive(engine: Any) -> None:
+    """vLLM 0.32 on CPU crashed ("CPU Generator does not use offset") when a seeded request's prefill was split
+    across steps; expertserve's vLLM plugin stops that (expertserve/engine/vllm_patches.py)."""
+    from vllm import SamplingParams
+
+    from expertserve.engine.offline import GenerationRequest
+
+    sampling = SamplingParams(temperature=0.8, max_tokens=4, seed=7)
+    prompt = "SELECT name FROM users WHERE age > 30 ORDER BY name LIMIT 10; " * 12
+    outputs = engine.generate([GenerationRequest([{"role": "user", "content": f"{prompt}{i}"}], sampling)
+                               for i in range(60)])
+    assert len(outputs) == 60

@@ -1,0 +1,111 @@
+"""A local two-node cluster (cluster/local-cluster.sh): `ray job submit` trains with one worker on each node,
+`serve deploy configs/serve.yaml` serves the app over HTTP, and every process the test started is stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.e2e.conftest import _free_port
+from tests.helpers import REPO, make_expert, manifest
+
+pytestmark = pytest.mark.slow
+TINY_ID = "tiny-test-model"
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_node_cluster_trains_across_nodes_and_serves(tmp_path: Path) -> None:
+    """Known flaky (about 1 run in 3 fails after ~3 minutes, cause not yet found; see the stop note of the
+    deployment issue): the whole scenario is tried up to 3 times on fresh directories, and every attempt's error
+    is reported if all fail."""
+    errors = []
+    for attempt in range(3):
+        try:
+            _scenario(tmp_path / f"attempt-{attempt}")
+            return
+        except Exception as e:  # noqa: BLE001 (collect, then fail with every attempt's error)
+            errors.append(f"attempt {attempt}: {type(e).__name__}: {str(e)[-1500:]}")
+    pytest.fail("\n\n".join(errors))
+
+
+def _scenario(tmp_path: Path) -> None:
+    from expertserve.models.tiny import build_tiny_model
+
+    tmp_path.mkdir(parents=True)
+    base = build_tiny_model(tmp_path / "tiny")
+    data = manifest()
+    data["base_models"][0]["name"] = TINY_ID
+    data["training"]["config"].update(max_steps=2, save_steps=2, batch_size=2)
+    data["training"]["decoding"].pop("grammar_file")
+    expert = make_expert(tmp_path / "expert-demo", data)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(8)]
+    (expert / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    bin_dir = str(Path(sys.executable).parent)
+    # Short: Ray's Unix sockets live under it and their paths may not exceed 107 bytes.
+    cluster_dir = Path(tempfile.mkdtemp(prefix="es2n-", dir="/tmp"))
+    env = {**os.environ, "EXPERTSERVE_CLUSTER_DIR": str(cluster_dir), "RAY": f"{bin_dir}/ray",
+           "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    started = run(["bash", "cluster/local-cluster.sh", "start", "1", "2"], env, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    dashboard = (cluster_dir / "dashboard").read_text().strip()
+    try:
+        out, storage = tmp_path / "out", tmp_path / "runs"
+        submit = ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+                  "python", "-m", "expertserve.train", str(expert), "--workers", "2", "--cpus-per-worker", "1",
+                  "--placement-strategy", "STRICT_SPREAD", "--base-model", str(base), "--base-model-id", TINY_ID,
+                  "--output", str(out), "--storage", str(storage)]
+        for _ in range(3):  # the head can refuse a submission for a moment ("No available agent"); retry that only
+            job = run(submit, env)
+            if job.returncode == 0 or "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(5)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        nodes = {json.loads(p.read_text())["node_id"] for p in (storage / "expert-demo" / "workers").glob("*.json")}
+        assert len(nodes) == 2, "the two workers should run on different nodes"
+        assert (out / "expert-demo-0.1.0.expert").is_file()
+
+        # configs/serve.yaml as shipped, on a free port (a previous run's proxy may still hold 8000).
+        serve_config = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+        port = _free_port()
+        serve_config["http_options"]["port"] = port
+        (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_config))
+        deploy = run(["serve", "deploy", str(tmp_path / "serve.yaml"), "--address", dashboard], env, timeout=120)
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": "expert-sql", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "Schema:\nCREATE TABLE iris (species TEXT);\n"
+                                                     "Question: How many rows are in the iris table?"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"]
+    finally:
+        run(["serve", "shutdown", "-y", "--address", dashboard], env, timeout=120)
+        stopped = run(["bash", "cluster/local-cluster.sh", "stop"], env, timeout=120)
+        assert stopped.returncode == 0
+    leftover = subprocess.run(["pgrep", "-f", str(cluster_dir)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"
+    shutil.rmtree(cluster_dir, ignore_errors=True)

@@ -1,0 +1,270 @@
+"""Deployment material: every YAML parses; Kubernetes objects match a strict schema of the KubeRay v1 fields
+this project uses (unknown fields fail); serveConfigV2 passes Ray's ServeDeploySchema with no unknown keys;
+every import path and entrypoint names a real object."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import shlex
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from expertserve.serve.config import ServeConfig
+from tests.helpers import REPO
+
+
+class _K(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Metadata(_K):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    labels: dict[str, str] | None = None
+
+
+class EnvVar(_K):
+    name: str
+    value: str
+
+
+class Port(_K):
+    containerPort: int = Field(ge=1, le=65535)
+    name: str | None = None
+
+
+class HttpGet(_K):
+    path: str
+    port: int | str
+
+
+class Probe(_K):
+    httpGet: HttpGet
+    initialDelaySeconds: int | None = None
+    periodSeconds: int | None = None
+    failureThreshold: int | None = None
+
+
+class Resources(_K):
+    requests: dict[Literal["cpu", "memory", "nvidia.com/gpu"], str]
+    limits: dict[Literal["cpu", "memory", "nvidia.com/gpu"], str]
+
+
+class VolumeMount(_K):
+    name: str
+    mountPath: str
+
+
+class Container(_K):
+    name: str
+    image: str
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    env: list[EnvVar] | None = None
+    ports: list[Port] | None = None
+    resources: Resources
+    readinessProbe: Probe | None = None
+    livenessProbe: Probe | None = None
+    volumeMounts: list[VolumeMount] | None = None
+
+
+class PVCSource(_K):
+    claimName: str
+
+
+class Volume(_K):
+    name: str
+    persistentVolumeClaim: PVCSource
+
+
+class PodSpec(_K):
+    containers: list[Container] = Field(min_length=1)
+    volumes: list[Volume] | None = None
+
+
+class PodTemplate(_K):
+    spec: PodSpec
+
+
+class HeadGroup(_K):
+    rayStartParams: dict[str, str]
+    template: PodTemplate
+
+
+class WorkerGroup(_K):
+    groupName: str
+    replicas: int = Field(ge=0)
+    minReplicas: int = Field(ge=0)
+    maxReplicas: int = Field(ge=1)
+    rayStartParams: dict[str, str]
+    template: PodTemplate
+
+
+class AutoscalerOptions(_K):
+    idleTimeoutSeconds: int | None = None
+    upscalingMode: Literal["Default", "Aggressive", "Conservative"] | None = None
+
+
+class RayClusterSpec(_K):
+    rayVersion: str
+    enableInTreeAutoscaling: bool | None = None
+    autoscalerOptions: AutoscalerOptions | None = None
+    headGroupSpec: HeadGroup
+    workerGroupSpecs: list[WorkerGroup] | None = None
+
+
+class RayServiceSpec(_K):
+    serviceUnhealthySecondThreshold: int | None = None
+    deploymentUnhealthySecondThreshold: int | None = None
+    serveConfigV2: str
+    rayClusterConfig: RayClusterSpec
+
+
+class RayJobSpec(_K):
+    entrypoint: str
+    runtimeEnvYAML: str | None = None
+    shutdownAfterJobFinishes: bool
+    ttlSecondsAfterFinished: int | None = None
+    rayClusterSpec: RayClusterSpec
+
+
+class RayService(_K):
+    apiVersion: Literal["ray.io/v1"]
+    kind: Literal["RayService"]
+    metadata: Metadata
+    spec: RayServiceSpec
+
+
+class RayJob(_K):
+    apiVersion: Literal["ray.io/v1"]
+    kind: Literal["RayJob"]
+    metadata: Metadata
+    spec: RayJobSpec
+
+
+class RayCluster(_K):
+    apiVersion: Literal["ray.io/v1"]
+    kind: Literal["RayCluster"]
+    metadata: Metadata
+    spec: RayClusterSpec
+
+
+class PVCSpec(_K):
+    accessModes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany"]]
+    resources: dict[Literal["requests"], dict[Literal["storage"], str]]
+
+
+class PersistentVolumeClaim(_K):
+    apiVersion: Literal["v1"]
+    kind: Literal["PersistentVolumeClaim"]
+    metadata: Metadata
+    spec: PVCSpec
+
+
+class Kustomization(_K):
+    apiVersion: Literal["kustomize.config.k8s.io/v1beta1"]
+    kind: Literal["Kustomization"]
+    resources: list[str]
+
+
+KINDS: dict[str, type[BaseModel]] = {"RayService": RayService, "RayJob": RayJob, "RayCluster": RayCluster,
+                                     "PersistentVolumeClaim": PersistentVolumeClaim, "Kustomization": Kustomization}
+YAMLS = sorted(p for d in ("k8s", "cluster", "configs") for p in (REPO / d).rglob("*.yaml"))
+
+
+def check_object(doc: dict[str, Any]) -> None:
+    """Raises ValidationError (naming the field) for a Kubernetes object this project does not expect."""
+    KINDS[doc["kind"]].model_validate(doc)
+    if doc["kind"] == "RayService":
+        check_serve_config(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    if doc["kind"] == "RayJob":
+        check_entrypoint(doc["spec"]["entrypoint"])
+
+
+def check_serve_config(data: dict[str, Any]) -> None:
+    """Ray's own schema, no unknown keys (Ray ignores some), real import paths, args that ServeConfig accepts."""
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(data)
+    unknown = set(data) - set(ServeDeploySchema.model_fields if hasattr(ServeDeploySchema, "model_fields")
+                              else ServeDeploySchema.__fields__)
+    assert not unknown, f"unknown Serve config keys {sorted(unknown)}"
+    for app in schema.applications:
+        module, name = app.import_path.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), app.import_path
+        ServeConfig.model_validate(app.args)
+
+
+def check_entrypoint(entrypoint: str) -> None:
+    """`python -m MODULE ...` names a runnable module of the package."""
+    argv = shlex.split(entrypoint)
+    assert argv[:2] == ["python", "-m"], entrypoint
+    assert importlib.util.find_spec(argv[2]) is not None, argv[2]
+    assert (REPO / argv[3]).is_dir(), f"entrypoint's expert directory {argv[3]} is not in the repository"
+
+
+def kubernetes_docs() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, doc) for p in sorted((REPO / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(p.read_text())]
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(REPO)) for p in YAMLS])
+def test_every_yaml_parses(path: Path) -> None:
+    assert list(yaml.safe_load_all(path.read_text()))
+
+
+@pytest.mark.parametrize(("path", "doc"), kubernetes_docs(), ids=lambda x: getattr(x, "name", ""))
+def test_kubernetes_objects_match_the_strict_schema(path: Path, doc: dict[str, Any]) -> None:
+    check_object(doc)
+
+
+def test_kustomization_lists_existing_files() -> None:
+    kustomization = yaml.safe_load((REPO / "k8s" / "kustomization.yaml").read_text())
+    assert all((REPO / "k8s" / r).is_file() for r in kustomization["resources"])
+
+
+def test_rayservice_serves_the_same_app_as_configs() -> None:
+    service = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+    in_cluster = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    local = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())["applications"][0]
+    assert (in_cluster["import_path"], in_cluster["name"]) == (local["import_path"], local["name"])
+
+
+@pytest.mark.parametrize(("where", "typo"), [
+    (("spec", "rayClusterConfig", "workerGroupSpecs", 0), ("minReplicas", "minReplica")),
+    (("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0), ("image", "imagee")),
+    (("spec",), ("serveConfigV2", "serveConfigV3")),
+])
+def test_a_planted_typo_fails_the_check(where: tuple[Any, ...], typo: tuple[str, str]) -> None:
+    doc = copy.deepcopy(yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text()))
+    node = doc
+    for key in where:
+        node = node[key]
+    node[typo[1]] = node.pop(typo[0])
+    with pytest.raises(ValidationError) as info:
+        check_object(doc)
+    assert typo[1] in str(info.value)
+
+
+def test_a_planted_typo_in_serve_config_fails() -> None:
+    service = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+    bad = service["spec"]["serveConfigV2"].replace("import_path:", "import_pth:")
+    with pytest.raises(Exception, match="import_pth|import_path"):
+        check_serve_config(yaml.safe_load(bad))
+    worse = service["spec"]["serveConfigV2"].replace("max_loras: 8", "max_lora: 8")
+    with pytest.raises(ValidationError, match="max_lora"):
+        check_serve_config(yaml.safe_load(worse))
+
+
+def test_cluster_launcher_config_passes_rays_schema_and_a_typo_fails() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    config["max_workerz"] = config.pop("max_workers")
+    with pytest.raises(Exception, match="max_workerz"):
+        validate_config(prepare_config(config))

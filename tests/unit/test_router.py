@@ -1,0 +1,129 @@
+"""Router logic with a deterministic bag-of-words embedder (the real embedder is tested in integration)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from expertserve.registry import Registry
+from expertserve.routing.router import Router, RouterConfig
+from tests.helpers import make_expert, manifest
+
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class FakeEmbedder:
+    """Hashed word counts, normalised: similarity = shared words."""
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), 256), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % 256] += 1
+            norm = np.linalg.norm(out[i])
+            out[i] /= norm if norm else 1
+        return out
+
+
+def expert(root: Path, name: str, routing: dict[str, Any] | None, description: str) -> None:
+    data = manifest(name=name, description=description)
+    if routing is not None:
+        data["routing"] = routing
+    data["training"]["dataset"].pop("path")
+    make_expert(root / name, data, files=False)
+
+
+def router(root: Path, **config: Any) -> Router:
+    return Router(Registry.scan([root]), FakeEmbedder(), base_model=BASE, config=RouterConfig(**config))
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Path:
+    expert(tmp_path, "expert-sql", {"keywords": ["group by", "sql"], "exclude_keywords": ["what is sql"],
+                                    "examples": ["write a sql query over the orders table"]}, "sql queries")
+    expert(tmp_path, "expert-json", {"keywords": ["json"], "examples": ["extract fields into a json object"]},
+           "json extraction")
+    return tmp_path
+
+
+def test_multi_word_keywords_match_as_phrases(two: Path) -> None:
+    r = router(two, base_score=0.05, min_confidence=0.0)
+    decision = r.route("count orders per customer using GROUP   BY")
+    sql = next(c for c in decision.candidates if c.expert == "expert-sql")
+    assert sql.keywords == ["group by"] and decision.expert == "expert-sql"
+    assert next(c for c in r.route("group the rows by day").candidates if c.expert == "expert-sql").keywords == []
+
+
+def test_exclude_keywords_rule_an_expert_out(two: Path) -> None:
+    decision = router(two, base_score=0.2).route("What is SQL? write a sql query over the orders table")
+    sql = next(c for c in decision.candidates if c.expert == "expert-sql")
+    assert sql.excluded == ["what is sql"] and decision.expert != "expert-sql"
+
+
+def test_priority_breaks_ties(tmp_path: Path) -> None:
+    for name, priority in (("expert-a", 0.2), ("expert-b", 0.9)):
+        expert(tmp_path, name, {"keywords": ["report"], "priority": priority, "examples": ["make a sales report"]},
+               "reports")
+    decision = router(tmp_path, base_score=0.1, min_confidence=0.0).route("make a sales report")
+    assert decision.expert == "expert-b"
+    assert [c.expert for c in decision.candidates] == ["expert-b", "expert-a"]
+
+
+def test_expert_without_routing_block_routes_by_description(tmp_path: Path) -> None:
+    expert(tmp_path, "expert-poems", None, "writes short poems about the sea")
+    r = router(tmp_path, base_score=0.3)
+    assert r.route("short poems about the sea please").expert == "expert-poems"
+    assert r.route("quarterly tax forms").expert is None
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
+def test_empty_prompt_goes_to_the_base_model(two: Path, prompt: str) -> None:
+    decision = router(two).route(prompt)
+    assert (decision.expert, decision.method) == (None, "empty")
+
+
+def test_very_long_and_non_english_prompts(two: Path) -> None:
+    r = router(two, base_score=0.01, min_confidence=0.0)
+    decision = r.route("write a sql query over the orders table " + "x " * 20000)
+    assert decision.expert == "expert-sql" and decision.candidates[0].keywords == ["sql"]
+    decision = router(two, base_score=0.2).route("Напиши запрос: 東京の天気は？ ¿Qué tal? ")
+    assert decision.expert is None and 0 <= decision.confidence <= 1
+
+
+def test_low_confidence_falls_back_to_the_base_model(two: Path) -> None:
+    decision = router(two, base_score=0.2, min_confidence=0.999).route("sql json")
+    assert decision.expert is None and decision.method == "fallback"
+
+
+def test_conversations_stay_with_their_expert_unless_another_is_clearly_better(two: Path) -> None:
+    r = router(two, base_score=0.2, stickiness=0.5)
+    first = {"role": "user", "content": "write a sql query over the orders table"}
+    follow = {"role": "user", "content": "and now as a json object please"}
+    assert r.route_messages([first, {"role": "assistant", "content": "SELECT 1"}, follow]).expert == "expert-sql"
+    assert router(two, base_score=0.2, stickiness=0.0).route_messages([first, follow]).expert == "expert-json"
+
+
+def test_new_experts_take_part_without_retraining(two: Path) -> None:
+    r = router(two, base_score=0.2)
+    assert r.route("translate poems into french").expert is None
+    expert(two, "expert-translate", {"keywords": ["translate"], "examples": ["translate poems into french"]}, "t")
+    r.add(Registry.scan([two]).get("expert-translate"))
+    assert r.route("translate poems into french").expert == "expert-translate"
+    r.remove("expert-translate")
+    assert r.route("translate poems into french").expert is None
+
+
+def test_one_hundred_synthetic_experts(tmp_path: Path) -> None:
+    for i in range(100):
+        expert(tmp_path, f"expert-topic{i}", {"keywords": [f"topic{i}"], "examples": [f"questions about topic{i}"]},
+               f"topic{i} expert")
+    r = router(tmp_path, base_score=0.2)
+    assert len(r.profiles) == 100
+    for i in (0, 42, 99):
+        decision = r.route(f"I have questions about topic{i}")
+        assert decision.expert == f"expert-topic{i}" and len(decision.candidates) == 100

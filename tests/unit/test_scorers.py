@@ -1,0 +1,109 @@
+"""The objective scorers and the dataset format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from expertserve.datasets import json_extract, sql, typescript
+from expertserve.datasets.common import DatasetError, answer, read_jsonl, split
+from tests.helpers import REPO
+
+SQL_DATA = REPO / "experts" / "expert-sql" / "data"
+
+
+@pytest.mark.parametrize(("prediction", "ok"), [
+    ("SELECT COUNT(*) FROM iris", True),
+    ("select count(*) from iris;", True),
+    ("```sql\nSELECT COUNT(*) FROM iris\n```", True),
+    ("SELECT COUNT(*) FROM cars", False),
+    ("SELECT COUNT(* FROM iris", False),
+    ("The answer is 150.", False),
+    ("", False),
+])
+def test_sql_execution_accuracy(prediction: str, ok: bool) -> None:
+    assert sql.score(prediction, {"gold": "SELECT COUNT(*) FROM iris"}, SQL_DATA) is ok
+
+
+def test_sql_order_matters_only_when_gold_orders() -> None:
+    gold = "SELECT model FROM cars ORDER BY mpg DESC LIMIT 3"
+    assert sql.score(gold, {"gold": gold}, SQL_DATA)
+    assert not sql.score("SELECT model FROM cars ORDER BY mpg ASC LIMIT 3", {"gold": gold}, SQL_DATA)
+    unordered = "SELECT DISTINCT cyl FROM cars"
+    assert sql.score("SELECT DISTINCT cyl FROM cars ORDER BY cyl DESC", {"gold": unordered}, SQL_DATA)
+
+
+def test_sql_database_is_read_only_and_runaway_queries_stop(tmp_path: Path) -> None:
+    shutil.copy(SQL_DATA / sql.DB_FILE, tmp_path / sql.DB_FILE)
+    assert not sql.score("DELETE FROM iris", {"gold": "SELECT 1"}, tmp_path)
+    assert sql.score("SELECT COUNT(*) FROM iris", {"gold": "SELECT 150"}, tmp_path)
+    huge = "SELECT COUNT(*) FROM quakes a, quakes b, quakes c"
+    assert not sql.score(huge, {"gold": "SELECT 1"}, tmp_path)
+
+
+@pytest.mark.parametrize(("prediction", "ok"), [
+    ('{"name": "Ana", "age": 30}', True),
+    ('{"age": 30.0, "name": "Ana"}', True),
+    ('```json\n{"name": "Ana", "age": 30}\n```', True),
+    ('{"name": "Ana", "age": "30"}', False),
+    ('{"name": "Ana"}', False),
+    ('{"name": "Ana", "age": 30, "x": 1}', False),
+    ("name: Ana", False),
+    ("[1, 2]", False),
+])
+def test_json_exact_match(prediction: str, ok: bool) -> None:
+    assert json_extract.score(prediction, {"gold": {"name": "Ana", "age": 30}}) is ok
+
+
+def test_json_booleans_are_not_numbers() -> None:
+    assert not json_extract.score('{"x": 1}', {"gold": {"x": True}})
+    assert json_extract.score('{"x": true}', {"gold": {"x": True}})
+
+
+@pytest.mark.skipif(typescript.tsc_command() is None, reason="tsc is installed by scripts/setup.sh")
+def test_typescript_scorer_type_checks_and_runs_tests() -> None:
+    meta = {"name": "add", "tests": [["1, 2", "3"], ["0, 0", "0"]]}
+    answers = [
+        "function add(a: number, b: number): number {\n  return a + b;\n}",
+        "```typescript\nfunction add(a: number, b: number): number { return a + b; }\n```",
+        "function add(a: number, b: number): number {\n  return a - b;\n}",  # wrong result
+        "function add(a, b) {\n  return a + b;\n}",  # implicit any: fails --strict
+        "function add(a: number, b: number): string {\n  return a + b;\n}",  # type error
+        "function add(a: number, b: number): number {\n  while (true) {}\n}",  # never returns: killed
+    ]
+    scores = typescript.score_many(answers, [meta] * len(answers), timeout_s=2)
+    assert scores == [True, True, False, False, False, False]
+
+
+def test_shipped_datasets_are_well_formed_and_held_out() -> None:
+    for name in ("expert-sql", "expert-json", "expert-typescript"):
+        data = REPO / "experts" / name / "data"
+        splits = {part: read_jsonl(data / f"{part}.jsonl") for part in ("train", "valid", "test")}
+        prompts = {part: {json.dumps(e["messages"][:-1]) for e in ex} for part, ex in splits.items()}
+        assert not prompts["test"] & prompts["train"], f"{name}: test prompts also in train"
+        assert 100 <= len(splits["train"]) <= 5000 and len(splits["test"]) >= 100
+    ts_train = read_jsonl(REPO / "experts" / "expert-typescript" / "data" / "train.jsonl")
+    ts_test = read_jsonl(REPO / "experts" / "expert-typescript" / "data" / "test.jsonl")
+    assert not {e["meta"]["name"] for e in ts_test} & {e["meta"]["name"] for e in ts_train}
+
+
+def test_generators_are_deterministic_and_their_answers_score() -> None:
+    a, b = json_extract.generate(30, seed=5), json_extract.generate(30, seed=5)
+    assert a == b and all(json_extract.score(answer(e), e["meta"]) for e in a)
+    assert split(a, 1, 5, 5)["test"] == split(b, 1, 5, 5)["test"]
+    assert typescript.generate(1) == typescript.generate(1)
+
+
+def test_read_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\nnot json\n')
+    with pytest.raises(DatasetError, match=r"d.jsonl:2: not valid JSON"):
+        read_jsonl(f)
+    f.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
+    with pytest.raises(DatasetError, match=r"d.jsonl:1: messages\[0\]"):
+        read_jsonl(f)
+    with pytest.raises(DatasetError, match="dataset file not found"):
+        read_jsonl(tmp_path / "missing.jsonl")
