@@ -14,6 +14,17 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabl
 PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 export PATH
 
+# Prints the tail of every log of this cluster to stderr and fails: a failed start says why.
+fail_with_logs() {
+    echo "$1" >&2
+    for f in "$DIR"/head.log "$DIR"/worker-*.log; do [ -f "$f" ] && { echo "--- $f" >&2; tail -n 20 "$f" >&2; }; done
+    for f in gcs_server.out dashboard.log dashboard_agent.log raylet.out; do
+        f="$DIR/ray/session_latest/logs/$f"
+        [ -f "$f" ] && { echo "--- $f" >&2; tail -n 15 "$f" >&2; }
+    done
+    exit 1
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 case "${1:-}" in
@@ -22,25 +33,47 @@ start)
     mkdir -p "$DIR"
     gcs=$(free_port); dash=$(free_port)
     # The session directory names this cluster in every process's command line: `stop` finds them by it.
-    "$RAY" start --head --node-ip-address=127.0.0.1 --port="$gcs" --dashboard-host=127.0.0.1 \
+    timeout 120 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$gcs" --dashboard-host=127.0.0.1 \
         --dashboard-port="$dash" --num-cpus="$cpus" --temp-dir="$DIR/ray" --resources='{"head_node": 1}' \
-        --disable-usage-stats > "$DIR/head.log" 2>&1
+        --disable-usage-stats > "$DIR/head.log" 2>&1 || fail_with_logs "the head node did not start"
     for i in $(seq 1 "$workers"); do
-        "$RAY" start --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus="$cpus" \
+        timeout 120 "$RAY" start --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus="$cpus" \
             --node-manager-port="$(free_port)" --object-manager-port="$(free_port)" \
             --min-worker-port=0 --max-worker-port=0 --resources="{\"worker_node_$i\": 1}" \
-            --disable-usage-stats > "$DIR/worker-$i.log" 2>&1
+            --disable-usage-stats > "$DIR/worker-$i.log" 2>&1 || fail_with_logs "worker node $i did not start"
     done
-    # Ready when every node has joined and the head accepts a job: `ray job list` answers earlier than job
-    # submission does ("No available agent to submit job"), so a no-op job is the test.
-    for _ in $(seq 1 90); do
-        if "$RAY" job submit --address "http://127.0.0.1:$dash" --no-wait -- true > /dev/null 2>&1 && \
-           [ "$(python3 -c "import json,urllib.request; print(len([n for n in json.load(urllib.request.urlopen('http://127.0.0.1:$dash/nodes?view=summary'))['data']['summary'] if n['raylet']['state'] == 'ALIVE']))" 2>/dev/null)" = "$((workers + 1))" ]; then
-            ready=1; break
-        fi
-        sleep 1
-    done
-    [ "${ready:-0}" = 1 ] || { echo "cluster not ready after 90 s; see $DIR/*.log" >&2; exit 1; }
+    # Ready when every node has joined and the head accepts a job. Job listing answers earlier than submission
+    # does ("No available agent to submit job"), so a no-op job is the test; it is tried only once all nodes are
+    # alive, so waiting does not pile up jobs. Plain HTTP, not the ray CLI: the CLI takes seconds to import.
+    if ! python3 - "http://127.0.0.1:$dash" "$((workers + 1))" "${READY_TIMEOUT:-150}" <<'PY'
+import json, sys, time, urllib.request
+url, want, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline, last = time.monotonic() + timeout, "no answer yet"
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(f"{url}/nodes?view=summary", timeout=10) as r:
+            nodes = json.load(r)["data"]["summary"]
+        alive = sum(n["raylet"]["state"] == "ALIVE" for n in nodes)
+        if alive < want:
+            last = f"{alive} of {want} nodes alive"
+        else:
+            req = urllib.request.Request(f"{url}/api/jobs/", data=json.dumps({"entrypoint": "true"}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                if r.status == 200:
+                    sys.exit(0)
+                last = f"job submission answered {r.status}"
+    except Exception as e:  # not up yet: say why if it never comes up
+        last = f"{type(e).__name__}: {e}"
+        if hasattr(e, "read"):
+            last += " " + e.read().decode(errors="replace")[-300:]
+    time.sleep(1)
+print(f"cluster not ready after {timeout:.0f} s: {last}", file=sys.stderr)
+sys.exit(1)
+PY
+    then
+        fail_with_logs "see $DIR for every log"
+    fi
     echo "127.0.0.1:$gcs" > "$DIR/address"
     echo "http://127.0.0.1:$dash" > "$DIR/dashboard"
     echo "RAY_ADDRESS=127.0.0.1:$gcs"

@@ -61,7 +61,9 @@ def _scenario(tmp_path: Path) -> None:
     env = {**os.environ, "EXPERTSERVE_CLUSTER_DIR": str(cluster_dir), "RAY": f"{bin_dir}/ray",
            "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
            "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    started = run(["bash", "cluster/local-cluster.sh", "start", "1", "2"], env, timeout=180)
+    # The script bounds its own waits (2 x 120 s per `ray start`, 150 s for readiness) and prints the cluster's
+    # logs when it gives up, so this timeout only catches a hang of the script itself.
+    started = run(["bash", "cluster/local-cluster.sh", "start", "1", "2"], env, timeout=480)
     assert started.returncode == 0, started.stdout + started.stderr
     dashboard = (cluster_dir / "dashboard").read_text().strip()
     try:
