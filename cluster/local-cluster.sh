@@ -26,6 +26,14 @@ fail_with_logs() {
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Every port a node opens, chosen free: Ray's defaults (dashboard agent 52365, client server 10001, ...) clash
+# with the other node of this cluster and with any other Ray on the machine. A head whose dashboard agent could
+# not bind refuses every job ("No available agent to submit job").
+node_ports() {
+    echo "--node-manager-port=$(free_port) --object-manager-port=$(free_port) --metrics-export-port=$(free_port)" \
+         "--dashboard-agent-listen-port=$(free_port) --dashboard-agent-grpc-port=$(free_port)" \
+         "--runtime-env-agent-port=$(free_port)"
+}
 
 case "${1:-}" in
 start)
@@ -33,12 +41,15 @@ start)
     mkdir -p "$DIR"
     gcs=$(free_port); dash=$(free_port)
     # The session directory names this cluster in every process's command line: `stop` finds them by it.
+    # shellcheck disable=SC2046 (node_ports gives several words on purpose)
     timeout 120 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$gcs" --dashboard-host=127.0.0.1 \
-        --dashboard-port="$dash" --num-cpus="$cpus" --temp-dir="$DIR/ray" --resources='{"head_node": 1}' \
+        --dashboard-port="$dash" --ray-client-server-port="$(free_port)" $(node_ports) \
+        --num-cpus="$cpus" --temp-dir="$DIR/ray" --resources='{"head_node": 1}' \
         --disable-usage-stats > "$DIR/head.log" 2>&1 || fail_with_logs "the head node did not start"
     for i in $(seq 1 "$workers"); do
+        # shellcheck disable=SC2046
         timeout 120 "$RAY" start --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus="$cpus" \
-            --node-manager-port="$(free_port)" --object-manager-port="$(free_port)" \
+            $(node_ports) \
             --min-worker-port=0 --max-worker-port=0 --resources="{\"worker_node_$i\": 1}" \
             --disable-usage-stats > "$DIR/worker-$i.log" 2>&1 || fail_with_logs "worker node $i did not start"
     done

@@ -101,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model-id", metavar="ID", help="the id the manifest names for --base-model")
     p.set_defaults(handler="expertserve.eval.cli:run")
 
+    p = sub.add_parser("bench", help="benchmark against vLLM's own OpenAI server; prints ratios, writes JSON + PNG",
+                       description="Starts vLLM's OpenAI server (--enable-lora) and expertserve on the same model, "
+                       "adapters and engine settings, one after the other, runs the same seeded workloads, and prints "
+                       "the ratios with their targets. Scenarios: stack overhead, 1/8/32 experts mixed vs base only, "
+                       "cold vs warm TTFT, routing added latency, soft prompt throughput.")
+    p.add_argument("--quick", action="store_true", help="the quick size (about 3 minutes here)")
+    p.add_argument("--size", choices=["smoke", "quick", "full"], help="workload size (default: full)")
+    p.add_argument("--json", metavar="FILE", help="where the JSON goes (default: out/bench/bench-SIZE.json)")
+    p.add_argument("--plot", metavar="FILE", help="where the PNG goes (default: the JSON path with .png)")
+    p.set_defaults(handler="expertserve.bench.cli:run")
+
     p = sub.add_parser("models", help="base models: prepare the offline default, build tiny test models")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     mp = msub.add_parser("prepare", help="convert the offline SmolLM2-135M-Instruct once into the cache and verify it")

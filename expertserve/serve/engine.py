@@ -147,8 +147,10 @@ class ExpertEngine:
             resolved["max_tokens"] = Resolved(self.max_model_len - len(ids) - soft_tokens, "request")
         constraint = Constraint(**request["constraint"])
         try:
+            extras = {"min_tokens": request["min_tokens"]} if request.get("min_tokens") is not None else {}
             params = sampling_params(resolved, constraint, n=request.get("n", 1), seed=request.get("seed"),
-                                     output_kind=RequestOutputKind.DELTA)
+                                     ignore_eos=bool(request.get("ignore_eos")), output_kind=RequestOutputKind.DELTA,
+                                     **extras)
         except ValueError as e:
             raise RequestError(400, f"invalid sampling parameters: {e}") from None
         prompt: Any = ({"prompt_embeds": self.embedder.embed(ids, runtime.soft_prompt)}

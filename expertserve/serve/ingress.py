@@ -221,6 +221,7 @@ class Ingress:
         logger.info("request model=%s expert=%s decoding: %s", req.model, name, decoding)
         engine_request = {
             "kind": kind, "request_id": uuid.uuid4().hex, "n": req.n, "seed": req.seed,
+            "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
             "sampling": {k: v.value for k, v in resolved.items()},
             "constraint": {"kind": constraint.kind, "value": constraint.value, "source": constraint.source},
             "expert": self._expert_spec(record) if record else None,

@@ -116,6 +116,9 @@ class SamplingFields(_Strict):
     user: Str | None = Field(default=None, description="End-user id (logged, not used).")
     logprobs: Any = Field(default=None, description="Not supported; must be unset or false.")
     return_token_ids: Bool = Field(default=False, description="Extra: add each choice's generated token ids.")
+    ignore_eos: Bool = Field(default=False, description="vLLM extra: go on past end-of-sequence (fixed-length "
+                             "benchmarks).")
+    min_tokens: Int | None = Field(default=None, ge=0, description="vLLM extra: generate at least this many tokens.")
 
     @model_validator(mode="before")
     @classmethod

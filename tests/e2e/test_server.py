@@ -86,6 +86,18 @@ def test_stop_sequences_cut_the_output(client: openai.OpenAI) -> None:
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_vllm_length_extras_ignore_eos_and_min_tokens(server: Server) -> None:
+    for prompt in ("hello", "a", "count to three"):
+        body = {"model": "expert-beta", "prompt": prompt, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 24
+    body = {"model": "expert-beta", "prompt": "hello", "max_tokens": 6, "min_tokens": 6}
+    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["usage"]["completion_tokens"] == 6
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "min_tokens": -1}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+
+
 def test_manifest_decoding_applies_and_requests_override_it(server: Server) -> None:
     body = {"model": "expert-alpha", "messages": HELLO, "max_tokens": 2}
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)

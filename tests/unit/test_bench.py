@@ -1,0 +1,78 @@
+"""The benchmark's pure parts: seeded workloads, statistics, targets, synthetic experts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from expertserve.bench import workload
+from expertserve.bench.stats import TARGETS, Timed, percentile, ratio, summarize, table, verdict
+from expertserve.bench.workload import Shape
+from expertserve.manifest.load import load_manifest
+from expertserve.registry import Registry
+from tests.helpers import REPO
+
+
+def test_workload_is_fixed_by_its_seed_and_spreads_over_models() -> None:
+    shape = Shape(requests=12, concurrency=4, max_tokens=7)
+    a = workload.requests(["m1", "m2", "m3"], shape, seed=5)
+    assert a == workload.requests(["m1", "m2", "m3"], shape, seed=5)
+    assert a != workload.requests(["m1", "m2", "m3"], shape, seed=6)
+    assert sorted(r["model"] for r in a) == sorted(["m1", "m2", "m3"] * 4)
+    assert {r["max_tokens"] for r in a} == {7} and all(r["ignore_eos"] and r["stream"] for r in a)
+    # The same seed gives the same prompts whatever the models: base-only and mixed runs answer the same text.
+    b = workload.requests(["base"], shape, seed=5)
+    assert [r["messages"] for r in a] == [r["messages"] for r in b]
+
+
+def test_percentile_interpolates_and_handles_no_values() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 99) == 5
+    assert percentile([10, 20], 100) == 20
+    assert math.isnan(percentile([], 50))
+
+
+def test_summarize_counts_only_successful_requests() -> None:
+    timed = [Timed(0.1, 1.0, 10), Timed(0.3, 2.0, 10), Timed(0.0, 0.5, 0, "HTTP 500: boom")]
+    s = summarize(timed, wall=4.0)
+    assert s["errors"] == 1 and s["first_error"] == "HTTP 500: boom"
+    assert s["output_tokens_per_s"] == 5.0 and s["requests_per_s"] == 0.5
+    assert math.isclose(s["ttft_ms_p50"], 200.0)
+
+
+def test_ratio_and_verdicts() -> None:
+    assert ratio(1.0, 2.0) == 0.5
+    assert math.isnan(ratio(1.0, 0.0)) and math.isnan(ratio(math.nan, 1.0))
+    assert verdict("stack_throughput_ratio", 0.96) == "pass"
+    assert verdict("stack_throughput_ratio", 0.90) == "FAIL"
+    assert verdict("cold_warm_ttft_ratio", 2.5) == "FAIL"
+    assert verdict("routing_added_ms_p50", 3.0) == "pass"
+    assert verdict("mixed32_throughput_ratio", 0.1) == "-"
+    assert verdict("mixed8_throughput_ratio", math.nan) == "n/a"
+    assert set(TARGETS) <= {"stack_throughput_ratio", "mixed8_throughput_ratio", "cold_warm_ttft_ratio",
+                            "routing_added_ms_p50"}
+
+
+def test_table_prints_every_headline_figure() -> None:
+    text = table({"stack_throughput_ratio": 0.97, "cold_warm_ttft_ratio": 3.0})
+    assert "0.970" in text and "pass" in text and "FAIL" in text
+    assert sum("n/a" in line for line in text.splitlines()) == 5  # the five figures not given
+
+
+def test_synthetic_experts_are_valid_and_shaped_like_the_template(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from expertserve.bench.synthetic import make_experts
+
+    template = Registry.scan([REPO / "experts"]).get("expert-sql")
+    made = make_experts(tmp_path, ["expert-bench-00", "expert-bench-01"], template, "base-id", seed=1,
+                        soft_tokens=4, hidden_size=576)
+    registry = Registry.scan([tmp_path], strict=True)
+    assert [r.name for r in registry] == ["expert-bench-00", "expert-bench-01"]
+    assert load_manifest(made[0] / "manifest.json").manifest.base_models[0].name == "base-id"
+    shipped = load_file(str(template.root / "adapter" / "adapter_model.safetensors"))
+    a, b = (load_file(str(m / "adapter" / "adapter_model.safetensors")) for m in made)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in shipped.items()}
+    key = next(k for k in a if "lora_B" in k)
+    assert (a[key] != 0).any() and not (a[key] == b[key]).all()  # not an identity adapter, and each different
+    assert load_file(str(made[0] / "soft_prompts" / "bench.safetensors"))["prompt_embeddings"].shape == (4, 576)
