@@ -17,15 +17,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     m = results["machine"]
     fig.suptitle(f"expertserve bench ({results['size']}): {m['cores']} cores, {m['memory_gib']} GiB, {m['device']}")
 
-    s = results["stack"]
-    labels = ["output tok/s", "TTFT p50 (ms)", "latency p50 (ms)"]
-    keys = ["output_tokens_per_s", "ttft_ms_p50", "latency_ms_p50"]
-    x = range(len(keys))
-    ax[0][0].bar([i - 0.2 for i in x], [s["vllm"][k] for k in keys], 0.4, label="vLLM OpenAI server")
-    ax[0][0].bar([i + 0.2 for i in x], [s["expertserve"][k] for k in keys], 0.4, label="expertserve")
-    ax[0][0].set_xticks(list(x), labels)
-    ax[0][0].set_title(f"1. stack: ours / vLLM throughput {results['stack_throughput_ratio']:.2f}x")
-    ax[0][0].legend()
+    ratios = results["stack"]["ratios"]
+    labels = ["output\ntok/s", "TTFT\np50", "TTFT\np99", "latency\np50", "latency\np99"]
+    keys = ["output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "latency_ms_p50", "latency_ms_p99"]
+    ax[0][0].bar(labels, [ratios[k] for k in keys], color=["tab:blue"] + ["tab:orange"] * 4)
+    ax[0][0].axhline(1.0, color="black", linewidth=1)
+    ax[0][0].axhline(0.95, color="tab:blue", linestyle="--", linewidth=1, label="throughput target 0.95")
+    ax[0][0].set_ylabel("expertserve / vLLM OpenAI server")
+    ax[0][0].set_title(f"1. stack: throughput {results['stack_throughput_ratio']:.2f}x vLLM (higher is better; "
+                       "times: lower)", fontsize=9)
+    ax[0][0].legend(fontsize=8)
 
     e = results["experts"]
     names = ["base", "mixed1", "mixed8", "mixed32"]

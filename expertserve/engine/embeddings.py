@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,3 +54,16 @@ class PromptEmbedder:
             raise ValueError(f"soft prompt is {soft_prompt.shape[1]} wide; the base model's hidden size is "
                              f"{self.hidden_size}")
         return torch.cat([soft_prompt.to(self.dtype), self.embeddings[torch.tensor(token_ids, dtype=torch.long)]])
+
+    def prompt(self, token_ids: list[int], soft_prompt: torch.Tensor | None) -> dict[str, Any]:
+        """The vLLM prompt: token ids, or embeddings when the expert has a soft prompt (the one place that
+        decides, for the server, `expertserve eval` and the parity tests alike)."""
+        if soft_prompt is None:
+            return {"prompt_token_ids": token_ids}
+        return {"prompt_embeds": self.embed(token_ids, soft_prompt)}
+
+
+def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template applied to `messages`, ready for the assistant's turn."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]

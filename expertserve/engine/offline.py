@@ -56,15 +56,16 @@ class OfflineEngine:
         LoRA kernels apply the last adapter to base rows of a mixed batch; see the platform notes)."""
         from vllm.lora.request import LoRARequest
 
-        prompts: list[Any] = []
-        for r in requests:
-            ids = self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"]
-            prompts.append({"prompt_embeds": self.embedder.embed(ids, r.soft_prompt)} if r.soft_prompt is not None
-                           else {"prompt_token_ids": ids})
+        prompts = [self.prompt(r) for r in requests]
         loras = [LoRARequest(*r.lora) if r.lora else None for r in requests]
         outputs = self.llm.generate(prompts, [r.sampling for r in requests], lora_request=loras, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
+
+    def prompt(self, request: GenerationRequest) -> dict[str, Any]:
+        """The vLLM prompt of one request (chat template, then token ids or soft prompt + embeddings)."""
+        from expertserve.engine.embeddings import chat_token_ids
+
+        return self.embedder.prompt(chat_token_ids(self.tokenizer, request.messages), request.soft_prompt)
 
     def close(self) -> None:
         """Stops the engine's processes now rather than at interpreter exit."""

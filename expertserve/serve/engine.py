@@ -153,8 +153,7 @@ class ExpertEngine:
                                      **extras)
         except ValueError as e:
             raise RequestError(400, f"invalid sampling parameters: {e}") from None
-        prompt: Any = ({"prompt_embeds": self.embedder.embed(ids, runtime.soft_prompt)}
-                       if runtime is not None and runtime.soft_prompt is not None else {"prompt_token_ids": ids})
+        prompt = self.embedder.prompt(ids, runtime.soft_prompt if runtime is not None else None)
         lora = runtime.lora if runtime is not None and runtime.lora is not None else self.zero_lora
         request_id = request.get("request_id") or uuid.uuid4().hex
         completion_tokens = [0] * params.n
@@ -177,9 +176,10 @@ class ExpertEngine:
             raise
 
     def _prompt_ids(self, request: dict[str, Any]) -> list[int]:
+        from expertserve.engine.embeddings import chat_token_ids
+
         if request["kind"] == "chat":
-            return self.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"]
+            return chat_token_ids(self.tokenizer, request["messages"])
         return self.tokenizer(request["prompt"])["input_ids"]
 
     async def ping(self) -> bool:

@@ -132,9 +132,8 @@ def train_expert(expert_dir: Path, *, output_dir: Path | None = None, workers: i
     package = build_package(out, out)
     history = _read_progress(progress_file)
     losses = [h["loss"] for h in history if "loss" in h]
-    evals = [m.get("eval_loss") for m in [result.metrics or {}] if m.get("eval_loss") is not None]
     return TrainResult(out, package, plan.total_steps, losses[0] if losses else None,
-                       losses[-1] if losses else None, evals[0] if evals else None,
+                       losses[-1] if losses else None, (result.metrics or {}).get("eval_loss"),
                        time.monotonic() - start, history)
 
 

@@ -73,17 +73,10 @@ def test_engine_matches_transformers_and_peft(engine: Any, tiny_expert: tuple[Pa
     soft_prompt = load_soft_prompt(expert / "soft_prompts" / "style.safetensors") if soft else None
     lora = ("expert-demo", 1, str(expert / "adapter")) if adapter else None
     outputs = engine.llm.generate(
-        [_prompt(engine, GenerationRequest([{"role": "user", "content": p}], sampling, lora, soft_prompt))
+        [engine.prompt(GenerationRequest([{"role": "user", "content": p}], sampling, lora, soft_prompt))
          for p in PROMPTS[:2]], sampling, lora_request=_lora(lora), use_tqdm=False)
     for prompt, output in zip(PROMPTS[:2], outputs, strict=True):
         assert list(output.outputs[0].token_ids) == reference_greedy(base, expert, prompt, adapter, soft, 8)
-
-
-def _prompt(engine: Any, r: Any) -> dict[str, Any]:
-    ids = engine.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    if r.soft_prompt is not None:
-        return {"prompt_embeds": engine.embedder.embed(ids, r.soft_prompt)}
-    return {"prompt_token_ids": ids}
 
 
 def _lora(lora: tuple[str, int, str] | None) -> Any:
