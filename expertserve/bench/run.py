@@ -46,7 +46,7 @@ class Size:
 
 SIZES = {
     "smoke": Size(Shape(6, 3, 4), Shape(32, 8, 2), 2, 2, 3, Shape(6, 3, 4)),
-    "quick": Size(Shape(48, 8, 32), Shape(64, 8, 16), 4, 3, 12, Shape(32, 8, 32)),
+    "quick": Size(Shape(48, 8, 32), Shape(48, 8, 16), 4, 3, 16, Shape(24, 8, 32)),
     "full": Size(Shape(192, 16, 64), Shape(192, 16, 32), 8, 4, 40, Shape(96, 16, 64)),
 }
 STACK_EXPERTS = 3  # like the shipped experts
@@ -140,6 +140,7 @@ def routing(url: str, prompts: list[str]) -> dict[str, Any]:
     one-token answer (routing happens before the first token, so this holds all of its cost)."""
     auto_ms: list[float] = []
     named_ms: list[float] = []
+    decision_ms: list[float] = []  # what the server measured around the router call
     chosen: dict[str, int] = {}
     with httpx.Client(base_url=url, timeout=120) as client:
 
@@ -151,6 +152,8 @@ def routing(url: str, prompts: list[str]) -> dict[str, Any]:
             elapsed = 1000 * (time.perf_counter() - started)
             if r.status_code != 200:
                 raise RuntimeError(f"routing request for {model!r} failed: HTTP {r.status_code} {r.text[:300]}")
+            if model == "auto":
+                decision_ms.append(float(r.headers["x-expertserve-route"].split("ms=")[1].split(";")[0]))
             return elapsed, r.headers["x-expertserve-expert"]
 
         for i, text in enumerate(prompts):
@@ -166,7 +169,8 @@ def routing(url: str, prompts: list[str]) -> dict[str, Any]:
             "auto_ms_p50": percentile(auto_ms, 50), "auto_ms_p99": percentile(auto_ms, 99),
             "named_ms_p50": percentile(named_ms, 50), "named_ms_p99": percentile(named_ms, 99),
             "added_ms_p50": percentile(auto_ms, 50) - percentile(named_ms, 50),
-            "added_ms_p99": percentile(auto_ms, 99) - percentile(named_ms, 99)}
+            "added_ms_p99": percentile(auto_ms, 99) - percentile(named_ms, 99),
+            "decision_ms_p50": percentile(decision_ms, 50), "decision_ms_p99": percentile(decision_ms, 99)}
 
 
 def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str, Any]:

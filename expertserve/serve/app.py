@@ -49,6 +49,11 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus}, **scaling,
     ).bind(settings)
     ingress_cls = serve.ingress(app)(Ingress)
+    # The ingress only parses, routes and streams: it must admit everything the engines can run or queue, so that
+    # the engines' limits decide (and answer 503 beyond them). Serve's default (5 at a time) capped every batch at
+    # 5 sequences: 0.67x vLLM's own server in `expertserve bench`.
+    engines = rep.max_replicas if rep.autoscaling else rep.num_replicas
     ingress = serve.deployment(ingress_cls, name="Ingress", num_replicas=1,
+                               max_ongoing_requests=engines * rep.max_ongoing_requests + rep.max_queued_requests,
                                ray_actor_options={"num_cpus": 0}).bind(engine, config.model_dump(), roots)
     return ingress

@@ -266,15 +266,17 @@ class Ingress:
 
     async def _route(self, req: Any, kind: str) -> tuple[ExpertRecord | None, str]:
         """The router's choice for a routed model name, and the x-expertserve-route header."""
+        # In a thread: an embedding takes milliseconds of CPU that other requests' streams must not wait for.
         if kind == "chat":
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            decision = await asyncio.to_thread(self.router.route_messages, messages)
+            decision, seconds = await asyncio.to_thread(_timed, self.router.route_messages, messages)
         else:
-            decision = await asyncio.to_thread(self.router.route, req.prompt_text())
+            decision, seconds = await asyncio.to_thread(_timed, self.router.route, req.prompt_text())
         self.metrics.routed.labels(decision.expert or "base").inc()
+        self.metrics.route_decision.observe(seconds)
         if decision.expert is None:
             self.metrics.fallbacks.inc()
-        header = f"method={decision.method}; confidence={decision.confidence:.3f}; " \
+        header = f"method={decision.method}; confidence={decision.confidence:.3f}; ms={1000 * seconds:.1f}; " \
                  f"expert={decision.expert or self.config.model_id}"
         logger.info("route model=%s -> %s", req.model, header)
         return (self.registry.get(decision.expert) if decision.expert else None), header
@@ -309,6 +311,12 @@ class Ingress:
         finally:
             self.metrics.ongoing.dec()
         yield "data: [DONE]\n\n"
+
+
+def _timed(func: Any, *args: Any) -> tuple[Any, float]:
+    """func(*args) and the seconds it took."""
+    started = time.perf_counter()
+    return func(*args), time.perf_counter() - started
 
 
 def _unwrap(error: BaseException) -> BaseException:

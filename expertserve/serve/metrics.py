@@ -31,6 +31,8 @@ class Metrics:
                               ["expert"], registry=r)
         self.fallbacks = Counter("expertserve_route_fallbacks", "Routed requests the base model answered",
                                  registry=r)
+        self.route_decision = Histogram("expertserve_route_decision_seconds", "Routing decision time (in its thread)",
+                                        registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
 
     def observe_first(self, expert: str, started: float, chunk: dict[str, Any] | None) -> None:
         """First chunk arrived."""

@@ -76,9 +76,12 @@ def test_auto_routes_to_the_expert_or_falls_back_to_the_base_model(default_serve
     assert r.headers["x-expertserve-expert"] == "expert-sql"
     route = r.headers["x-expertserve-route"]
     assert route.startswith("method=") and "confidence=" in route and route.endswith("expert=expert-sql")
+    assert float(route.split("ms=")[1].split(";")[0]) > 0
     assert "temperature=0.0 (request)" in r.headers["x-expertserve-decoding"]
     r = chat(default_server, "auto", "Tell me a joke about cats.", max_tokens=8)
     assert r.headers["x-expertserve-expert"] == BASE and "method=fallback" in r.headers["x-expertserve-route"]
     metrics = httpx.get(f"{default_server}/metrics").text
     assert 'expertserve_routed_total{expert="expert-sql"}' in metrics
     assert "expertserve_route_fallbacks_total" in metrics
+    decisions = next(line for line in metrics.splitlines() if line.startswith("expertserve_route_decision_seconds_count"))
+    assert float(decisions.split()[-1]) >= 2
