@@ -48,6 +48,12 @@ def run(args: Any) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if started_ray and config.engine.isolate_inference_cores:
+        from expertserve.serve.cpu_affinity import keep_off_inference_cores
+
+        # Ray starts processes later too (workers, replicas after a restart): look again now and then.
+        while not stop.wait(5):
+            keep_off_inference_cores(os.getpid())
     stop.wait()
     print("stopping...", flush=True)
     serve.shutdown()

@@ -30,6 +30,10 @@ class EngineConfig(StrictModel):
     prefix_caching: bool | None = Field(
         default=None,
         description="Prefix caching; default: on when an expert sets runtime.requires_kv_cache_persistence.")
+    isolate_inference_cores: bool = Field(
+        default=True,
+        description="On CPU, with the Ray that `expertserve serve` starts: keep Ray's processes off the cores vLLM "
+        "binds its inference threads to (see expertserve/serve/cpu_affinity.py). No effect on GPU or on a cluster.")
     in_process: bool = Field(
         default=False,
         description="Run the engine core in the replica's process (starts in seconds; one CPU thread). For tests.")
