@@ -31,8 +31,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(cmd: list[str], url: str, ready_path: str, log: Path, env: dict[str, str],
-            timeout: float = 420) -> Iterator[str]:
-    """Runs `cmd` in its own session until the block ends; ready when GET `url + ready_path` answers 200.
+            timeout: float = 420, ready_line: str | None = None) -> Iterator[str]:
+    """Runs `cmd` in its own session until the block ends; ready when GET `url + ready_path` answers 200 (and,
+    with `ready_line`, once the log holds that line).
     Stopped with SIGTERM, then SIGKILL for the whole process group after a minute."""
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -43,7 +44,8 @@ def running(cmd: list[str], url: str, ready_path: str, log: Path, env: dict[str,
                 raise ServerError(f"{cmd[0]} exited with {proc.returncode} while starting; "
                                   f"the end of {log}:\n{log.read_text()[-2000:]}")
             try:
-                if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                if httpx.get(url + ready_path, timeout=2).status_code == 200 and (
+                        ready_line is None or ready_line in log.read_text(errors="replace")):
                     break
             except httpx.HTTPError:
                 pass
@@ -78,7 +80,9 @@ def expertserve_server(config_file: Path, log: Path, kv_cache_gib: int) -> Itera
 
     port = json.loads(config_file.read_text())["port"]
     cmd = [sys.executable, "-m", "expertserve", "serve", "--config", str(config_file)]
-    with running(cmd, f"http://127.0.0.1:{port}", "/healthz", log, _env(kv_cache_gib)) as url:
+    # The line `expertserve serve` prints once set up (on CPU: after moving Ray off vLLM's inference cores).
+    with running(cmd, f"http://127.0.0.1:{port}", "/healthz", log, _env(kv_cache_gib),
+                 ready_line="expertserve is serving") as url:
         yield url
 
 

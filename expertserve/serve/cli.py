@@ -41,6 +41,11 @@ def run(args: Any) -> int:
             started_ray = True
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config.model_dump()), name="expertserve", route_prefix="/", blocking=False)
+    isolate = started_ray and config.engine.isolate_inference_cores
+    if isolate:
+        from expertserve.serve.cpu_affinity import keep_off_inference_cores
+
+        keep_off_inference_cores(os.getpid())
     url = f"http://{config.host}:{config.port}"
     print(f"expertserve is serving {config.model_id} and its experts at {url}/v1", flush=True)
     print(f"  curl {url}/v1/models", flush=True)
@@ -48,9 +53,7 @@ def run(args: Any) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    if started_ray and config.engine.isolate_inference_cores:
-        from expertserve.serve.cpu_affinity import keep_off_inference_cores
-
+    if isolate:
         # Ray starts processes later too (workers, replicas after a restart): look again now and then.
         while not stop.wait(5):
             keep_off_inference_cores(os.getpid())
