@@ -31,12 +31,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(cmd: list[str], url: str, ready_path: str, log: Path, env: dict[str, str],
-            timeout: float = 420, ready_line: str | None = None) -> Iterator[str]:
+            timeout: float = 420, ready_line: str | None = None, cwd: Path | None = None) -> Iterator[str]:
     """Runs `cmd` in its own session until the block ends; ready when GET `url + ready_path` answers 200 (and,
-    with `ready_line`, once the log holds that line).
-    Stopped with SIGTERM, then SIGKILL for the whole process group after a minute."""
+    with `ready_line`, once the log holds that line). Also the e2e tests' way of starting `expertserve serve`.
+    Stopped with SIGTERM (a server shuts down in order), then SIGKILL for its whole process group after a
+    minute; whatever of the group is left is killed too."""
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=cwd)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -54,8 +56,7 @@ def running(cmd: list[str], url: str, ready_path: str, log: Path, env: dict[str,
             time.sleep(1)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

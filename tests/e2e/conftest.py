@@ -7,16 +7,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.helpers import make_expert, manifest
@@ -79,33 +75,13 @@ def launched_server(args: list[str], log: Path, *, cwd: Path | None = None,
 
     The port must be among `args`; the server is stopped with SIGTERM (then SIGKILL after a minute).
     """
+    from expertserve.bench.servers import running
+
     port = args[args.index("--port") + 1]
     full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "expertserve", "serve", *args], cwd=cwd, stdout=out,
-                                stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy in 300 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+    with running([sys.executable, "-m", "expertserve", "serve", *args], f"http://127.0.0.1:{port}", "/healthz", log,
+                 full_env, timeout=300, cwd=cwd) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @contextlib.contextmanager
