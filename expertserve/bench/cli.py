@@ -29,8 +29,14 @@ def run(args: Any) -> int:
     json_path = Path(args.json) if args.json else Path("out") / "bench" / f"bench-{size}.json"
     png_path = Path(args.plot) if args.plot else json_path.with_suffix(".png")
     for p in (json_path, png_path):
-        if p.exists() and p.is_dir():
+        if p.is_dir():
             raise UsageError(f"{p}: is a directory; give a file name")
+        try:  # fail now, not after minutes of measuring
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=p.parent):
+                pass
+        except OSError as e:
+            raise UsageError(f"{p}: cannot write there ({e.strerror})") from None
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

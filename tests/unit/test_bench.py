@@ -76,3 +76,13 @@ def test_synthetic_experts_are_valid_and_shaped_like_the_template(tmp_path: Path
     key = next(k for k in a if "lora_B" in k)
     assert (a[key] != 0).any() and not (a[key] == b[key]).all()  # not an identity adapter, and each different
     assert load_file(str(made[0] / "soft_prompts" / "bench.safetensors"))["prompt_embeddings"].shape == (4, 576)
+
+
+def test_bench_refuses_bad_arguments_before_measuring(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from expertserve.cli.main import main
+
+    assert main(["bench", "--quick", "--size", "full"]) == 2
+    assert main(["bench", "--quick", "--json", str(tmp_path)]) == 2
+    assert main(["bench", "--quick", "--json", "/proc/no-such-dir/out.json"]) == 2
+    err = capsys.readouterr().err
+    assert "--quick and --size" in err and "is a directory" in err and "cannot write there" in err
