@@ -44,7 +44,6 @@ def run(args: Any) -> int:
     with tempfile.TemporaryDirectory(prefix="expertserve-bench-") as work:
         results = run_bench(size, Path(work), repo_experts_dir().parent, log=log)
 
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = json_path.with_suffix(json_path.suffix + ".tmp")
     tmp.write_text(json.dumps(_finite(results), indent=2, allow_nan=False))
     tmp.replace(json_path)  # never a half-written file

@@ -241,9 +241,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     log("[2/2] expertserve (Ray Serve + vLLM engine)")
     port = free_port()
     config = {"model_dir": str(model_dir), "model_id": model_id, "experts_dirs": [str(repo / "experts"), str(synth)],
-              "port": port, "engine": {"max_loras": settings.max_loras, "max_cpu_loras": settings.max_cpu_loras,
-                                       "max_num_seqs": settings.max_num_seqs, "kv_cache_gib": settings.kv_cache_gib,
-                                       "prefix_caching": settings.prefix_caching}}
+              "port": port, "engine": asdict(settings)}  # EngineSettings' fields are EngineConfig keys
     (work / "expertserve.json").write_text(json.dumps(config, indent=2))
     t0 = time.monotonic()
     with expertserve_server(work / "expertserve.json", work / "expertserve.log", settings.kv_cache_gib) as url:

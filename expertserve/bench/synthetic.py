@@ -44,6 +44,9 @@ def make_experts(root: Path, names: list[str], template: ExpertRecord, model_id:
     """
     from safetensors.numpy import load_file, save_file
 
+    if soft_tokens and hidden_size is None:
+        raise ValueError("hidden_size: needed for soft prompts")
+
     tensors = load_file(str(template.root / "adapter" / "adapter_model.safetensors"))
     config = json.loads((template.root / "adapter" / "adapter_config.json").read_text())
     rng = np.random.default_rng(seed)
@@ -58,8 +61,6 @@ def make_experts(root: Path, names: list[str], template: ExpertRecord, model_id:
         (expert / "adapter" / "adapter_config.json").write_text(
             json.dumps({**config, "base_model_name_or_path": model_id}, indent=2))
         if soft_tokens:
-            if hidden_size is None:
-                raise ValueError("hidden_size: needed for soft prompts")
             (expert / "soft_prompts").mkdir()
             embeds = (rng.standard_normal((soft_tokens, hidden_size)) * 0.02).astype(np.float32)
             save_file({SOFT_PROMPT_TENSOR: embeds}, str(expert / "soft_prompts" / "bench.safetensors"))

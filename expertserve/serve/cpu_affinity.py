@@ -22,10 +22,11 @@ def keep_off_inference_cores(root_pid: int) -> int:
     Processes that vanish or refuse (another user's) are skipped: this is an optimisation, never an error.
     """
     try:
-        descendants = psutil.Process(root_pid).children(recursive=True)
+        root = psutil.Process(root_pid)
+        descendants = root.children(recursive=True)
+        everything = set(root.cpu_affinity())  # a container's cpuset may allow fewer than os.cpu_count()
     except psutil.Error:
         return 0
-    everything = set(range(os.cpu_count() or 1))
     inference: set[int] = set()
     others = []
     for proc in descendants:
@@ -40,14 +41,10 @@ def keep_off_inference_cores(root_pid: int) -> int:
                 others.append(proc)
         except psutil.Error:
             continue
-    free = sorted(everything - inference)
+    free = everything - inference
     if not inference or not free:
         return 0
-    pinned = 0
-    for proc in others:
-        if _pin_threads(proc.pid, set(free)):
-            pinned += 1
-    return pinned
+    return sum(_pin_threads(proc.pid, free) for proc in others)
 
 
 def _pin_threads(pid: int, cores: set[int]) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from expertserve.bench.servers import free_port, running
 from tests.helpers import make_expert, manifest
 
 TINY_ID = "tiny-test-model"
@@ -33,10 +33,6 @@ class Server:
         return self.experts / name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _expert(root: Path, base: Path, name: str, *, lora: str | None, soft: bool, decoding: dict,
@@ -75,8 +71,6 @@ def launched_server(args: list[str], log: Path, *, cwd: Path | None = None,
 
     The port must be among `args`; the server is stopped with SIGTERM (then SIGKILL after a minute).
     """
-    from expertserve.bench.servers import running
-
     port = args[args.index("--port") + 1]
     full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
     with running([sys.executable, "-m", "expertserve", "serve", *args], f"http://127.0.0.1:{port}", "/healthz", log,
@@ -87,7 +81,7 @@ def launched_server(args: list[str], log: Path, *, cwd: Path | None = None,
 @contextlib.contextmanager
 def running_server(root: Path, base: Path, experts: Path, **overrides: object) -> Iterator[Server]:
     """A server on the tiny model and the experts made here, with config overrides."""
-    port = _free_port()
+    port = free_port()
     config = root / f"serve-{port}.json"
     config.write_text(json.dumps({"model_dir": str(base), "model_id": TINY_ID, "experts_dirs": [str(experts)],
                                   "port": port, "max_body_bytes": 65536,

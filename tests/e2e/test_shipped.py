@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from expertserve.bench.servers import free_port
 from expertserve.datasets import json_extract, sql
-from tests.e2e.conftest import _free_port, launched_server
+from tests.e2e.conftest import launched_server
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ SQL_QUESTION = ("Schema:\nCREATE TABLE iris (sepal_length REAL, sepal_width REAL
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("shipped") / "server.log"
-    args = ["--port", str(_free_port())]
+    args = ["--port", str(free_port())]
     with launched_server(args, log, cwd=REPO, env={"EXPERTSERVE_INSTALL_DIR": str(log.parent / "none")}) as url:
         yield url
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import _free_port
+from expertserve.bench.servers import free_port
 from tests.helpers import REPO, make_expert, manifest
 
 pytestmark = pytest.mark.slow
@@ -33,8 +33,7 @@ def test_two_node_cluster_trains_across_nodes_and_serves(tmp_path: Path) -> None
     """Runs while another process holds Ray's default dashboard-agent port, as any other Ray on the machine does
     (in CI, the Ray of earlier tests): the cluster must choose its own ports. With the default port taken, the
     head's agent used to fail to start and the head refused every job."""
-    with contextlib.ExitStack() as stack:
-        holder = stack.enter_context(socket.socket())
+    with socket.socket() as holder:
         with contextlib.suppress(OSError):  # already taken by someone else: the same condition
             holder.bind(("0.0.0.0", 52365))
             holder.listen()
@@ -83,7 +82,7 @@ def _scenario(tmp_path: Path) -> None:
 
         # configs/serve.yaml as shipped, on a free port (a previous run's proxy may still hold 8000).
         serve_config = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
-        port = _free_port()
+        port = free_port()
         serve_config["http_options"]["port"] = port
         (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_config))
         deploy = run(["serve", "deploy", str(tmp_path / "serve.yaml"), "--address", dashboard], env, timeout=120)
