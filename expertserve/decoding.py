@@ -91,6 +91,7 @@ def resolve_constraint(request_format: dict[str, Any] | None, manifest: Decoding
         return Constraint("none", None, "request")
     if manifest is None or ignore_manifest or not manifest.grammar_enabled:
         return Constraint("none", None, None)
+    root = root or Path(".")
     if manifest.grammar_file:
         return Constraint("grammar", (root / manifest.grammar_file).read_text(encoding="utf-8"), "manifest")
     if manifest.json_schema is not None:

@@ -7,11 +7,14 @@ installed versions (`<root>/<name>/<version>/manifest.json`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-from expertserve.errors import ExpertNotFound, ManifestError, RegistryError
+from expertserve.engine.request import ExpertSpec
+from expertserve.errors import ExpertNotFound, ExpertNotServable, ManifestError, RegistryError
 from expertserve.manifest.files import check_files
 from expertserve.manifest.load import MANIFEST_FILE, LoadedManifest, load_manifest
 from expertserve.manifest.model import Adapter, Decoding, ExpertManifest, Routing, SoftPrompt
@@ -69,11 +72,8 @@ class ExpertRecord:
 
     def adapter_for(self, base_model: str, aliases: Iterable[str] = ()) -> tuple[Adapter, Path] | None:
         """The adapter trained for `base_model` (matched by name or any alias) and its directory."""
-        wanted = {base_model, *aliases}
-        for base, adapter in self.manifest.adapter_entries:
-            if base.name in wanted:
-                return adapter, self.root / adapter.path
-        return None
+        adapter = self.manifest.adapter_for(base_model, aliases)
+        return None if adapter is None else (adapter, self.root / adapter.path)
 
     def unservable_reason(self, base_model: str, aliases: Iterable[str] = ()) -> str | None:
         """Why a vLLM server running `base_model` cannot serve this expert, or None when it can."""
@@ -86,6 +86,31 @@ class ExpertRecord:
             return (f"its adapter is {adapter.effective_type.upper()}: vLLM hot-swaps LoRA adapters only "
                     "(merge it into a LoRA or serve it from a dedicated base model)")
         return None
+
+    @cached_property
+    def content_id(self) -> str:
+        """Identity of what an engine loads: the manifest's bytes, and the name, size and modification time of
+        every adapter and soft-prompt file (cheap enough per scan; a rewritten file changes it)."""
+        digest = hashlib.sha256(self.loaded.path.read_bytes() if self.loaded.path.is_file() else b"")
+        files = [p for _, adapter in self.manifest.adapter_entries for p in sorted((self.root / adapter.path).glob("*"))]
+        files += [path for _, path in self.soft_prompts]
+        for path in files:
+            stat = path.stat() if path.is_file() else None
+            digest.update(f"{path.relative_to(self.root)}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+    def engine_spec(self, base_model: str, aliases: Iterable[str] = ()) -> ExpertSpec:
+        """What an engine needs to load this expert for `base_model`.
+
+        Raises:
+            ExpertNotServable: The expert has no servable adapter for `base_model`.
+        """
+        reason = self.unservable_reason(base_model, aliases)
+        found = self.adapter_for(base_model, aliases)
+        if reason is not None or found is None:
+            raise ExpertNotServable(self.name, reason or f"no adapter for {base_model}")
+        return ExpertSpec(self.name, self.version, self.content_id, str(found[1]),
+                          tuple(str(path) for _, path in self.soft_prompts))
 
     def file_problems(self, *, datasets: bool = True) -> list[str]:
         """Missing or malformed files the manifest refers to."""
@@ -199,7 +224,8 @@ class Registry:
     def max_lora_rank(self, base_model: str, aliases: Iterable[str] = ()) -> int:
         """The largest LoRA rank among servable experts (what the engine must be sized for); 0 if none."""
         aliases = tuple(aliases)
-        ranks = [r.adapter_for(base_model, aliases)[0].r or 0 for r in self.servable(base_model, aliases)]
+        adapters = [r.manifest.adapter_for(base_model, aliases) for r in self.servable(base_model, aliases)]
+        ranks = [(a.r or 0) if a else 0 for a in adapters]
         return max(ranks, default=0)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The base model clients and manifests name by default (the offline SmolLM2, see expertserve/models/offline.py).
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HOME_ENV = "EXPERTSERVE_HOME"
 INSTALL_ENV = "EXPERTSERVE_INSTALL_DIR"
 
@@ -29,3 +31,8 @@ def models_dir() -> Path:
 def repo_experts_dir() -> Path:
     """The `experts/` directory of a source checkout (the shipped experts)."""
     return Path(__file__).resolve().parent.parent / "experts"
+
+
+def default_expert_roots() -> list[Path]:
+    """The expert roots searched when none are given: the repository's `experts/`, then the install directory."""
+    return [repo_experts_dir(), install_dir()]

@@ -11,7 +11,7 @@ def reference_greedy(base: Path, expert: Path, prompt: str, adapter: bool, soft:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expertserve.train.modules import load_soft_prompt
+    from expertserve.engine.soft_prompts import load_soft_prompt
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from expertserve.stats import percentile
+
 
 @dataclass(frozen=True)
 class Timed:
@@ -15,16 +17,6 @@ class Timed:
     latency: float
     output_tokens: int
     error: str | None = None
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation; NaN for no values."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def summarize(timed: list[Timed], wall: float) -> dict[str, Any]:

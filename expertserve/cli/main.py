@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from expertserve.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError
+from expertserve.settings import DEFAULT_MODEL_ID
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", metavar="FILE", help='labelled JSONL: {"prompt" or "messages", "expert": name or null}')
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--experts-dir", action="append", metavar="DIR", help="expert root (repeatable)")
-    p.add_argument("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct", metavar="ID",
+    p.add_argument("--base-model", default=DEFAULT_MODEL_ID, metavar="ID",
                    help="the served base model id (experts for other bases are left out)")
     p.add_argument("--bench", action="store_true", help="measure decision latency p50/p99 (shipped and synthetic)")
     p.add_argument("--bench-n", type=int, default=300, metavar="N", help="decisions timed per registry")

@@ -1,19 +1,20 @@
-"""Resolved decoding (see `expertserve.decoding`) to vLLM `SamplingParams`."""
+"""Resolved decoding values (see `expertserve.decoding`) and the output constraint to vLLM `SamplingParams`."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from expertserve.decoding import Constraint, Resolved
+from expertserve.decoding import Constraint
 
 
-def sampling_params(resolved: dict[str, Resolved], constraint: Constraint, **extra: Any) -> Any:
-    """vLLM SamplingParams from resolved values; `extra` passes request-only options (n, seed, logprobs...)."""
+def sampling_params(values: Mapping[str, Any], constraint: Constraint, **extra: Any) -> Any:
+    """vLLM SamplingParams from plain resolved values; `extra` passes request-only options (n, seed, ...)."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    values = {k: v.value for k, v in resolved.items()}
+    values = dict(values)
     if values.get("top_k") == 0:
         values["top_k"] = -1  # vLLM's "no limit"
     structured = None

@@ -61,28 +61,24 @@ def evaluate(expert_dir: Path, *, limit: int | None = None, base_model_dir: Path
     test_file = loaded.root / m.training.dataset.test_path
     examples = read_jsonl(test_file)[:limit]
     base_id = base_model_id or offline.DEFAULT_MODEL.model_id
-    entry = next((a for b, a in m.adapter_entries if b.name == base_id), None)
+    entry = m.adapter_for(base_id)
     if entry is None:
         raise EvalError(f"{loaded.path}: no adapter for base model {base_id}")
     adapter_dir = loaded.root / entry.path
     if not (adapter_dir / "adapter_model.safetensors").exists():
         raise EvalError(f"{adapter_dir}: no trained adapter; run `expertserve train {expert_dir}` first")
 
-    from expertserve.engine.offline import GenerationRequest, OfflineEngine
+    from expertserve.engine.batch import BatchEngine, GenerationRequest
     from expertserve.engine.sampling import sampling_params
-    from expertserve.train.modules import load_soft_prompt
+    from expertserve.engine.soft_prompts import load_soft_prompts
 
     own_engine = engine is None
     if own_engine:
-        engine = OfflineEngine(base_model_dir or offline.prepared_model_dir(), max_lora_rank=entry.r or 8)
+        engine = BatchEngine(base_model_dir or offline.prepared_model_dir(), max_lora_rank=entry.r or 8)
     resolved = resolve({}, m.decoding, load_defaults())
     constraint = resolve_constraint(None, m.decoding, loaded.root)
-    params = sampling_params(resolved, constraint, seed=0)
-    soft = None
-    if m.soft_prompts:
-        import torch
-
-        soft = torch.cat([load_soft_prompt(loaded.root / sp.path) for sp in m.soft_prompts])
+    params = sampling_params({k: v.value for k, v in resolved.items()}, constraint, seed=0)
+    soft = load_soft_prompts([loaded.root / sp.path for sp in m.soft_prompts])
     lora = (m.name, 1, str(adapter_dir))
     conditions: dict[str, tuple[Any, Any]] = {"base": (None, None), "expert": (lora, soft)}
     if soft is not None:

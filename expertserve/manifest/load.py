@@ -143,8 +143,8 @@ def _describe(err: Any) -> str:
     text = msg[0].lower() + msg[1:] if msg else kind
     if _is_short_scalar(value) and not kind.startswith("value_error"):
         text += f", got {value!r}"
-    hint = _HINTS.get((str(field), value)) if _is_short_scalar(value) else None
-    return f"{text} ({hint})" if hint else text
+    tip = _HINTS.get((str(field), value)) if _is_short_scalar(value) else None
+    return f"{text} ({tip})" if tip else text
 
 
 def _is_short_scalar(value: object) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -626,6 +627,11 @@ class ExpertManifest(StrictModel):
         if self.base_model is not None:
             return [(self.base_model, a) for a in (self.adapters or [])]
         return [(b, b.adapters[0]) for b in (self.base_models or [])]
+
+    def adapter_for(self, base_model: str, aliases: Iterable[str] = ()) -> Adapter | None:
+        """The adapter trained for `base_model` (matched by name or any alias); the one lookup every part uses."""
+        wanted = {base_model, *aliases}
+        return next((adapter for base, adapter in self.adapter_entries if base.name in wanted), None)
 
     @property
     def decoding(self) -> Decoding:

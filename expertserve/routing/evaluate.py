@@ -33,7 +33,8 @@ def _check(row: Any) -> str | None:
 
 def evaluate(router: Router, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy in and off domain, confusion matrix, per-expert recall, and every prediction."""
-    predictions, confusion = [], Counter()
+    predictions: list[dict[str, Any]] = []
+    confusion: Counter[tuple[str, str]] = Counter()
     for row in rows:
         decision = (router.route_messages(row["messages"]) if "messages" in row else router.route(row["prompt"]))
         predictions.append({"expert": decision.expert, "confidence": round(decision.confidence, 4),

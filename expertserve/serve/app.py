@@ -1,42 +1,56 @@
-"""App builder: `serve run expertserve.serve.app:build_app config=FILE` or `build_app({...})` from code."""
+"""App builders: `serve run expertserve.serve.app:build_app config=FILE`, `build_app({...})` from code, and
+`build_app_from_config(config, engine_cls=...)`, the one place the production app is wired."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from expertserve.engine.config import EngineSettings
 from expertserve.serve.config import ServeConfig
 
 
-def resolve_settings(config: ServeConfig) -> tuple[dict[str, Any], list[str]]:
+def resolve_settings(config: ServeConfig) -> tuple[EngineSettings, list[str]]:
     """The engine settings (model dir, LoRA rank from the registry, prefix caching) and the expert roots."""
     from expertserve.models import offline
     from expertserve.registry import Registry
-    from expertserve.settings import install_dir, repo_experts_dir
+    from expertserve.settings import default_expert_roots
 
     model_dir = Path(config.model_dir).resolve() if config.model_dir else offline.prepared_model_dir()
-    roots = [str(Path(d).resolve()) for d in config.experts_dirs] if config.experts_dirs is not None else [
-        str(repo_experts_dir()), str(install_dir())]
+    dirs = config.experts_dirs if config.experts_dirs is not None else default_expert_roots()
+    roots = [str(Path(d).resolve()) for d in dirs]
     registry = Registry.scan(roots)
     rank = config.engine.max_lora_rank or max(8, registry.max_lora_rank(config.model_id))
     wants_cache = any(r.manifest.runtime and r.manifest.runtime.requires_kv_cache_persistence for r in registry)
     prefix = config.engine.prefix_caching if config.engine.prefix_caching is not None else wants_cache
-    settings = {"model_dir": str(model_dir), "max_lora_rank": rank, "prefix_caching": prefix,
-                "engine": config.engine.model_dump()}
+    settings = EngineSettings(model_dir=str(model_dir), max_lora_rank=rank, prefix_caching=prefix,
+                              engine=config.engine)
     return settings, roots
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
     """The Serve application: ingress -> engine. `args` is a ServeConfig dict, or {"config": FILE}."""
-    from ray import serve
-
-    from expertserve.serve.engine import ExpertEngine
-    from expertserve.serve.ingress import Ingress, app
-
     args = dict(args or {})
     config = ServeConfig.from_file(args.pop("config")) if "config" in args else ServeConfig()
     if args:
         config = ServeConfig.model_validate({**config.model_dump(), **args})
+    return build_app_from_config(config)
+
+
+def build_app_from_config(config: ServeConfig, *, engine_cls: type | None = None,
+                          embedder_cls: type | None = None) -> Any:
+    """The Serve application for `config`.
+
+    Args:
+        config: The server config.
+        engine_cls: The `ExpertEngine` each engine replica runs (default: vLLM).
+        embedder_cls: The router's embedder (default: the offline MiniLM).
+    """
+    from ray import serve
+
+    from expertserve.serve.ingress import Ingress, app
+    from expertserve.serve.replica import EngineReplica
+
     settings, roots = resolve_settings(config)
     rep = config.replicas
     scaling: dict[str, Any] = (
@@ -44,16 +58,15 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
                                 "target_ongoing_requests": rep.target_ongoing_requests}}
         if rep.autoscaling else {"num_replicas": rep.num_replicas})
     engine = serve.deployment(
-        ExpertEngine, name="ExpertEngine", max_ongoing_requests=rep.max_ongoing_requests,
+        EngineReplica, name="ExpertEngine", max_ongoing_requests=rep.max_ongoing_requests,
         max_queued_requests=rep.max_queued_requests, health_check_period_s=10,
         ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus}, **scaling,
-    ).bind(settings)
+    ).bind(settings, engine_cls=engine_cls)
     ingress_cls = serve.ingress(app)(Ingress)
     # The ingress only parses, routes and streams: it must admit everything the engines can run or queue, so that
     # the engines' limits decide (and answer 503 beyond them). Serve's default (5 at a time) capped every batch at
     # 5 sequences: 0.67x vLLM's own server in `expertserve bench`.
     engines = rep.max_replicas if rep.autoscaling else rep.num_replicas
-    ingress = serve.deployment(ingress_cls, name="Ingress", num_replicas=1,
-                               max_ongoing_requests=engines * rep.max_ongoing_requests + rep.max_queued_requests,
-                               ray_actor_options={"num_cpus": 0}).bind(engine, config.model_dump(), roots)
-    return ingress
+    return serve.deployment(ingress_cls, name="Ingress", num_replicas=1,
+                            max_ongoing_requests=engines * rep.max_ongoing_requests + rep.max_queued_requests,
+                            ray_actor_options={"num_cpus": 0}).bind(engine, config, roots, embedder_cls=embedder_cls)

@@ -1,13 +1,27 @@
-"""Client-facing errors and their OpenAI error bodies, mapped in one place. Pure Python."""
+"""Client-facing errors and their OpenAI error bodies: the one table from domain errors to HTTP. Pure Python.
+
+Engines and the registry raise domain errors (`expertserve.errors`); Ray delivers them wrapped (a replica's error
+arrives as the `cause` of a Ray error). `client_error` finds the domain error inside and maps it here, once.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from expertserve.errors import ExpertserveError
+from expertserve.errors import (
+    ExpertLoadError,
+    ExpertNotFound,
+    ExpertNotServable,
+    ExpertserveError,
+    InvalidSampling,
+    PromptTooLong,
+)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "server_overloaded"}
+          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 500: "server_error", 503: "server_overloaded"}
+# Ray errors that mean the engine replica is gone or not yet back: the client may retry shortly.
+_ENGINE_UNAVAILABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError")
 
 
 class RequestError(ExpertserveError):
@@ -18,14 +32,48 @@ class RequestError(ExpertserveError):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
 
-    def __reduce__(self) -> Any:  # keeps the fields when Ray ships the error from a replica
-        return (_rebuild, (self.status, self.message, self.param, self.code, self.retry_after))
-
     def body(self) -> dict[str, Any]:
         """OpenAI's error body."""
         return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
 
 
-def _rebuild(status: int, message: str, param: str | None, code: str | None, retry_after: int | None) -> RequestError:
-    return RequestError(status, message, param=param, code=code, retry_after=retry_after)
+def _mapped(error: BaseException) -> RequestError | None:
+    """The table: one domain error to its status, OpenAI type (by status), parameter and code."""
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, PromptTooLong):
+        return RequestError(400, str(error), param=error.param, code="context_length_exceeded")
+    if isinstance(error, InvalidSampling):
+        return RequestError(400, str(error), param=error.param)
+    if isinstance(error, ExpertNotFound):
+        return RequestError(404, str(error), param="model", code="model_not_found")
+    if isinstance(error, ExpertNotServable):
+        return RequestError(400, str(error), param="model", code="expert_not_servable")
+    if isinstance(error, ExpertLoadError):
+        return RequestError(500, str(error), param="model", code="expert_load_failed")
+    names = {cls.__name__ for cls in type(error).__mro__ if cls.__module__.startswith("ray.")}
+    if "BackPressureError" in names:
+        return RequestError(503, "the server is overloaded; retry shortly", retry_after=1, code="overloaded")
+    if names & set(_ENGINE_UNAVAILABLE):
+        return RequestError(503, "the engine is restarting; retry shortly", retry_after=5, code="engine_unavailable")
+    return None
+
+
+def client_error(error: BaseException) -> RequestError | None:
+    """The client-facing error for `error` or for the domain error Ray wrapped in it; None for a bug (500)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and all(cause is not seen for seen in chain):
+        chain.append(cause)
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    # Innermost first: Ray's wrapper subclasses the error it wraps, but its message is a remote traceback.
+    for candidate in reversed(chain):
+        mapped = None if _is_ray_wrapper(candidate) else _mapped(candidate)
+        if mapped is not None:
+            return mapped
+    return None
+
+
+def _is_ray_wrapper(error: BaseException) -> bool:
+    return any(cls.__name__ == "RayTaskError" for cls in type(error).__mro__)

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP ingress (FastAPI on Ray Serve's proxy).
 
-It validates requests, picks the expert, resolves decoding (request > manifest > server defaults) and the
-output constraint, and forwards a fully resolved request to the engine deployment, routed to replicas that
-already hold the expert (Serve model multiplexing). Every client mistake becomes an OpenAI error body with a
-4xx status; nothing a client sends can produce a 500.
+A completion is a short pipeline: parse the body, choose the expert (by name or by the router), resolve decoding
+(request > manifest > server defaults) and the output constraint, build the typed engine request, respond
+(streamed or whole). The engine request goes to the engine deployment, routed to replicas that already hold the
+expert (Serve model multiplexing). Every client mistake becomes an OpenAI error body with a 4xx status.
 """
 
 from __future__ import annotations
@@ -15,43 +15,85 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
-from expertserve.decoding import describe, load_defaults, resolve, resolve_constraint
+from expertserve.decoding import Constraint, describe, load_defaults, resolve, resolve_constraint
+from expertserve.engine.request import Chunk, EngineRequest, Extras, Kind, Message, Sampling
+from expertserve.errors import ExpertNotFound, ExpertNotServable, ExpertserveError
 from expertserve.manifest.status import RuntimeContext, field_statuses
 from expertserve.registry import ExpertRecord, Registry
 from expertserve.serve.config import ServeConfig
-from expertserve.serve.errors import RequestError
-from expertserve.serve.metrics import Metrics
-from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest, request_errors
+from expertserve.serve.errors import RequestError, client_error
+from expertserve.serve.metrics import Metrics, RequestTracker
+from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from expertserve.serve.responses import (
+    INTERNAL_ERROR,
+    SSE_DONE,
+    ResponseMeta,
+    chunk_body,
+    full_response,
+    sse,
+    usage,
+    usage_body,
+)
 
 # Serve configures this logger in replicas (stderr and log files); a logger of our own would print nothing.
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="expertserve", docs_url=None, redoc_url=None)
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
+AnyRequest = ChatCompletionRequest | CompletionRequest
+
+
+@dataclass(frozen=True)
+class Experts:
+    """The registry and the router built from it, swapped together on reload (a request never sees one without
+    the other)."""
+
+    registry: Registry
+    router: Any  # expertserve.routing.router.Router, or None when routing is off
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The expert chosen for one request (None: the base model) and, when routed, the route header."""
+
+    record: ExpertRecord | None
+    route: str | None = None
 
 
 class Ingress:
-    """Ray Serve ingress deployment class (the app builder applies `serve.deployment` and `serve.ingress`)."""
+    """Ray Serve ingress deployment class (the app builder applies `serve.deployment` and `serve.ingress`).
 
-    def __init__(self, engine: Any, config: dict[str, Any], roots: list[str]):
+    Args:
+        engine: Handle of the engine deployment.
+        config: The server config.
+        roots: Expert roots, scanned on start and on reload.
+        embedder_cls: The router's text embedder (default: the offline MiniLM); tests pass a fake.
+    """
+
+    def __init__(self, engine: Any, config: ServeConfig, roots: list[str], *, embedder_cls: Any = None):
         self.engine = engine
-        self.config = ServeConfig.model_validate(config)
+        self.config = config
         self.roots = roots
-        self.defaults = load_defaults(Path(self.config.decoding_defaults) if self.config.decoding_defaults else None)
+        self.defaults = load_defaults(Path(config.decoding_defaults) if config.decoding_defaults else None)
         self.metrics = Metrics()
-        self.registry = Registry()
-        self.router = None
-        if self.config.routing.enabled:
-            from expertserve.routing.embedder import Embedder
-
-            self.embedder = Embedder()
+        self.experts = Experts(Registry(), None)
+        self.embedder = None
+        if config.routing.enabled:
+            if embedder_cls is None:
+                from expertserve.routing.embedder import Embedder as embedder_cls
+            self.embedder = embedder_cls()
         self.reload()
+
+    @property
+    def registry(self) -> Registry:
+        """The experts served now."""
+        return self.experts.registry
 
     # ---- routes (Serve binds these methods to the replica) -------------------------------------------------
 
@@ -69,37 +111,23 @@ class Ingress:
     async def route_models(self, request: Request) -> dict[str, Any]:
         self._auth(request, admin=False)
         created = int(time.time())
-        data = [{"id": self.config.model_id, "object": "model", "created": created, "owned_by": "expertserve",
-                 "root": self.config.model_id, "parent": None}]
-        if self.router is not None:
+        model_id = self.config.model_id
+        data = [{"id": model_id, "object": "model", "created": created, "owned_by": "expertserve",
+                 "root": model_id, "parent": None}]
+        if self.experts.router is not None:
             data += [{"id": name, "object": "model", "created": created, "owned_by": "expertserve",
-                      "root": self.config.model_id, "parent": None, "routed": True}
+                      "root": model_id, "parent": None, "routed": True}
                      for name in self.config.routing.routed_names]
-        for record in self.registry.servable(self.config.model_id):
+        for record in self.registry.servable(model_id):
             data.append({"id": record.name, "object": "model", "created": created, "owned_by": "expertserve",
-                         "root": self.config.model_id, "parent": self.config.model_id, "version": record.version})
+                         "root": model_id, "parent": model_id, "version": record.version})
         return {"object": "list", "data": data}
 
     @app.get("/v1/experts")
     async def route_experts(self, request: Request) -> dict[str, Any]:
         self._auth(request, admin=False)
         ctx = RuntimeContext.detect()
-        out = []
-        for record in self.registry:
-            reason = record.unservable_reason(self.config.model_id)
-            adapter = record.adapter_for(self.config.model_id)
-            defaults = resolve({}, record.decoding, self.defaults, ignore_manifest=self.config.ignore_manifest_decoding)
-            hints = [{"field": s.path, "value": s.value, "status": s.status, "detail": s.detail}
-                     for s in field_statuses(record.manifest, ctx) if s.path.startswith("runtime.")]
-            out.append({
-                "name": record.name, "version": record.version, "versions": self.registry.versions(record.name),
-                "servable": reason is None, "reason": reason,
-                "adapter": {"type": adapter[0].effective_type, "r": adapter[0].r, "path": str(adapter[1])}
-                if adapter else None,
-                "soft_prompts": [{"name": sp.name, "tokens": sp.tokens} for sp, _ in record.soft_prompts],
-                "decoding": {k: {"value": v.value, "source": v.source} for k, v in defaults.items()},
-                "hints": hints,
-            })
+        out = [self._expert_info(record, ctx) for record in self.registry]
         return {"object": "list", "data": out, "problems": self.registry.problems}
 
     @app.post("/v1/chat/completions")
@@ -113,7 +141,8 @@ class Ingress:
     @app.post("/admin/experts/reload")
     async def route_reload(self, request: Request) -> dict[str, Any]:
         self._auth(request, admin=True)
-        return self.reload()
+        # Off the event loop: scanning reads files and the router embeds every expert's examples.
+        return await asyncio.to_thread(self.reload)
 
     @app.get("/metrics")
     async def route_metrics(self) -> PlainTextResponse:
@@ -126,13 +155,20 @@ class Ingress:
         fresh = Registry.scan(self.roots)
         before = {r.name: r.version for r in self.registry}
         after = {r.name: r.version for r in fresh}
-        self.registry = fresh
-        if self.config.routing.enabled:
+        router = None
+        if self.embedder is not None:
             from expertserve.routing.router import Router, RouterConfig
 
             routing = RouterConfig(min_confidence=self.config.routing.min_confidence,
                                    base_score=self.config.routing.base_score)
-            self.router = Router(fresh, self.embedder, base_model=self.config.model_id, config=routing)
+            router = Router(fresh, self.embedder, base_model=self.config.model_id, config=routing)
+        self.experts = Experts(fresh, router)
+        self._log_changes(fresh, before)
+        return {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+                "updated": sorted(n for n in after if n in before and after[n] != before[n])}
+
+    def _log_changes(self, fresh: Registry, before: dict[str, str]) -> None:
+        """Problems, unservable experts and hints that do not apply, once per new expert version."""
         for problem in fresh.problems:
             logger.warning("expert not registered: %s", problem)
         ctx = RuntimeContext.detect()
@@ -146,24 +182,147 @@ class Ingress:
                 if status.path.startswith("runtime.") and status.status == "not applicable":
                     logger.info("expert %s: %s = %s not applicable: %s", record.name, status.path, status.value,
                                 status.detail)
-        return {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
-                "updated": sorted(n for n in after if n in before and after[n] != before[n])}
+
+    def _expert_info(self, record: ExpertRecord, ctx: RuntimeContext) -> dict[str, Any]:
+        """One entry of `GET /v1/experts`."""
+        reason = record.unservable_reason(self.config.model_id)
+        adapter = record.adapter_for(self.config.model_id)
+        defaults = resolve({}, record.decoding, self.defaults, ignore_manifest=self.config.ignore_manifest_decoding)
+        hints = [{"field": s.path, "value": s.value, "status": s.status, "detail": s.detail}
+                 for s in field_statuses(record.manifest, ctx) if s.path.startswith("runtime.")]
+        return {
+            "name": record.name, "version": record.version, "versions": self.registry.versions(record.name),
+            "servable": reason is None, "reason": reason,
+            "adapter": {"type": adapter[0].effective_type, "r": adapter[0].r, "path": str(adapter[1])}
+            if adapter else None,
+            "soft_prompts": [{"name": sp.name, "tokens": sp.tokens} for sp, _ in record.soft_prompts],
+            "decoding": {k: {"value": v.value, "source": v.source} for k, v in defaults.items()},
+            "hints": hints,
+        }
+
+    # ---- the completion pipeline ---------------------------------------------------------------------------
+
+    async def complete(self, request: Request, kind: Kind) -> Response:
+        """Chat completions and completions, streaming or not."""
+        self._auth(request, admin=False)
+        req = parse_request(kind, await self._body(request))
+        choice = await self._choose(req, kind)
+        engine_request = self._engine_request(kind, req, choice.record)
+        headers = {"x-expertserve-expert": choice.record.name if choice.record else self.config.model_id,
+                   "x-expertserve-decoding": describe(dict(engine_request.sampling.items()),
+                                                      engine_request.constraint)}
+        if choice.route:
+            headers["x-expertserve-route"] = choice.route
+        logger.info("request model=%s expert=%s decoding: %s", req.model, headers["x-expertserve-expert"],
+                    headers["x-expertserve-decoding"])
+        return await self._respond(req, engine_request, headers)
+
+    async def _choose(self, req: AnyRequest, kind: Kind) -> Choice:
+        """The router's choice for a routed model name; otherwise the expert (or base model) named."""
+        if self.experts.router is not None and req.model in self.config.routing.routed_names:
+            return await self._route(req, kind)
+        return Choice(self._resolve_model(req.model))
 
     def _resolve_model(self, model: str) -> ExpertRecord | None:
-        """None for the base model; the expert's record otherwise."""
+        """None for the base model; the expert's record otherwise.
+
+        Raises:
+            ExpertNotFound: No such model.
+            ExpertNotServable: The expert is registered but this server cannot serve it.
+        """
         if model in (self.config.model_id, "base"):
             return None
         if model not in self.registry:
-            raise RequestError(404, f"model {model!r} does not exist; GET /v1/models lists the base model and the "
-                               "experts", param="model", code="model_not_found")
+            raise ExpertNotFound(f"model {model!r} does not exist; GET /v1/models lists the base model and the "
+                                 "experts")
         record = self.registry.get(model)
         reason = record.unservable_reason(self.config.model_id)
         if reason:
-            raise RequestError(400, f"expert {model!r} cannot be served by this server: {reason}", param="model",
-                               code="expert_not_servable")
+            raise ExpertNotServable(model, reason)
         return record
 
-    # ---- request path --------------------------------------------------------------------------------------
+    async def _route(self, req: AnyRequest, kind: Kind) -> Choice:
+        """The router's decision, with the x-expertserve-route header."""
+        router = self.experts.router
+        # In a thread: an embedding takes milliseconds of CPU that other requests' streams must not wait for.
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            decision, seconds = await asyncio.to_thread(_timed, router.route_messages, messages)
+        else:
+            decision, seconds = await asyncio.to_thread(_timed, router.route, req.prompt_text())
+        self.metrics.routed.labels(decision.expert or "base").inc()
+        self.metrics.route_decision.observe(seconds)
+        if decision.expert is None:
+            self.metrics.fallbacks.inc()
+        header = (f"method={decision.method}; confidence={decision.confidence:.3f}; ms={1000 * seconds:.1f}; "
+                  f"expert={decision.expert or self.config.model_id}")
+        logger.info("route model=%s -> %s", req.model, header)
+        return Choice(self.registry.get(decision.expert) if decision.expert else None, header)
+
+    def _engine_request(self, kind: Kind, req: AnyRequest, record: ExpertRecord | None) -> EngineRequest:
+        """Decoding resolved (request > manifest > defaults) and the typed request the engine applies as is."""
+        manifest = record.decoding if record else None
+        ignore = self.config.ignore_manifest_decoding
+        sampling = Sampling.of(resolve(req.sampling_request(), manifest, self.defaults, ignore_manifest=ignore))
+        constraint: Constraint = resolve_constraint(req.response_format.as_dict() if req.response_format else None,
+                                                    manifest, record.root if record else None,
+                                                    ignore_manifest=ignore)
+        extras = Extras(n=req.n, seed=req.seed, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
+        spec = record.engine_spec(self.config.model_id) if record else None
+        if isinstance(req, ChatCompletionRequest):
+            messages = tuple(Message("system" if m.role == "developer" else m.role, m.text()) for m in req.messages)
+            return EngineRequest("chat", uuid.uuid4().hex, sampling, constraint, spec, messages=messages,
+                                 extras=extras)
+        return EngineRequest("completion", uuid.uuid4().hex, sampling, constraint, spec, prompt=req.prompt_text(),
+                             extras=extras)
+
+    async def _respond(self, req: AnyRequest, engine_request: EngineRequest, headers: dict[str, str]) -> Response:
+        """Sends the request to the engine; streams the chunks as SSE, or answers with the whole body."""
+        expert = engine_request.expert
+        tracker = self.metrics.track(headers["x-expertserve-expert"])
+        handle = self.engine.options(stream=True, multiplexed_model_id=expert.key if expert else "")
+        stream = handle.generate.remote(engine_request)
+        meta = ResponseMeta.new(engine_request.kind, engine_request.request_id, int(time.time()), req.model)
+        try:
+            first = await anext(stream, None)
+            tracker.first(first)
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return StreamingResponse(self._sse(meta, first, stream, include_usage, tracker),
+                                         media_type="text/event-stream", headers=headers)
+            chunks = [first] if first is not None else []
+            chunks += [chunk async for chunk in stream]
+        except BaseException as e:
+            raise _failed(tracker, e) from None
+        payload = full_response(meta, req.n, chunks, req.return_token_ids)
+        tracker.done(payload["usage"])
+        return JSONResponse(payload, headers=headers)
+
+    async def _sse(self, meta: ResponseMeta, first: Chunk | None, stream: Any, include_usage: bool,
+                   tracker: RequestTracker) -> AsyncIterator[str]:
+        """The event stream; an error mid-stream goes into the stream (the status is sent already)."""
+        per_choice: dict[int, tuple[int, int]] = {}
+        try:
+            chunk = first
+            while chunk is not None:
+                per_choice[chunk.index] = (chunk.prompt_tokens, chunk.completion_tokens)
+                yield sse(chunk_body(meta, chunk))
+                chunk = await anext(stream, None)
+            totals = usage(per_choice)
+            if include_usage:
+                yield sse(usage_body(meta, totals))
+            tracker.done(totals)
+        except Exception as e:
+            error = client_error(e)
+            tracker.failed(error.status if error else 500)
+            if error is None:
+                logger.error("stream failed: %s", e, exc_info=e)
+            yield sse(error.body() if error else INTERNAL_ERROR)
+        finally:
+            tracker.close()  # the client went away mid-stream
+        yield SSE_DONE
+
+    # ---- request checks ------------------------------------------------------------------------------------
 
     def _auth(self, request: Request, admin: bool) -> None:
         header = request.headers.get("authorization", "")
@@ -173,10 +332,10 @@ class Ingress:
                 if (request.client.host if request.client else "") not in LOOPBACK:
                     raise RequestError(403, "admin endpoints are loopback-only unless admin_key is configured")
                 return
-            if token is None or not secrets.compare_digest(token, self.config.admin_key):
+            if not _same_key(token, self.config.admin_key):
                 raise RequestError(401, "admin endpoints need 'Authorization: Bearer <admin_key>'")
             return
-        if self.config.api_keys and not any(token and secrets.compare_digest(token, k) for k in self.config.api_keys):
+        if self.config.api_keys and not any(_same_key(token, k) for k in self.config.api_keys):
             raise RequestError(401, "missing or invalid API key ('Authorization: Bearer <key>')")
 
     async def _body(self, request: Request) -> dict[str, Any]:
@@ -195,122 +354,23 @@ class Ingress:
             raise RequestError(400, "the body must be a JSON object")
         return body
 
-    async def complete(self, request: Request, kind: str) -> Response:
-        """Chat completions and completions, streaming or not."""
-        self._auth(request, admin=False)
-        body = await self._body(request)
-        cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
-        try:
-            req = cls.model_validate(body)
-        except ValidationError as e:
-            param, message = request_errors(e)[0]
-            raise RequestError(400, f"{param}: {message}" if param else message, param=param or None) from None
-        route_header = None
-        if self.router is not None and req.model in self.config.routing.routed_names:
-            record, route_header = await self._route(req, kind)
-        else:
-            record = self._resolve_model(req.model)
-        manifest = record.decoding if record else None
-        resolved = resolve(req.sampling_request(), manifest, self.defaults,
-                           ignore_manifest=self.config.ignore_manifest_decoding)
-        constraint = resolve_constraint(req.response_format.as_dict() if req.response_format else None, manifest,
-                                        record.root if record else None,
-                                        ignore_manifest=self.config.ignore_manifest_decoding)
-        name = record.name if record else self.config.model_id
-        decoding = describe(resolved, constraint)
-        logger.info("request model=%s expert=%s decoding: %s", req.model, name, decoding)
-        engine_request = {
-            "kind": kind, "request_id": uuid.uuid4().hex, "n": req.n, "seed": req.seed,
-            "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
-            "sampling": {k: v.value for k, v in resolved.items()},
-            "constraint": {"kind": constraint.kind, "value": constraint.value, "source": constraint.source},
-            "expert": self._expert_spec(record) if record else None,
-        }
-        if kind == "chat":
-            engine_request["messages"] = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                          for m in req.messages]
-        else:
-            engine_request["prompt"] = req.prompt_text()
-        headers = {"x-expertserve-expert": name, "x-expertserve-decoding": decoding}
-        if route_header:
-            headers["x-expertserve-route"] = route_header
-        multiplexed = f"{record.name}@{record.version}" if record else ""
-        stream = self.engine.options(stream=True, multiplexed_model_id=multiplexed).generate.remote(engine_request)
-        started = time.monotonic()
-        self.metrics.ongoing.inc()
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except BaseException as e:
-            self.metrics.ongoing.dec()
-            self.metrics.errors.labels(str(getattr(_unwrap(e), "status", 500))).inc()
-            raise _unwrap(e) from None
-        self.metrics.observe_first(name, started, first)
-        created, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{engine_request['request_id']}"
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(kind, rid, created, req.model, first, stream, include_usage, name,
-                                               started), media_type="text/event-stream", headers=headers)
-        try:
-            chunks = [first] if first else []
-            async for chunk in stream:
-                chunks.append(chunk)
-        except Exception as e:
-            raise _unwrap(e) from None
-        finally:
-            self.metrics.ongoing.dec()
-        payload = _full_response(kind, rid, created, req.model, req.n, chunks, req.return_token_ids)
-        self.metrics.finish(name, started, payload["usage"], ok=True)
-        return JSONResponse(payload, headers=headers)
 
-    async def _route(self, req: Any, kind: str) -> tuple[ExpertRecord | None, str]:
-        """The router's choice for a routed model name, and the x-expertserve-route header."""
-        # In a thread: an embedding takes milliseconds of CPU that other requests' streams must not wait for.
-        if kind == "chat":
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            decision, seconds = await asyncio.to_thread(_timed, self.router.route_messages, messages)
-        else:
-            decision, seconds = await asyncio.to_thread(_timed, self.router.route, req.prompt_text())
-        self.metrics.routed.labels(decision.expert or "base").inc()
-        self.metrics.route_decision.observe(seconds)
-        if decision.expert is None:
-            self.metrics.fallbacks.inc()
-        header = f"method={decision.method}; confidence={decision.confidence:.3f}; ms={1000 * seconds:.1f}; " \
-                 f"expert={decision.expert or self.config.model_id}"
-        logger.info("route model=%s -> %s", req.model, header)
-        return (self.registry.get(decision.expert) if decision.expert else None), header
+def _same_key(token: str | None, key: str) -> bool:
+    """Constant-time key check. Bytes, not str: `compare_digest` raises on non-ASCII text; a header arrives as
+    latin-1 text, so its bytes are what the client sent."""
+    if token is None:
+        return False
+    return secrets.compare_digest(token.encode("latin-1", "replace"), key.encode("utf-8"))
 
-    def _expert_spec(self, record: ExpertRecord) -> dict[str, Any]:
-        adapter = record.adapter_for(self.config.model_id)
-        return {"name": record.name, "version": record.version, "adapter_dir": str(adapter[1]) if adapter else None,
-                "soft_prompts": [str(p) for _, p in record.soft_prompts]}
 
-    async def _sse(self, kind: str, rid: str, created: int, model: str, first: dict[str, Any] | None,
-                   stream: Any, include_usage: bool, name: str, started: float) -> AsyncIterator[str]:
-        usage: dict[int, dict[str, int]] = {}
-        try:
-            chunk = first
-            while chunk is not None:
-                usage[chunk["index"]] = {"prompt_tokens": chunk["prompt_tokens"],
-                                         "completion_tokens": chunk["completion_tokens"]}
-                yield "data: " + json.dumps(_chunk(kind, rid, created, model, chunk)) + "\n\n"
-                chunk = await anext(stream, None)
-            totals = _usage(list(usage.values()))
-            if include_usage:
-                body = {"id": rid, "object": _object(kind, True), "created": created, "model": model, "choices": [],
-                        "usage": totals}
-                yield "data: " + json.dumps(body) + "\n\n"
-            self.metrics.finish(name, started, totals, ok=True)
-        except Exception as e:  # mid-stream: the status is sent already; the error goes in the stream
-            self.metrics.finish(name, started, None, ok=False)
-            error = _unwrap(e)
-            body = error.body() if isinstance(error, RequestError) else {
-                "error": {"message": "internal error", "type": "server_error", "param": None, "code": None}}
-            yield "data: " + json.dumps(body) + "\n\n"
-        finally:
-            self.metrics.ongoing.dec()
-        yield "data: [DONE]\n\n"
+def _failed(tracker: RequestTracker, error: BaseException) -> BaseException:
+    """Ends the request's tracking as failed; the error to raise (a client error, or the original: a 500)."""
+    if isinstance(error, asyncio.CancelledError):  # the client went away
+        tracker.close()
+        return error
+    mapped = client_error(error)
+    tracker.failed(mapped.status if mapped else 500)
+    return mapped or error
 
 
 def _timed(func: Any, *args: Any) -> tuple[Any, float]:
@@ -319,64 +379,18 @@ def _timed(func: Any, *args: Any) -> tuple[Any, float]:
     return func(*args), time.perf_counter() - started
 
 
-def _unwrap(error: BaseException) -> BaseException:
-    """The RequestError inside Ray's wrappers; back-pressure as 503 + Retry-After; others unchanged."""
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(error, BackPressureError):
-        return RequestError(503, "the server is overloaded; retry shortly", retry_after=1, code="overloaded")
-    cause = error
-    while cause is not None and not isinstance(cause, RequestError):
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    return cause if isinstance(cause, RequestError) else error
-
-
-def _object(kind: str, chunk: bool) -> str:
-    return ("chat.completion.chunk" if chunk else "chat.completion") if kind == "chat" else "text_completion"
-
-
-def _chunk(kind: str, rid: str, created: int, model: str, c: dict[str, Any]) -> dict[str, Any]:
-    c = {k: v for k, v in c.items() if k != "token_ids"}
-    if kind == "chat":
-        choice = {"index": c["index"], "delta": {"role": "assistant", "content": c["text"]},
-                  "finish_reason": c["finish_reason"], "logprobs": None}
-    else:
-        choice = {"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
-    return {"id": rid, "object": _object(kind, True), "created": created, "model": model, "choices": [choice]}
-
-
-def _usage(per_choice: list[dict[str, int]]) -> dict[str, int]:
-    prompt = per_choice[0]["prompt_tokens"] if per_choice else 0
-    completion = sum(u["completion_tokens"] for u in per_choice)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _full_response(kind: str, rid: str, created: int, model: str, n: int, chunks: list[dict[str, Any]],
-                   token_ids: bool = False) -> dict[str, Any]:
-    texts, reasons, usage = [""] * n, [None] * n, {}
-    ids: list[list[int]] = [[] for _ in range(n)]
-    for c in chunks:
-        texts[c["index"]] += c["text"]
-        ids[c["index"]] += c["token_ids"]
-        reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
-        usage[c["index"]] = {"prompt_tokens": c["prompt_tokens"], "completion_tokens": c["completion_tokens"]}
-    if kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
-                   for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
-    else:
-        choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
-                   for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
-    if token_ids:
-        for choice, choice_ids in zip(choices, ids, strict=True):
-            choice["token_ids"] = choice_ids
-    return {"id": rid, "object": _object(kind, False), "created": created, "model": model, "choices": choices,
-            "usage": _usage(list(usage.values()))}
-
-
 @app.exception_handler(RequestError)
 async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+@app.exception_handler(ExpertserveError)
+async def _domain_error(request: Request, error: ExpertserveError) -> JSONResponse:
+    mapped = client_error(error)  # raised before the engine (registry, router)
+    if mapped is not None:
+        return await _request_error(request, mapped)
+    return await _internal_error(request, error)
 
 
 @app.exception_handler(Exception)

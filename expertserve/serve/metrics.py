@@ -4,9 +4,10 @@ time per expert, and requests in flight."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from expertserve.engine.request import Chunk
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -34,20 +35,51 @@ class Metrics:
         self.route_decision = Histogram("expertserve_route_decision_seconds", "Routing decision time (in its thread)",
                                         registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
 
-    def observe_first(self, expert: str, started: float, chunk: dict[str, Any] | None) -> None:
-        """First chunk arrived."""
-        self.ttft.labels(expert).observe(time.monotonic() - started)
-        if chunk and chunk.get("load_seconds"):
-            self.adapter_load.labels(expert).set(chunk["load_seconds"])
-
-    def finish(self, expert: str, started: float, usage: dict[str, int] | None, ok: bool) -> None:
-        """A request ended."""
-        self.requests.labels(expert, "ok" if ok else "error").inc()
-        self.latency.labels(expert).observe(time.monotonic() - started)
-        if usage:
-            self.tokens.labels(expert, "prompt").inc(usage["prompt_tokens"])
-            self.tokens.labels(expert, "completion").inc(usage["completion_tokens"])
+    def track(self, expert: str) -> RequestTracker:
+        """Starts tracking one request sent to the engine (it counts as in flight until the tracker ends)."""
+        return RequestTracker(self, expert)
 
     def render(self) -> bytes:
         """Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """One request's metrics from the moment it goes to the engine to its end: the only code that moves the
+    in-flight gauge, so it goes down exactly once however the request ends (done, failed, client gone)."""
+
+    def __init__(self, metrics: Metrics, expert: str):
+        self._metrics, self.expert = metrics, expert
+        self.started = time.monotonic()
+        self._open = True
+        metrics.ongoing.inc()
+
+    def first(self, chunk: Chunk | None) -> None:
+        """The first chunk arrived (TTFT; the expert's load time on its replica)."""
+        self._metrics.ttft.labels(self.expert).observe(time.monotonic() - self.started)
+        if chunk is not None and chunk.load_seconds:
+            self._metrics.adapter_load.labels(self.expert).set(chunk.load_seconds)
+
+    def done(self, usage: dict[str, int]) -> None:
+        """The request finished normally."""
+        if self._end("ok"):
+            self._metrics.tokens.labels(self.expert, "prompt").inc(usage["prompt_tokens"])
+            self._metrics.tokens.labels(self.expert, "completion").inc(usage["completion_tokens"])
+
+    def failed(self, status: int) -> None:
+        """The engine refused or failed the request."""
+        if self._end("error"):
+            self._metrics.errors.labels(str(status)).inc()
+
+    def close(self) -> None:
+        """Ends the request as abandoned (the client went away) unless it ended already."""
+        self._end("abandoned")
+
+    def _end(self, outcome: str) -> bool:
+        if not self._open:
+            return False
+        self._open = False
+        self._metrics.ongoing.dec()
+        self._metrics.requests.labels(self.expert, outcome).inc()
+        self._metrics.latency.labels(self.expert).observe(time.monotonic() - self.started)
+        return True

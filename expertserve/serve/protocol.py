@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from expertserve.manifest.base import Bool, Int, Num, Str
+from expertserve.serve.errors import RequestError
 
 # OpenAI fields clients may send that expertserve does not implement, with the reason given back.
 UNSUPPORTED = {
@@ -190,3 +191,17 @@ def request_errors(error: ValidationError) -> list[tuple[str, str]]:
         path, text = locate(err, msg)
         out.append((path, text[0].lower() + text[1:] if text else text))
     return out
+
+
+def parse_request(kind: str, body: dict[str, Any]) -> ChatCompletionRequest | CompletionRequest:
+    """The validated body of `POST /v1/chat/completions` (`chat`) or `/v1/completions` (`completion`).
+
+    Raises:
+        RequestError: 400 naming the first parameter at fault.
+    """
+    cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        param, message = request_errors(e)[0]
+        raise RequestError(400, f"{param}: {message}" if param else message, param=param or None) from None

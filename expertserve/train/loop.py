@@ -205,7 +205,7 @@ def _eval_loss(module: Any, valid: list[dict[str, list[int]]], pad: int, device:
 def _save_state(d: Path, module: Any, optimizer: Any, scheduler: Any, step: int, plan: Any) -> None:
     import torch
 
-    from expertserve.train.modules import save_soft_prompt
+    from expertserve.engine.soft_prompts import save_soft_prompt
 
     module.peft_model.save_pretrained(d / CHECKPOINT_ADAPTER)
     # The adapter names its base by the id clients use, not by this machine's cache path. (Set after saving:

@@ -1,19 +1,16 @@
 """Torch pieces of training: soft-prompt initialisation and files, tokenisation, the expert module.
 
 The soft prompt is a trainable [tokens, hidden] tensor prepended to the input embeddings (PEFT cannot put
-prompt tuning and LoRA on one model). The file holds exactly that tensor, which serving feeds to vLLM as the
-first rows of `prompt_embeds`; training and serving share one definition.
+prompt tuning and LoRA on one model). Its file (expertserve/engine/soft_prompts.py) holds exactly that tensor,
+which serving feeds to vLLM as the first rows of `prompt_embeds`; training and serving share one definition.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-from expertserve.manifest.files import SOFT_PROMPT_TENSOR
 
 IGNORE_INDEX = -100
 
@@ -41,21 +38,6 @@ def init_soft_prompt(method: str, tokens: int, embeddings: torch.Tensor, tokeniz
         std = embeddings.float().std().item()
         return torch.randn(tokens, hidden, generator=generator) * std
     raise ValueError(f"unknown init_method {method!r}")
-
-
-def save_soft_prompt(path: Path, tensor: torch.Tensor) -> None:
-    """Writes the soft-prompt file (one fp32 tensor named `prompt_embeddings`)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({SOFT_PROMPT_TENSOR: tensor.detach().float().contiguous().cpu()}, str(path))
-
-
-def load_soft_prompt(path: Path) -> torch.Tensor:
-    """Reads a soft-prompt file."""
-    from safetensors.torch import load_file
-
-    return load_file(str(path))[SOFT_PROMPT_TENSOR]
 
 
 def encode(example: dict[str, Any], tokenizer: Any, max_len: int) -> dict[str, list[int]]:

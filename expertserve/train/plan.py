@@ -103,11 +103,10 @@ def make_plan(loaded: LoadedManifest, *, base_model_dir: Path, base_model_id: st
     """
     m, root = loaded.manifest, loaded.root
     cfg, ds = m.training.config, m.training.dataset
-    entry = next(((b, a) for b, a in m.adapter_entries if b.name == base_model_id), None)
-    if entry is None:
+    adapter = m.adapter_for(base_model_id)
+    if adapter is None:
         trained = ", ".join(b.name for b in m.base_model_entries)
         raise TrainingError(f"{loaded.path}: no adapter for base model {base_model_id} (manifest names {trained})")
-    _, adapter = entry
     if cfg.method != "sft":
         raise TrainingError(f"{loaded.path}: training.config.method {cfg.method!r}: only 'sft' is implemented")
     if adapter.effective_type not in ("lora", "dora", "ia3"):

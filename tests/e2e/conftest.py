@@ -41,7 +41,7 @@ def _expert(root: Path, base: Path, name: str, *, lora: str | None, soft: bool, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from expertserve.train.modules import save_soft_prompt
+    from expertserve.engine.soft_prompts import save_soft_prompt
 
     data = manifest(name=name)
     data["base_models"][0]["name"] = TINY_ID

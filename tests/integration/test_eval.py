@@ -27,8 +27,8 @@ def tiny_expert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from expertserve.engine.soft_prompts import save_soft_prompt
     from expertserve.models.tiny import build_tiny_model
-    from expertserve.train.modules import save_soft_prompt
 
     root = tmp_path_factory.mktemp("eval")
     base = build_tiny_model(root / "tiny", seed=1)
@@ -53,9 +53,9 @@ def tiny_expert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_expert: tuple[Path, Path]) -> Iterator[Any]:
-    from expertserve.engine.offline import OfflineEngine
+    from expertserve.engine.batch import BatchEngine
 
-    engine = OfflineEngine(tiny_expert[1], max_lora_rank=8, dtype="float32")
+    engine = BatchEngine(tiny_expert[1], max_lora_rank=8, dtype="float32")
     yield engine
     engine.close()
 
@@ -65,8 +65,8 @@ def test_engine_matches_transformers_and_peft(engine: Any, tiny_expert: tuple[Pa
                                               soft: bool) -> None:
     from vllm import SamplingParams
 
-    from expertserve.engine.offline import GenerationRequest
-    from expertserve.train.modules import load_soft_prompt
+    from expertserve.engine.batch import GenerationRequest
+    from expertserve.engine.soft_prompts import load_soft_prompt
 
     expert, base = tiny_expert
     sampling = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=True)
@@ -88,8 +88,8 @@ def _lora(lora: tuple[str, int, str] | None) -> Any:
 def test_adapter_and_soft_prompt_change_the_output(engine: Any, tiny_expert: tuple[Path, Path]) -> None:
     from vllm import SamplingParams
 
-    from expertserve.engine.offline import GenerationRequest
-    from expertserve.train.modules import load_soft_prompt
+    from expertserve.engine.batch import GenerationRequest
+    from expertserve.engine.soft_prompts import load_soft_prompt
 
     expert, _ = tiny_expert
     sampling = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -130,7 +130,7 @@ def test_seeded_sampling_with_chunked_prefill_keeps_the_engine_alive(engine: Any
     across steps; expertserve's vLLM plugin stops that (expertserve/engine/vllm_patches.py)."""
     from vllm import SamplingParams
 
-    from expertserve.engine.offline import GenerationRequest
+    from expertserve.engine.batch import GenerationRequest
 
     sampling = SamplingParams(temperature=0.8, max_tokens=4, seed=7)
     prompt = "SELECT name FROM users WHERE age > 30 ORDER BY name LIMIT 10; " * 12

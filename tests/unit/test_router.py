@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from expertserve.registry import Registry
 from expertserve.routing.router import Router, RouterConfig
+from tests.fakes import FakeEmbedder
 from tests.helpers import make_expert, manifest
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-class FakeEmbedder:
-    """Hashed word counts, normalised: similarity = shared words."""
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), 256), dtype=np.float32)
-        for i, text in enumerate(texts):
-            for word in re.findall(r"\w+", text.lower()):
-                out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % 256] += 1
-            norm = np.linalg.norm(out[i])
-            out[i] /= norm if norm else 1
-        return out
 
 
 def expert(root: Path, name: str, routing: dict[str, Any] | None, description: str) -> None:

@@ -1,12 +1,15 @@
 """An in-process vLLM engine for batch generation (evaluation, parity checks), with the expert's adapter,
-soft prompt and decoding applied exactly as serving applies them."""
+soft prompt and decoding applied exactly as serving applies them (the same engine arguments, expertserve.engine.args,
+and the same prompt builder, expertserve.engine.embeddings)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from expertserve.engine.args import engine_environment, engine_kwargs
+from expertserve.engine.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -26,28 +29,21 @@ class GenerationRequest:
     soft_prompt: Any = None
 
 
-def engine_environment() -> None:
-    """CPU settings measured to work (see the README): bounded KV cache."""
-    os.environ["EXPERTSERVE_VLLM_PATCHES"] = "1"  # see expertserve/engine/vllm_patches.py
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
-class OfflineEngine:
+class BatchEngine:
     """vllm.LLM with multi-LoRA, prompt embeddings and xgrammar structured outputs."""
 
     def __init__(self, model_dir: Path, *, max_lora_rank: int = 16, max_loras: int = 4, dtype: str = "auto",
                  max_model_len: int | None = None, seed: int = 0):
-        engine_environment()
+        config = EngineConfig.model_validate({"dtype": dtype, "max_loras": max_loras, "max_model_len": max_model_len,
+                                              "enforce_eager": True})
+        engine_environment(config)
         from vllm import LLM
 
         from expertserve.engine.embeddings import PromptEmbedder, load_input_embeddings
 
         self.model_dir = model_dir
-        self.llm = LLM(model=str(model_dir), enable_lora=True, max_lora_rank=max(8, max_lora_rank),
-                       max_loras=max_loras, enable_prompt_embeds=True, dtype=dtype,
-                       **({"max_model_len": max_model_len} if max_model_len else {}),
-                       seed=seed, structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-                       enforce_eager=True)
+        self.llm = LLM(**engine_kwargs(config, model_dir=model_dir, max_lora_rank=max_lora_rank, prefix_caching=None,
+                                       batch=True, seed=seed))
         self.tokenizer = self.llm.get_tokenizer()
         self.embedder = PromptEmbedder(load_input_embeddings(model_dir), self.llm.llm_engine.model_config.dtype)
 

@@ -1,0 +1,163 @@
+"""What crosses the Ray boundary between the ingress and an engine replica. Pure Python (no ray, vllm or torch).
+
+Frozen dataclasses only: the ingress resolves everything (expert, decoding with sources, output constraint) and
+the engine applies it as given, so no value is rebuilt or defaulted twice on the way. `Chunk` is what the engine
+streams back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from expertserve.decoding import PARAMETERS, Constraint, Resolved
+
+Kind = Literal["chat", "completion"]
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert version as an engine loads it.
+
+    Attributes:
+        name: Expert name.
+        version: Expert version.
+        content_id: Identity of the files the engine loads (manifest, adapter, soft prompts): a changed file
+            under the same version is a different expert to the engine, so it is loaded again, never stale.
+        adapter_dir: Directory of the LoRA adapter trained for the served base model.
+        soft_prompt_files: Soft-prompt files, in manifest order (prepended in that order).
+    """
+
+    name: str
+    version: str
+    content_id: str
+    adapter_dir: str | None
+    soft_prompt_files: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """The id engines and Serve's multiplexing know this expert by (`name@version+content`)."""
+        return f"{self.name}@{self.version}+{self.content_id[:12]}"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message as the chat template sees it (`developer` is sent as `system`)."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Resolved sampling parameters, each with where it came from (None: not set anywhere, the engine's own
+    behaviour applies). The fields are exactly `expertserve.decoding.PARAMETERS`."""
+
+    temperature: Resolved | None = None
+    top_p: Resolved | None = None
+    top_k: Resolved | None = None
+    min_p: Resolved | None = None
+    repetition_penalty: Resolved | None = None
+    presence_penalty: Resolved | None = None
+    frequency_penalty: Resolved | None = None
+    max_tokens: Resolved | None = None
+    stop: Resolved | None = None
+
+    @classmethod
+    def of(cls, resolved: Mapping[str, Resolved]) -> Sampling:
+        """From `expertserve.decoding.resolve`'s result.
+
+        Raises:
+            KeyError: A name that is not a sampling parameter.
+        """
+        unknown = sorted(set(resolved) - set(PARAMETERS))
+        if unknown:
+            raise KeyError(f"not sampling parameters: {unknown}")
+        return cls(**resolved)
+
+    def items(self) -> Iterator[tuple[str, Resolved]]:
+        """(name, resolved value) of every parameter that is set, in `PARAMETERS` order."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                yield f.name, value
+
+    def values(self) -> dict[str, Any]:
+        """Plain values of the parameters that are set (what vLLM's SamplingParams takes)."""
+        return {name: r.value for name, r in self.items()}
+
+    def with_max_tokens(self, value: int) -> Sampling:
+        """A copy with `max_tokens` lowered to fit the context; its source stays where the limit came from."""
+        source = self.max_tokens.source if self.max_tokens is not None else "default"
+        return Sampling(**{**dict(self.items()), "max_tokens": Resolved(value, source)})
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Request-only options (vLLM extras and OpenAI's per-request fields) that no manifest sets."""
+
+    n: int = 1
+    seed: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A fully resolved generation request.
+
+    Attributes:
+        kind: `chat` (messages, formatted with the base model's chat template) or `completion` (raw prompt).
+        request_id: Unique id; the engine aborts by it.
+        sampling: Resolved sampling parameters with their sources.
+        constraint: The output constraint (grammar, JSON schema, JSON object, or none).
+        expert: The expert to apply; None for the base model.
+        messages: The conversation (chat).
+        prompt: The prompt text (completion).
+        extras: Request-only options.
+    """
+
+    kind: Kind
+    request_id: str
+    sampling: Sampling
+    constraint: Constraint
+    expert: ExpertSpec | None = None
+    messages: tuple[Message, ...] = ()
+    prompt: str | None = None
+    extras: Extras = field(default_factory=Extras)
+
+    def __post_init__(self) -> None:
+        if self.kind == "chat" and (not self.messages or self.prompt is not None):
+            raise ValueError("a chat request carries messages and no prompt")
+        if self.kind == "completion" and (self.prompt is None or self.messages):
+            raise ValueError("a completion request carries a prompt and no messages")
+
+    @property
+    def prompt_param(self) -> str:
+        """The OpenAI parameter that holds the prompt (what errors about the prompt name)."""
+        return "messages" if self.kind == "chat" else "prompt"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of one choice's output, as the engine streams it.
+
+    Attributes:
+        index: The choice (0 .. n-1).
+        text: New text since the previous chunk of this choice.
+        token_ids: New token ids since the previous chunk.
+        finish_reason: `stop` or `length` on the choice's last chunk, else None.
+        prompt_tokens: Prompt length in tokens, soft-prompt positions included.
+        completion_tokens: Tokens generated so far for this choice.
+        load_seconds: How long loading the expert took on this replica (0 for the base model).
+    """
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    load_seconds: float = 0.0

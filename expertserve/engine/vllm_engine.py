@@ -1,0 +1,166 @@
+"""The vLLM engine: one `AsyncLLM` with multi-LoRA, prompt embeddings (soft prompts) and xgrammar structured
+outputs, applying fully resolved requests as given.
+
+Base-model requests go through an all-zero adapter where vLLM's CPU LoRA kernels would otherwise compute them
+with the last adapter slot (see `EngineConfig.zero_adapter_for_base`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from expertserve.engine.args import engine_environment, engine_kwargs
+from expertserve.engine.config import EngineSettings
+from expertserve.engine.protocol import ExpertEngine, LoadedExpert
+from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, Sampling
+from expertserve.errors import ExpertLoadError, InvalidSampling, PromptTooLong
+
+ZERO_ADAPTER = "expertserve-zero-adapter"
+
+
+@dataclass(frozen=True)
+class VLLMExpert(LoadedExpert):
+    """An expert as vLLM applies it."""
+
+    lora: Any = None  # vllm LoRARequest
+    soft_prompt: Any = None  # torch.Tensor [tokens, hidden]
+
+
+class VLLMExpertEngine(ExpertEngine):
+    """`ExpertEngine` on vLLM's `AsyncLLM`."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.model_dir = Path(settings.model_dir)
+        self._ids = itertools.count(2)  # 1 is the zero adapter
+        self._lora_ids: dict[str, int] = {}
+
+    async def start(self) -> None:
+        """Builds the engine (vLLM reads its environment at import, so that is set first)."""
+        config = self.settings.engine
+        engine_environment(config)
+        import torch
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from expertserve.engine.embeddings import PromptEmbedder, load_input_embeddings
+
+        use_zero = config.zero_adapter_for_base
+        if use_zero is None:
+            use_zero = not torch.cuda.is_available()
+        args = AsyncEngineArgs(**engine_kwargs(config, model_dir=self.model_dir,
+                                               max_lora_rank=self.settings.max_lora_rank,
+                                               prefix_caching=self.settings.prefix_caching,
+                                               reserved_loras=1 if use_zero else 0))
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.tokenizer = self.llm.tokenizer
+        self.max_model_len = self.llm.model_config.max_model_len
+        self.embedder = PromptEmbedder(load_input_embeddings(self.model_dir), self.llm.model_config.dtype)
+        self.zero_lora = self._make_zero_adapter() if use_zero else None
+
+    def _make_zero_adapter(self) -> Any:
+        """An adapter whose weights are all zero: base-model output, but a real LoRA slot index."""
+        import torch
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        config = json.loads((self.model_dir / "config.json").read_text())
+        hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+        out = Path(tempfile.mkdtemp(prefix="expertserve-zero-lora-"))
+        r = 8
+        tensors = {}
+        for i in range(layers):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+            tensors[f"{prefix}.lora_A.weight"] = torch.zeros(r, hidden)
+            tensors[f"{prefix}.lora_B.weight"] = torch.zeros(hidden, r)
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ["q_proj"], "bias": "none",
+            "base_model_name_or_path": str(self.model_dir), "task_type": "CAUSAL_LM"}))
+        return LoRARequest(ZERO_ADAPTER, 1, str(out))
+
+    async def load_expert(self, spec: ExpertSpec) -> VLLMExpert:
+        """Registers the adapter with vLLM and reads the soft prompts."""
+        from vllm.lora.request import LoRARequest
+
+        from expertserve.engine.soft_prompts import load_soft_prompts
+
+        start = time.monotonic()
+        lora = None
+        try:
+            if spec.adapter_dir:
+                lora = LoRARequest(spec.key, self._lora_ids.setdefault(spec.key, next(self._ids)), spec.adapter_dir)
+                await self.llm.add_lora(lora)
+            soft = load_soft_prompts([Path(p) for p in spec.soft_prompt_files], self.embedder.hidden_size)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ExpertLoadError(spec.name, str(e).splitlines()[0][:500]) from None
+        tokens = 0 if soft is None else int(soft.shape[0])
+        return VLLMExpert(spec, time.monotonic() - start, tokens, lora=lora, soft_prompt=soft)
+
+    async def generate(self, request: EngineRequest, expert: LoadedExpert | None) -> AsyncIterator[Chunk]:
+        """Streams chunks; vLLM aborts the request itself when this generator is cancelled."""
+        from vllm.exceptions import VLLMClientError
+
+        loaded = expert if isinstance(expert, VLLMExpert) else None
+        ids = self._prompt_ids(request)
+        prompt_tokens = len(ids) + (loaded.soft_prompt_tokens if loaded else 0)
+        params = self._sampling_params(request, prompt_tokens)
+        prompt = self.embedder.prompt(ids, loaded.soft_prompt if loaded else None)
+        lora = loaded.lora if loaded is not None and loaded.lora is not None else self.zero_lora
+        load_seconds = loaded.load_seconds if loaded else 0.0
+        completion_tokens = [0] * params.n
+        try:
+            async for out in self.llm.generate(prompt, params, request.request_id, lora_request=lora):
+                for choice in out.outputs:
+                    completion_tokens[choice.index] += len(choice.token_ids)
+                    yield Chunk(choice.index, choice.text, tuple(choice.token_ids), choice.finish_reason,
+                                prompt_tokens, completion_tokens[choice.index], load_seconds)
+        except (ValueError, RuntimeError, VLLMClientError) as e:
+            # vLLM rejects a grammar or schema that does not compile at admission (VLLMValidationError).
+            message = str(e).splitlines()[0][:500]
+            raise InvalidSampling(f"the request's output constraint or parameters were rejected: {message}",
+                                  param="response_format" if request.constraint.kind != "none" else None) from None
+
+    def _sampling_params(self, request: EngineRequest, prompt_tokens: int) -> Any:
+        """vLLM SamplingParams; max_tokens is what the request resolved, lowered to fit the context (or, when
+        nothing set it, the whole remaining context, as vLLM's own server does)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        from expertserve.engine.sampling import sampling_params
+
+        room = self.max_model_len - prompt_tokens
+        if room < 1:
+            raise PromptTooLong(prompt_tokens, self.max_model_len, request.prompt_param)
+        sampling: Sampling = request.sampling
+        if sampling.max_tokens is None or sampling.max_tokens.value > room:
+            sampling = sampling.with_max_tokens(room)
+        extras = request.extras
+        try:
+            return sampling_params(sampling.values(), request.constraint, n=extras.n, seed=extras.seed,
+                                   ignore_eos=extras.ignore_eos, output_kind=RequestOutputKind.DELTA,
+                                   **({"min_tokens": extras.min_tokens} if extras.min_tokens is not None else {}))
+        except ValueError as e:
+            raise InvalidSampling(f"invalid sampling parameters: {e}") from None
+
+    def _prompt_ids(self, request: EngineRequest) -> list[int]:
+        from expertserve.engine.embeddings import chat_token_ids
+
+        if request.kind == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            return chat_token_ids(self.tokenizer, messages)
+        return list(self.tokenizer(request.prompt)["input_ids"])
+
+    async def abort(self, request_id: str) -> None:
+        """Aborts a request in vLLM (unknown ids are ignored by vLLM)."""
+        await self.llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        """Raises when vLLM's engine core is dead."""
+        await self.llm.check_health()

@@ -1,0 +1,91 @@
+"""Test doubles for the layers above the engine: `FakeEngine` (an `ExpertEngine` with no model) and
+`FakeEmbedder` (a deterministic bag-of-words embedder for the router). Pure Python plus numpy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+
+from expertserve.engine.config import EngineSettings
+from expertserve.engine.protocol import ExpertEngine, LoadedExpert
+from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec
+from expertserve.errors import ExpertLoadError, PromptTooLong
+
+FAKE_CONTEXT = 256
+
+
+class FakeEngine(ExpertEngine):
+    """Answers with one word per token: `[expert@version replica=R loads=N t=T] echo of the prompt ...`.
+
+    The bracket names the expert and version it applied (`base` for the base model), the replica that answered
+    and how often that replica loaded the expert, and the temperature it was given, so tests over HTTP can see
+    what reached the engine. A prompt is one token per whitespace-separated word (plus one per soft-prompt file);
+    the context is `engine.max_model_len` or 256. An expert whose adapter directory has no adapter_config.json
+    fails to load, as a broken adapter does in vLLM.
+    """
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.loads: Counter[str] = Counter()
+        self.aborted: list[str] = []
+        self.context = settings.engine.max_model_len or FAKE_CONTEXT
+
+    async def start(self) -> None:
+        await asyncio.sleep(0)
+
+    async def load_expert(self, spec: ExpertSpec) -> LoadedExpert:
+        if spec.adapter_dir is None or not (Path(spec.adapter_dir) / "adapter_config.json").is_file():
+            raise ExpertLoadError(spec.name, f"{spec.adapter_dir}: no adapter_config.json")
+        self.loads[spec.key] += 1
+        return LoadedExpert(spec, load_seconds=0.001, soft_prompt_tokens=len(spec.soft_prompt_files))
+
+    async def generate(self, request: EngineRequest, expert: LoadedExpert | None) -> AsyncIterator[Chunk]:
+        if request.kind == "chat":
+            prompt_words = [w for m in request.messages for w in m.content.split()]
+            words = request.messages[-1].content.split()
+        else:
+            prompt_words = words = (request.prompt or "").split()
+        prompt_tokens = len(prompt_words) + (expert.soft_prompt_tokens if expert else 0)
+        if prompt_tokens + 1 > self.context:
+            raise PromptTooLong(prompt_tokens, self.context, request.prompt_param)
+        name = f"{expert.spec.name}@{expert.spec.version}" if expert else "base"
+        temperature = request.sampling.temperature.value if request.sampling.temperature else None
+        loads = self.loads[expert.spec.key] if expert else 0
+        reply = [f"[{name}", f"replica={self.replica}", f"loads={loads}", f"t={temperature}]", *words]
+        limit = request.sampling.max_tokens.value if request.sampling.max_tokens else self.context - prompt_tokens
+        for index in range(request.extras.n):
+            out = reply[:limit]
+            for i, word in enumerate(out):
+                await asyncio.sleep(0)
+                last = i == len(out) - 1
+                yield Chunk(index, word if i == 0 else " " + word, (i,),
+                            ("length" if len(reply) > limit else "stop") if last else None, prompt_tokens, i + 1,
+                            expert.load_seconds if expert else 0.0)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def check_health(self) -> None:
+        await asyncio.sleep(0)
+
+
+class FakeEmbedder:
+    """Hashed word counts, normalised: similarity = shared words."""
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), 256), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % 256] += 1
+            norm = np.linalg.norm(out[i])
+            out[i] /= norm if norm else 1
+        return out
