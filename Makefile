@@ -1,5 +1,5 @@
-# Everyday commands. The README's two commands are the source of truth; these call the same scripts.
-.PHONY: setup run test unit lint format
+# Everyday commands. The README's two commands are the source of truth; these call the same scripts and tools.
+.PHONY: setup run test check lint format typecheck unit integration e2e
 
 setup:
 	bash scripts/setup.sh
@@ -10,11 +10,24 @@ run: setup
 test:
 	bash scripts/test.sh -q
 
-unit:
-	.venv/bin/python -m pytest -q tests/unit
+check:  ## format, lint and types, as CI checks them
+	bash scripts/check.sh
 
 lint:
 	.venv/bin/ruff check expertserve tests
 
 format:
 	.venv/bin/ruff format expertserve tests
+	.venv/bin/ruff check --fix expertserve tests
+
+typecheck:
+	.venv/bin/mypy
+
+unit:  ## pure logic, seconds
+	.venv/bin/python -m pytest -q tests/unit
+
+integration:  ## real Ray, Ray Train, vLLM on tiny models; the Serve app on the fake engine
+	.venv/bin/python -m pytest -q tests/integration
+
+e2e:  ## `expertserve serve` started as a user starts it, spoken to over HTTP
+	.venv/bin/python -m pytest -q tests/e2e

@@ -51,16 +51,27 @@ class Constraint:
 
 def load_defaults(path: Path | None = None) -> dict[str, Any]:
     """Server decoding defaults from a JSON file (default: the packaged one); comments dropped."""
-    text = path.read_text() if path else resources.files("expertserve.defaults").joinpath("decoding.json").read_text()
+    text = (
+        path.read_text()
+        if path
+        else resources.files("expertserve.defaults").joinpath("decoding.json").read_text()
+    )
     data = json.loads(text)
     unknown = sorted(k for k in data if not is_comment_key(k) and k not in PARAMETERS)
     if unknown:
-        raise ValueError(f"{path or 'decoding defaults'}: unknown parameter(s) {unknown}; known: {sorted(PARAMETERS)}")
+        raise ValueError(
+            f"{path or 'decoding defaults'}: unknown parameter(s) {unknown}; known: {sorted(PARAMETERS)}"
+        )
     return {k: v for k, v in data.items() if not is_comment_key(k)}
 
 
-def resolve(request: dict[str, Any], manifest: Decoding | None, defaults: dict[str, Any], *,
-            ignore_manifest: bool = False) -> dict[str, Resolved]:
+def resolve(
+    request: dict[str, Any],
+    manifest: Decoding | None,
+    defaults: dict[str, Any],
+    *,
+    ignore_manifest: bool = False,
+) -> dict[str, Resolved]:
     """Each sampling parameter with its source. A request value of None counts as not given."""
     out: dict[str, Resolved] = {}
     for name, field in PARAMETERS.items():
@@ -74,8 +85,13 @@ def resolve(request: dict[str, Any], manifest: Decoding | None, defaults: dict[s
     return out
 
 
-def resolve_constraint(request_format: dict[str, Any] | None, manifest: Decoding | None, root: Path | None, *,
-                       ignore_manifest: bool = False) -> Constraint:
+def resolve_constraint(
+    request_format: dict[str, Any] | None,
+    manifest: Decoding | None,
+    root: Path | None,
+    *,
+    ignore_manifest: bool = False,
+) -> Constraint:
     """The output constraint: the request's `response_format`, else the manifest's grammar or schema.
 
     Args:
@@ -97,7 +113,9 @@ def resolve_constraint(request_format: dict[str, Any] | None, manifest: Decoding
     if manifest.json_schema is not None:
         return Constraint("json_schema", manifest.json_schema, "manifest")
     if manifest.json_schema_file:
-        return Constraint("json_schema", json.loads((root / manifest.json_schema_file).read_text()), "manifest")
+        return Constraint(
+            "json_schema", json.loads((root / manifest.json_schema_file).read_text()), "manifest"
+        )
     if manifest.grammar_type == "json":
         return Constraint("json_object", True, "manifest")
     return Constraint("none", None, None)
@@ -105,8 +123,10 @@ def resolve_constraint(request_format: dict[str, Any] | None, manifest: Decoding
 
 def describe(resolved: dict[str, Resolved], constraint: Constraint | None = None) -> str:
     """`temperature=0.1 (manifest), top_p=1.0 (default), ...`: the header and log line."""
-    parts = [f"{k}={json.dumps(v.value) if not isinstance(v.value, (int, float)) else v.value} ({v.source})"
-             for k, v in resolved.items()]
+    parts = [
+        f"{k}={json.dumps(v.value) if not isinstance(v.value, (int, float)) else v.value} ({v.source})"
+        for k, v in resolved.items()
+    ]
     if constraint is not None and constraint.kind != "none":
         parts.append(f"constraint={constraint.kind} ({constraint.source})")
     return ", ".join(parts)

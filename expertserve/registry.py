@@ -83,8 +83,10 @@ class ExpertRecord:
             return f"trained for base model(s) {trained}, not {base_model}"
         adapter, _ = found
         if adapter.effective_type not in SERVABLE_ADAPTERS:
-            return (f"its adapter is {adapter.effective_type.upper()}: vLLM hot-swaps LoRA adapters only "
-                    "(merge it into a LoRA or serve it from a dedicated base model)")
+            return (
+                f"its adapter is {adapter.effective_type.upper()}: vLLM hot-swaps LoRA adapters only "
+                "(merge it into a LoRA or serve it from a dedicated base model)"
+            )
         return None
 
     @cached_property
@@ -92,11 +94,17 @@ class ExpertRecord:
         """Identity of what an engine loads: the manifest's bytes, and the name, size and modification time of
         every adapter and soft-prompt file (cheap enough per scan; a rewritten file changes it)."""
         digest = hashlib.sha256(self.loaded.path.read_bytes() if self.loaded.path.is_file() else b"")
-        files = [p for _, adapter in self.manifest.adapter_entries for p in sorted((self.root / adapter.path).glob("*"))]
+        files = [
+            p
+            for _, adapter in self.manifest.adapter_entries
+            for p in sorted((self.root / adapter.path).glob("*"))
+        ]
         files += [path for _, path in self.soft_prompts]
         for path in files:
             stat = path.stat() if path.is_file() else None
-            digest.update(f"{path.relative_to(self.root)}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}\n".encode())
+            digest.update(
+                f"{path.relative_to(self.root)}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}\n".encode()
+            )
         return digest.hexdigest()
 
     def engine_spec(self, base_model: str, aliases: Iterable[str] = ()) -> ExpertSpec:
@@ -109,8 +117,13 @@ class ExpertRecord:
         found = self.adapter_for(base_model, aliases)
         if reason is not None or found is None:
             raise ExpertNotServable(self.name, reason or f"no adapter for {base_model}")
-        return ExpertSpec(self.name, self.version, self.content_id, str(found[1]),
-                          tuple(str(path) for _, path in self.soft_prompts))
+        return ExpertSpec(
+            self.name,
+            self.version,
+            self.content_id,
+            str(found[1]),
+            tuple(str(path) for _, path in self.soft_prompts),
+        )
 
     def file_problems(self, *, datasets: bool = True) -> list[str]:
         """Missing or malformed files the manifest refers to."""

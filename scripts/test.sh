@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up (idempotent) and runs the whole test suite. Extra arguments go to pytest.
+# Sets up (idempotent), checks format, lint and types, then runs the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/check.sh
 exec .venv/bin/python -m pytest "$@"

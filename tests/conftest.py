@@ -1,8 +1,9 @@
-"""Shared fixtures. Tests never touch the user's cache: EXPERTSERVE_HOME points into a temp dir unless a
+"""Shared fixtures and hooks. Tests never touch the user's cache: EXPERTSERVE_HOME points into a temp dir unless a
 test needs the prepared base model (see tests/integration)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -20,3 +21,21 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"EXPERTSERVE_HOME={os.environ.get('EXPERTSERVE_HOME', '(default)')}"
+
+
+@functools.cache
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA device (torch is imported only when a `gpu` test is collected)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items and not has_cuda():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (the `gpu` marker); none is visible to torch")
+        for item in gpu_items:
+            item.add_marker(skip)

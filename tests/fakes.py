@@ -61,15 +61,23 @@ class FakeEngine(ExpertEngine):
         temperature = request.sampling.temperature.value if request.sampling.temperature else None
         loads = self.loads[expert.spec.key] if expert else 0
         reply = [f"[{name}", f"replica={self.replica}", f"loads={loads}", f"t={temperature}]", *words]
-        limit = request.sampling.max_tokens.value if request.sampling.max_tokens else self.context - prompt_tokens
+        limit = (
+            request.sampling.max_tokens.value if request.sampling.max_tokens else self.context - prompt_tokens
+        )
         for index in range(request.extras.n):
             out = reply[:limit]
             for i, word in enumerate(out):
                 await asyncio.sleep(0)
                 last = i == len(out) - 1
-                yield Chunk(index, word if i == 0 else " " + word, (i,),
-                            ("length" if len(reply) > limit else "stop") if last else None, prompt_tokens, i + 1,
-                            expert.load_seconds if expert else 0.0)
+                yield Chunk(
+                    index,
+                    word if i == 0 else " " + word,
+                    (i,),
+                    ("length" if len(reply) > limit else "stop") if last else None,
+                    prompt_tokens,
+                    i + 1,
+                    expert.load_seconds if expert else 0.0,
+                )
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

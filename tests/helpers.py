@@ -20,17 +20,33 @@ MINIMAL_MANIFEST: dict[str, Any] = {
     "base_models": [
         {
             "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "adapters": [{"type": "lora", "target_modules": ["q_proj", "v_proj"], "r": 4, "alpha": 8,
-                          "path": "adapter"}],
+            "adapters": [
+                {
+                    "type": "lora",
+                    "target_modules": ["q_proj", "v_proj"],
+                    "r": 4,
+                    "alpha": 8,
+                    "path": "adapter",
+                }
+            ],
         }
     ],
-    "soft_prompts": [{"name": "style", "path": "soft_prompts/style.safetensors", "tokens": 4,
-                      "init_method": "random"}],
+    "soft_prompts": [
+        {"name": "style", "path": "soft_prompts/style.safetensors", "tokens": 4, "init_method": "random"}
+    ],
     "capabilities": ["task:demo"],
     "training": {
         "dataset": {"path": "data/train.jsonl", "format": "jsonl"},
-        "config": {"method": "sft", "adapter_type": "lora", "rank": 4, "alpha": 8,
-                   "target_modules": ["q_proj", "v_proj"], "epochs": 1, "learning_rate": 0.001, "batch_size": 2},
+        "config": {
+            "method": "sft",
+            "adapter_type": "lora",
+            "rank": 4,
+            "alpha": 8,
+            "target_modules": ["q_proj", "v_proj"],
+            "epochs": 1,
+            "learning_rate": 0.001,
+            "batch_size": 2,
+        },
         "decoding": {"temperature": 0.1, "grammar_file": "grammar.gbnf"},
     },
 }
@@ -72,8 +88,11 @@ def make_expert(root: Path, data: dict[str, Any] | None = None, *, files: bool =
             d = root / adapter.get("path", ".")
             d.mkdir(parents=True, exist_ok=True)
             (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": adapter.get("r")}))
-            write_safetensors(d / "adapter_model.safetensors",
-                              {"base_model.model.layers.0.q_proj.lora_A.weight": ([4, 8], "F32")}, fill=1)
+            write_safetensors(
+                d / "adapter_model.safetensors",
+                {"base_model.model.layers.0.q_proj.lora_A.weight": ([4, 8], "F32")},
+                fill=1,
+            )
     for sp in data.get("soft_prompts", []):
         write_safetensors(root / sp["path"], {"prompt_embeddings": ([sp["tokens"], 8], "F32")})
     dec = data.get("training", {}).get("decoding", {})

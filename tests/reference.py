@@ -17,11 +17,14 @@ def reference_greedy(base: Path, expert: Path, prompt: str, adapter: bool, soft:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter:
         model = PeftModel.from_pretrained(model, expert / "adapter")
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
     embeds = model.get_input_embeddings()(torch.tensor([ids]))
     if soft:
-        embeds = torch.cat([load_soft_prompt(expert / "soft_prompts" / "style.safetensors").unsqueeze(0), embeds], 1)
+        embeds = torch.cat(
+            [load_soft_prompt(expert / "soft_prompts" / "style.safetensors").unsqueeze(0), embeds], 1
+        )
     out: list[int] = []
     with torch.no_grad():
         for _ in range(n):

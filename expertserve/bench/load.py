@@ -37,8 +37,9 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Tim
     return Timed((first or done) - started, done - started, tokens)
 
 
-async def _run(url: str, bodies: list[dict[str, Any]], concurrency: int,
-               headers: dict[str, str] | None) -> tuple[list[Timed], float]:
+async def _run(
+    url: str, bodies: list[dict[str, Any]], concurrency: int, headers: dict[str, str] | None
+) -> tuple[list[Timed], float]:
     queue: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
     for item in enumerate(bodies):
         queue.put_nowait(item)
@@ -57,8 +58,9 @@ async def _run(url: str, bodies: list[dict[str, Any]], concurrency: int,
     return [r for r in results if r is not None], wall
 
 
-def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int,
-             headers: dict[str, str] | None = None) -> tuple[list[Timed], float]:
+def run_load(
+    url: str, bodies: list[dict[str, Any]], concurrency: int, headers: dict[str, str] | None = None
+) -> tuple[list[Timed], float]:
     """Sends `bodies` with `concurrency` requests in flight; returns each request's timing (in order) and the
     wall time of the whole run."""
     return asyncio.run(_run(url, bodies, concurrency, headers))

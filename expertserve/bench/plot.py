@@ -15,7 +15,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
     m = results["machine"]
-    fig.suptitle(f"expertserve bench ({results['size']}): {m['cores']} cores, {m['memory_gib']} GiB, {m['device']}")
+    fig.suptitle(
+        f"expertserve bench ({results['size']}): {m['cores']} cores, {m['memory_gib']} GiB, {m['device']}"
+    )
 
     ratios = results["stack"]["ratios"]
     labels = ["output\ntok/s", "TTFT\np50", "TTFT\np99", "latency\np50", "latency\np99"]
@@ -24,13 +26,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax[0][0].axhline(1.0, color="black", linewidth=1)
     ax[0][0].axhline(0.95, color="tab:blue", linestyle="--", linewidth=1, label="throughput target 0.95")
     ax[0][0].set_ylabel("expertserve / vLLM OpenAI server")
-    ax[0][0].set_title(f"1. stack: throughput {results['stack_throughput_ratio']:.2f}x vLLM (higher is better; "
-                       "times: lower)", fontsize=9)
+    ax[0][0].set_title(
+        f"1. stack: throughput {results['stack_throughput_ratio']:.2f}x vLLM (higher is better; "
+        "times: lower)",
+        fontsize=9,
+    )
     ax[0][0].legend(fontsize=8)
 
     e = results["experts"]
     names = ["base", "mixed1", "mixed8", "mixed32"]
-    ax[0][1].bar(["base only", "1 expert", "8 experts", "32 experts"], [e[n]["output_tokens_per_s"] for n in names])
+    ax[0][1].bar(
+        ["base only", "1 expert", "8 experts", "32 experts"], [e[n]["output_tokens_per_s"] for n in names]
+    )
     ax[0][1].set_ylabel("output tokens/s")
     ax[0][1].set_title(f"2. many experts: 8 mixed / base {results['mixed8_throughput_ratio']:.2f}x")
 
@@ -43,11 +50,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax[1][1].bar(["named expert", "model: auto"], [r["named_ms_p50"], r["auto_ms_p50"]], color="tab:green")
     ax[1][1].set_ylabel("one-token latency p50 (ms)")
     twin = ax[1][1].twinx()
-    twin.bar(["no soft prompt", "soft prompt"], [sp["without"]["output_tokens_per_s"],
-                                                 sp["with"]["output_tokens_per_s"]], color="tab:purple")
+    twin.bar(
+        ["no soft prompt", "soft prompt"],
+        [sp["without"]["output_tokens_per_s"], sp["with"]["output_tokens_per_s"]],
+        color="tab:purple",
+    )
     twin.set_ylabel("output tokens/s")
-    ax[1][1].set_title(f"4. routing +{results['routing_added_ms_p50']:.1f} ms; "
-                       f"5. soft prompt {results['softprompt_throughput_ratio']:.2f}x")
+    ax[1][1].set_title(
+        f"4. routing +{results['routing_added_ms_p50']:.1f} ms; "
+        f"5. soft prompt {results['softprompt_throughput_ratio']:.2f}x"
+    )
     ax[1][1].tick_params(axis="x", labelrotation=15)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

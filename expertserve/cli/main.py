@@ -25,39 +25,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("validate", help="check expert manifests and report every field's status",
-                       description="Validate expert directories, manifest files or .expert packages. Prints, per "
-                       "expert, every field that is set and its status: active, planned or not applicable.")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="expert directory, manifest.json, .expert package, or a directory of experts")
+    p = sub.add_parser(
+        "validate",
+        help="check expert manifests and report every field's status",
+        description="Validate expert directories, manifest files or .expert packages. Prints, per "
+        "expert, every field that is set and its status: active, planned or not applicable.",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="expert directory, manifest.json, .expert package, or a directory of experts",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--strict", action="store_true",
-                   help="also check the files the manifest names (adapter, soft prompts, grammar, datasets)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also check the files the manifest names (adapter, soft prompts, grammar, datasets)",
+    )
     p.set_defaults(handler="expertserve.cli.validate:run")
 
     p = sub.add_parser("list", help="list the registered experts (repository experts/ and install directory)")
-    p.add_argument("--experts-dir", action="append", metavar="DIR",
-                   help="expert root to scan (repeatable; default: ./experts then the install directory)")
+    p.add_argument(
+        "--experts-dir",
+        action="append",
+        metavar="DIR",
+        help="expert root to scan (repeatable; default: ./experts then the install directory)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler="expertserve.cli.packages:run_list")
 
     p = sub.add_parser("package", help="write <name>-<version>.expert from an expert directory")
     p.add_argument("expert_dir", metavar="EXPERT_DIR")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory that receives the package")
-    p.add_argument("--sign", metavar="KEY", help="Ed25519 private key (from `expertserve keygen`) to sign with")
+    p.add_argument(
+        "--sign", metavar="KEY", help="Ed25519 private key (from `expertserve keygen`) to sign with"
+    )
     p.set_defaults(handler="expertserve.cli.packages:run_package")
 
     p = sub.add_parser("verify", help="check a package's hashes, signature and manifest")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--public-key", metavar="KEY",
-                   help="require a signature by this key (64 hex characters or a .pub file)")
+    p.add_argument(
+        "--public-key",
+        metavar="KEY",
+        help="require a signature by this key (64 hex characters or a .pub file)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler="expertserve.cli.packages:run_verify")
 
     p = sub.add_parser("install", help="verify a package and install it into the install directory")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--dir", metavar="DIR", help="install directory (default: $EXPERTSERVE_INSTALL_DIR or "
-                   "~/.cache/expertserve/experts)")
+    p.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="install directory (default: $EXPERTSERVE_INSTALL_DIR or ~/.cache/expertserve/experts)",
+    )
     p.add_argument("--public-key", metavar="KEY", help="require a signature by this key")
     p.add_argument("--force", action="store_true", help="replace an installed copy of the same version")
     p.set_defaults(handler="expertserve.cli.packages:run_install")
@@ -67,31 +89,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing key files")
     p.set_defaults(handler="expertserve.cli.packages:run_keygen")
 
-    p = sub.add_parser("train", help="train an expert's adapter and soft prompts with Ray Train, then package it")
-    from expertserve.train.cli import add_arguments
+    p = sub.add_parser(
+        "train", help="train an expert's adapter and soft prompts with Ray Train, then package it"
+    )
+    from expertserve.cli.train import add_arguments
 
     add_arguments(p)
-    p.set_defaults(handler="expertserve.train.cli:run")
+    p.set_defaults(handler="expertserve.cli.train:run")
 
-    p = sub.add_parser("serve", help="serve the base model and the experts over an OpenAI-compatible HTTP API")
+    p = sub.add_parser(
+        "serve", help="serve the base model and the experts over an OpenAI-compatible HTTP API"
+    )
     p.add_argument("--config", metavar="FILE", help="server config (YAML or JSON; see configs/serve.yaml)")
     p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    p.add_argument("--ignore-manifest-decoding", action="store_true",
-                   help="decode with request > server defaults only, ignoring manifests (for comparisons)")
-    p.set_defaults(handler="expertserve.serve.cli:run")
+    p.add_argument(
+        "--ignore-manifest-decoding",
+        action="store_true",
+        help="decode with request > server defaults only, ignoring manifests (for comparisons)",
+    )
+    p.set_defaults(handler="expertserve.cli.serve:run")
 
-    p = sub.add_parser("route", help='show which expert a prompt goes to, or evaluate routing on a labelled file')
+    p = sub.add_parser(
+        "route", help="show which expert a prompt goes to, or evaluate routing on a labelled file"
+    )
     p.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt to route")
-    p.add_argument("--eval", metavar="FILE", help='labelled JSONL: {"prompt" or "messages", "expert": name or null}')
+    p.add_argument(
+        "--eval", metavar="FILE", help='labelled JSONL: {"prompt" or "messages", "expert": name or null}'
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--experts-dir", action="append", metavar="DIR", help="expert root (repeatable)")
-    p.add_argument("--base-model", default=DEFAULT_MODEL_ID, metavar="ID",
-                   help="the served base model id (experts for other bases are left out)")
-    p.add_argument("--bench", action="store_true", help="measure decision latency p50/p99 (shipped and synthetic)")
+    p.add_argument(
+        "--base-model",
+        default=DEFAULT_MODEL_ID,
+        metavar="ID",
+        help="the served base model id (experts for other bases are left out)",
+    )
+    p.add_argument(
+        "--bench", action="store_true", help="measure decision latency p50/p99 (shipped and synthetic)"
+    )
     p.add_argument("--bench-n", type=int, default=300, metavar="N", help="decisions timed per registry")
     p.add_argument("--synthetic", type=int, default=100, metavar="N", help="synthetic experts for --bench")
-    p.set_defaults(handler="expertserve.routing.cli:run")
+    p.set_defaults(handler="expertserve.cli.route:run")
 
     p = sub.add_parser("eval", help="score base model and expert on the held-out test split")
     p.add_argument("expert_dir", metavar="EXPERT_DIR")
@@ -100,22 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-write", action="store_true", help="do not write quality_metrics into the manifest")
     p.add_argument("--base-model", metavar="DIR", help="base model directory (default: the prepared SmolLM2)")
     p.add_argument("--base-model-id", metavar="ID", help="the id the manifest names for --base-model")
-    p.set_defaults(handler="expertserve.eval.cli:run")
+    p.set_defaults(handler="expertserve.cli.eval:run")
 
-    p = sub.add_parser("bench", help="benchmark against vLLM's own OpenAI server; prints ratios, writes JSON + PNG",
-                       description="Starts vLLM's OpenAI server (--enable-lora) and expertserve on the same model, "
-                       "adapters and engine settings, one after the other, runs the same seeded workloads, and prints "
-                       "the ratios with their targets. Scenarios: stack overhead, 1/8/32 experts mixed vs base only, "
-                       "cold vs warm TTFT, routing added latency, soft prompt throughput.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark against vLLM's own OpenAI server; prints ratios, writes JSON + PNG",
+        description="Starts vLLM's OpenAI server (--enable-lora) and expertserve on the same model, "
+        "adapters and engine settings, one after the other, runs the same seeded workloads, and prints "
+        "the ratios with their targets. Scenarios: stack overhead, 1/8/32 experts mixed vs base only, "
+        "cold vs warm TTFT, routing added latency, soft prompt throughput.",
+    )
     p.add_argument("--quick", action="store_true", help="the quick size (about 3 minutes here)")
     p.add_argument("--size", choices=["smoke", "quick", "full"], help="workload size (default: full)")
     p.add_argument("--json", metavar="FILE", help="where the JSON goes (default: out/bench/bench-SIZE.json)")
     p.add_argument("--plot", metavar="FILE", help="where the PNG goes (default: the JSON path with .png)")
-    p.set_defaults(handler="expertserve.bench.cli:run")
+    p.set_defaults(handler="expertserve.cli.bench:run")
 
     p = sub.add_parser("models", help="base models: prepare the offline default, build tiny test models")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    mp = msub.add_parser("prepare", help="convert the offline SmolLM2-135M-Instruct once into the cache and verify it")
+    mp = msub.add_parser(
+        "prepare", help="convert the offline SmolLM2-135M-Instruct once into the cache and verify it"
+    )
     mp.add_argument("--force", action="store_true", help="convert again even when cached")
     mp.set_defaults(handler="expertserve.cli.models:run_prepare")
     mp = msub.add_parser("path", help="print the directory of the prepared default base model")
@@ -156,8 +200,10 @@ def run_handler(args: argparse.Namespace) -> int:
     except Exception as e:  # a bug: say so plainly; the traceback is one variable away
         if os.environ.get("EXPERTSERVE_DEBUG"):
             raise
-        print(f"internal error: {type(e).__name__}: {e} (set EXPERTSERVE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"internal error: {type(e).__name__}: {e} (set EXPERTSERVE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_FAIL
 
 

@@ -15,12 +15,16 @@ def run_prepare(args: Any) -> int:
         print(f"{offline.DEFAULT_MODEL.model_id}: ready at {offline.model_dir()}")
         return 0
     start = time.monotonic()
-    print(f"{offline.DEFAULT_MODEL.model_id}: converting {offline.gguf_path().name} (about 30 s, once)...",
-          flush=True)
+    print(
+        f"{offline.DEFAULT_MODEL.model_id}: converting {offline.gguf_path().name} (about 30 s, once)...",
+        flush=True,
+    )
     path = offline.prepare(force=args.force)
-    print(f"{offline.DEFAULT_MODEL.model_id}: ready at {path} ({time.monotonic() - start:.0f} s, verified: "
-          f"rope_theta {offline.DEFAULT_MODEL.rope_theta:g}, greedy answer mentions "
-          f"{offline.DEFAULT_MODEL.probe_answer!r})")
+    print(
+        f"{offline.DEFAULT_MODEL.model_id}: ready at {path} ({time.monotonic() - start:.0f} s, verified: "
+        f"rope_theta {offline.DEFAULT_MODEL.rope_theta:g}, greedy answer mentions "
+        f"{offline.DEFAULT_MODEL.probe_answer!r})"
+    )
     return 0
 
 

@@ -18,7 +18,9 @@ def run_package(args: Any) -> int:
     expert_dir = Path(args.expert_dir)
     if not expert_dir.is_dir():
         raise UsageError(f"{expert_dir}: not a directory (expected an expert directory with manifest.json)")
-    path = archive.build_package(expert_dir, Path(args.output), sign_key=Path(args.sign) if args.sign else None)
+    path = archive.build_package(
+        expert_dir, Path(args.output), sign_key=Path(args.sign) if args.sign else None
+    )
     info = archive.verify_package(path)
     signed = f"signed by {info.signer}" if info.signer else "unsigned"
     print(f"{path} ({path.stat().st_size} bytes, {len(info.files)} files, {signed})")
@@ -30,11 +32,24 @@ def run_verify(args: Any) -> int:
     key = signing.read_public_key(args.public_key) if args.public_key else None
     info = archive.verify_package(Path(args.file), public_key=key)
     if args.json:
-        print(json.dumps({"valid": True, "name": info.name, "version": info.version, "files": info.files,
-                          "signer": info.signer, "signed_at": info.signed_at}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "valid": True,
+                    "name": info.name,
+                    "version": info.version,
+                    "files": info.files,
+                    "signer": info.signer,
+                    "signed_at": info.signed_at,
+                },
+                indent=2,
+            )
+        )
     else:
         signed = f"signature OK, signed by {info.signer} at {info.signed_at}" if info.signer else "unsigned"
-        print(f"{args.file}: {info.name} {info.version}: {len(info.files)} files, every SHA-256 matches; {signed}")
+        print(
+            f"{args.file}: {info.name} {info.version}: {len(info.files)} files, every SHA-256 matches; {signed}"
+        )
     return EXIT_OK
 
 
@@ -60,8 +75,16 @@ def run_list(args: Any) -> int:
     rows = []
     for record in registry:
         reason = record.unservable_reason(DEFAULT_MODEL.model_id)
-        rows.append({"name": record.name, "version": record.version, "versions": registry.versions(record.name),
-                     "path": str(record.root), "servable": reason is None, "reason": reason})
+        rows.append(
+            {
+                "name": record.name,
+                "version": record.version,
+                "versions": registry.versions(record.name),
+                "path": str(record.root),
+                "servable": reason is None,
+                "reason": reason,
+            }
+        )
     if args.json:
         print(json.dumps({"experts": rows, "problems": registry.problems}, indent=2))
     else:

@@ -26,7 +26,11 @@ def run(args: Any) -> int:
     results = [validate_path(t, strict=args.strict, ctx=ctx) for t in targets]
     ok = all(r["valid"] for r in results)
     if args.json:
-        print(json.dumps({"valid": ok, "strict": args.strict, "device": ctx.device, "results": results}, indent=2))
+        print(
+            json.dumps(
+                {"valid": ok, "strict": args.strict, "device": ctx.device, "results": results}, indent=2
+            )
+        )
     else:
         for r in results:
             print(render(r))
@@ -71,21 +75,32 @@ def validate_path(path: Path, *, strict: bool, ctx: RuntimeContext) -> dict[str,
     return _report(path, kind, loaded, strict=strict, ctx=ctx, datasets=True)
 
 
-def _report(path: Path, kind: str, loaded: LoadedManifest, *, strict: bool, ctx: RuntimeContext,
-            datasets: bool) -> dict[str, Any]:
+def _report(
+    path: Path, kind: str, loaded: LoadedManifest, *, strict: bool, ctx: RuntimeContext, datasets: bool
+) -> dict[str, Any]:
     manifest = loaded.manifest
     errors = check_files(manifest, loaded.root, datasets=datasets) if strict else []
     notes = []
     if strict and not datasets:
-        notes += [f"{r.field}: {r.path} is not packaged (datasets stay out of packages); not checked"
-                  for r in file_refs(manifest) if not r.packaged]
+        notes += [
+            f"{r.field}: {r.path} is not packaged (datasets stay out of packages); not checked"
+            for r in file_refs(manifest)
+            if not r.packaged
+        ]
     fields = [vars(f) for f in field_statuses(manifest, ctx)]
     summary = {s: sum(f["status"] == s for f in fields) for s in ("active", "planned", "not applicable")}
     reason = ExpertRecord(loaded, origin=str(path)).unservable_reason(DEFAULT_MODEL.model_id)
     return {
-        "path": str(path), "kind": kind, "valid": not errors, "name": manifest.name,
-        "version": manifest.version, "schema_version": manifest.effective_schema_version,
-        "errors": errors, "notes": notes, "summary": summary, "fields": fields,
+        "path": str(path),
+        "kind": kind,
+        "valid": not errors,
+        "name": manifest.name,
+        "version": manifest.version,
+        "schema_version": manifest.effective_schema_version,
+        "errors": errors,
+        "notes": notes,
+        "summary": summary,
+        "fields": fields,
         "serving": {"base_model": DEFAULT_MODEL.model_id, "servable": reason is None, "reason": reason},
     }
 
@@ -106,7 +121,9 @@ def render(r: dict[str, Any]) -> str:
     verdict = "yes" if serving["servable"] else f"no, {serving['reason']}"
     lines.append(f"  served on {serving['base_model']}: {verdict}")
     s = r["summary"]
-    lines.append(f"  fields: {s['active']} active, {s['planned']} planned, {s['not applicable']} not applicable")
+    lines.append(
+        f"  fields: {s['active']} active, {s['planned']} planned, {s['not applicable']} not applicable"
+    )
     for f in r["fields"]:
         lines.append(f"  {f['status']:<14} {f['path']} = {_short(f['value'])}")
         lines.append(f"  {'':<14}   {f['detail']}")

@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts-dir", type=Path, default=repo_experts_dir())
     parser.add_argument("--only", choices=["expert-sql", "expert-json", "expert-typescript"])
     args = parser.parse_args(argv)
-    builders = {"expert-sql": lambda d: build_sql(d), "expert-json": lambda d: build_json(),
-                "expert-typescript": lambda d: build_typescript()}
+    builders = {
+        "expert-sql": lambda d: build_sql(d),
+        "expert-json": lambda d: build_json(),
+        "expert-typescript": lambda d: build_typescript(),
+    }
     for name, build in builders.items():
         if args.only and name != args.only:
             continue

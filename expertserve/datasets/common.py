@@ -26,7 +26,9 @@ class DatasetError(ExpertserveError):
 def chat_example(system: str | None, user: str, answer: str, meta: dict[str, Any] | None = None) -> Example:
     """A single-turn example."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+    ]
     return {"messages": messages, "meta": meta or {}}
 
 
@@ -44,7 +46,11 @@ def split(examples: list[Example], seed: int, valid: int, test: int) -> dict[str
     """Shuffles once and cuts train / valid / test; the test set never overlaps the others."""
     shuffled = list(examples)
     random.Random(seed).shuffle(shuffled)
-    return {"test": shuffled[:test], "valid": shuffled[test:test + valid], "train": shuffled[test + valid:]}
+    return {
+        "test": shuffled[:test],
+        "valid": shuffled[test : test + valid],
+        "train": shuffled[test + valid :],
+    }
 
 
 def write_jsonl(path: Path, examples: list[Example]) -> None:

@@ -99,18 +99,21 @@ def generate(db_path: Path, schema: dict[str, list[tuple[str, str]]], count: int
             continue
         if not rows or all(v is None for r in rows for v in r):
             continue
-        examples[key] = chat_example(SYSTEM, prompt(table, schema[table], question), sql + ";",
-                                     meta={"table": table, "gold": sql})
+        examples[key] = chat_example(
+            SYSTEM, prompt(table, schema[table], question), sql + ";", meta={"table": table, "gold": sql}
+        )
     db.close()
     return list(examples.values())
 
 
-def _question(rng: random.Random, db: sqlite3.Connection, table: str,
-              columns: list[tuple[str, str]]) -> tuple[str, str] | None:
+def _question(
+    rng: random.Random, db: sqlite3.Connection, table: str, columns: list[tuple[str, str]]
+) -> tuple[str, str] | None:
     numeric = [c for c, t in columns if t in ("INTEGER", "REAL")]
     text = [c for c, t in columns if t == "TEXT"]
-    categories = [c for c, _ in columns
-                  if db.execute(f"SELECT COUNT(DISTINCT {c}) FROM {table}").fetchone()[0] <= 12]
+    categories = [
+        c for c, _ in columns if db.execute(f"SELECT COUNT(DISTINCT {c}) FROM {table}").fetchone()[0] <= 12
+    ]
     labels = text or [c for c, _ in columns]
     if not numeric:
         return None
@@ -125,21 +128,51 @@ def _question(rng: random.Random, db: sqlite3.Connection, table: str,
     pick = rng.choice
     templates: list[tuple[str, str]] = [
         (pick(["How many rows are in the {t} table?", "Count the rows of {t}."]), "SELECT COUNT(*) FROM {t}"),
-        (pick(["What is the average {n} in {t}?", "Give the mean {n} over all rows."]), "SELECT AVG({n}) FROM {t}"),
+        (
+            pick(["What is the average {n} in {t}?", "Give the mean {n} over all rows."]),
+            "SELECT AVG({n}) FROM {t}",
+        ),
         (pick(["What is the highest {n}?", "Find the maximum {n} in {t}."]), "SELECT MAX({n}) FROM {t}"),
         (pick(["What is the lowest {n}?", "Find the minimum {n} in {t}."]), "SELECT MIN({n}) FROM {t}"),
-        (pick(["List the {l} of rows where {n} is greater than {v}.", "Which {l} values have {n} above {v}?"]),
-         "SELECT {l} FROM {t} WHERE {n} > {v}"),
-        (pick(["How many rows have {n} below {v}?", "Count the rows where {n} is less than {v}."]),
-         "SELECT COUNT(*) FROM {t} WHERE {n} < {v}"),
-        (pick(["Show the {k} rows with the highest {n}, giving {l} and {n}.", "Top {k} by {n}: show {l} and {n}."]),
-         "SELECT {l}, {n} FROM {t} ORDER BY {n} DESC LIMIT {k}"),
-        (pick(["Which {l} has the lowest {n}?", "Give the {l} of the row with the smallest {n}."]),
-         "SELECT {l} FROM {t} ORDER BY {n} ASC LIMIT 1"),
-        (pick(["List the {l} where {n} is between {a} and {b}.", "Which {l} have {n} from {a} to {b}?"]),
-         "SELECT {l} FROM {t} WHERE {n} BETWEEN {a} AND {b}"),
-        (pick(["What is the average {n} of rows where {n2} is greater than {v2}?",
-               "Mean {n} for rows with {n2} above {v2}?"]), "SELECT AVG({n}) FROM {t} WHERE {n2} > {v2}"),
+        (
+            pick(
+                [
+                    "List the {l} of rows where {n} is greater than {v}.",
+                    "Which {l} values have {n} above {v}?",
+                ]
+            ),
+            "SELECT {l} FROM {t} WHERE {n} > {v}",
+        ),
+        (
+            pick(["How many rows have {n} below {v}?", "Count the rows where {n} is less than {v}."]),
+            "SELECT COUNT(*) FROM {t} WHERE {n} < {v}",
+        ),
+        (
+            pick(
+                [
+                    "Show the {k} rows with the highest {n}, giving {l} and {n}.",
+                    "Top {k} by {n}: show {l} and {n}.",
+                ]
+            ),
+            "SELECT {l}, {n} FROM {t} ORDER BY {n} DESC LIMIT {k}",
+        ),
+        (
+            pick(["Which {l} has the lowest {n}?", "Give the {l} of the row with the smallest {n}."]),
+            "SELECT {l} FROM {t} ORDER BY {n} ASC LIMIT 1",
+        ),
+        (
+            pick(["List the {l} where {n} is between {a} and {b}.", "Which {l} have {n} from {a} to {b}?"]),
+            "SELECT {l} FROM {t} WHERE {n} BETWEEN {a} AND {b}",
+        ),
+        (
+            pick(
+                [
+                    "What is the average {n} of rows where {n2} is greater than {v2}?",
+                    "Mean {n} for rows with {n2} above {v2}?",
+                ]
+            ),
+            "SELECT AVG({n}) FROM {t} WHERE {n2} > {v2}",
+        ),
         (pick(["What is the total {n}?", "Sum {n} over the whole {t} table."]), "SELECT SUM({n}) FROM {t}"),
     ]
     v2_values = [r[0] for r in db.execute(f"SELECT {n2} FROM {table} WHERE {n2} IS NOT NULL ORDER BY {n2}")]
@@ -150,24 +183,47 @@ def _question(rng: random.Random, db: sqlite3.Connection, table: str,
         val = rng.choice(cat_values)
         lit = f"'{val}'" if isinstance(val, str) else str(val)
         templates += [
-            (pick(["For each {c}, what is the average {n}?", "Average {n} grouped by {c}."]),
-             "SELECT {c}, AVG({n}) FROM {t} GROUP BY {c}"),
-            (pick(["How many rows are there for each {c}?", "Count rows per {c}."]),
-             "SELECT {c}, COUNT(*) FROM {t} GROUP BY {c}"),
-            (pick(["List the distinct values of {c}.", "What different {c} values are there?"]),
-             "SELECT DISTINCT {c} FROM {t}"),
-            (pick(["How many rows have {c} equal to {val}?", "Count the rows whose {c} is {val}."]),
-             "SELECT COUNT(*) FROM {t} WHERE {c} = {val}"),
-            (pick(["What is the total {n} where {c} is {val}?", "Sum of {n} for {c} {val}?"]),
-             "SELECT SUM({n}) FROM {t} WHERE {c} = {val}"),
-            (pick(["What is the maximum {n} for each {c}?", "Highest {n} per {c}."]),
-             "SELECT {c}, MAX({n}) FROM {t} GROUP BY {c}"),
+            (
+                pick(["For each {c}, what is the average {n}?", "Average {n} grouped by {c}."]),
+                "SELECT {c}, AVG({n}) FROM {t} GROUP BY {c}",
+            ),
+            (
+                pick(["How many rows are there for each {c}?", "Count rows per {c}."]),
+                "SELECT {c}, COUNT(*) FROM {t} GROUP BY {c}",
+            ),
+            (
+                pick(["List the distinct values of {c}.", "What different {c} values are there?"]),
+                "SELECT DISTINCT {c} FROM {t}",
+            ),
+            (
+                pick(["How many rows have {c} equal to {val}?", "Count the rows whose {c} is {val}."]),
+                "SELECT COUNT(*) FROM {t} WHERE {c} = {val}",
+            ),
+            (
+                pick(["What is the total {n} where {c} is {val}?", "Sum of {n} for {c} {val}?"]),
+                "SELECT SUM({n}) FROM {t} WHERE {c} = {val}",
+            ),
+            (
+                pick(["What is the maximum {n} for each {c}?", "Highest {n} per {c}."]),
+                "SELECT {c}, MAX({n}) FROM {t} GROUP BY {c}",
+            ),
         ]
     else:
         cat, lit = "", ""
     question, sql = rng.choice(templates)
-    fields = {"t": table, "n": n, "n2": n2, "l": label, "v": v, "v2": v2, "a": low, "b": high, "k": k,
-              "c": cat, "val": lit}
+    fields = {
+        "t": table,
+        "n": n,
+        "n2": n2,
+        "l": label,
+        "v": v,
+        "v2": v2,
+        "a": low,
+        "b": high,
+        "k": k,
+        "c": cat,
+        "val": lit,
+    }
     return question.format(**fields), sql.format(**fields)
 
 

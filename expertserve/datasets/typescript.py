@@ -36,118 +36,241 @@ class Family:
 
 
 FAMILIES = [
-    Family(("sumArray", "total", "addAll", "sumOf"), ("xs", "nums", "values"),
-           ("returns the sum of the numbers in {p}", "adds up every number in {p}"),
-           "function {name}({p}: number[]): number", "  return {p}.reduce((a, b) => a + b, 0);",
-           (("[1, 2, 3]", "6"), ("[]", "0"), ("[-4, 4, 10]", "10"))),
-    Family(("maxOf", "largest", "biggest", "findMax"), ("xs", "nums", "values"),
-           ("returns the largest number in {p} (the array is not empty)", "finds the maximum of {p}"),
-           "function {name}({p}: number[]): number", "  return Math.max(...{p});",
-           (("[1, 9, 3]", "9"), ("[-5, -2]", "-2"))),
-    Family(("minOf", "smallest", "findMin"), ("xs", "nums", "values"),
-           ("returns the smallest number in {p} (the array is not empty)", "finds the minimum of {p}"),
-           "function {name}({p}: number[]): number", "  return Math.min(...{p});",
-           (("[4, 2, 8]", "2"), ("[7]", "7"))),
-    Family(("average", "mean", "avg"), ("xs", "nums", "values"),
-           ("returns the average of {p}, or 0 for an empty array", "computes the mean of {p} (0 when empty)"),
-           "function {name}({p}: number[]): number",
-           "  if ({p}.length === 0) return 0;\n  return {p}.reduce((a, b) => a + b, 0) / {p}.length;",
-           (("[2, 4, 6]", "4"), ("[]", "0"), ("[1, 2]", "1.5"))),
-    Family(("countEven", "evens", "numEven"), ("xs", "nums", "values"),
-           ("counts how many numbers in {p} are even", "returns the number of even values in {p}"),
-           "function {name}({p}: number[]): number", "  return {p}.filter((x) => x % 2 === 0).length;",
-           (("[1, 2, 4, 7]", "2"), ("[]", "0"))),
-    Family(("positives", "keepPositive", "onlyPositive"), ("xs", "nums", "values"),
-           ("returns the numbers in {p} that are greater than zero", "filters {p} down to its positive numbers"),
-           "function {name}({p}: number[]): number[]", "  return {p}.filter((x) => x > 0);",
-           (("[-1, 2, 0, 5]", "[2, 5]"), ("[]", "[]"))),
-    Family(("doubleAll", "twice", "doubled"), ("xs", "nums", "values"),
-           ("returns a new array with every number in {p} multiplied by two", "doubles each element of {p}"),
-           "function {name}({p}: number[]): number[]", "  return {p}.map((x) => x * 2);",
-           (("[1, 2, 3]", "[2, 4, 6]"), ("[]", "[]"))),
-    Family(("reverseString", "reversed", "flip"), ("s", "text", "str"),
-           ("returns the string {p} reversed", "reverses the characters of {p}"),
-           "function {name}({p}: string): string", "  return {p}.split(\"\").reverse().join(\"\");",
-           (("\"abc\"", "\"cba\""), ("\"\"", "\"\""))),
-    Family(("capitalize", "upperFirst", "titleCase"), ("s", "word", "text"),
-           ("returns {p} with its first letter in upper case", "capitalizes the first character of {p}"),
-           "function {name}({p}: string): string", "  return {p}.charAt(0).toUpperCase() + {p}.slice(1);",
-           (("\"hello\"", "\"Hello\""), ("\"\"", "\"\""), ("\"a b\"", "\"A b\""))),
-    Family(("countVowels", "vowels", "numVowels"), ("s", "text", "word"),
-           ("counts the vowels (a, e, i, o, u, in any case) in {p}", "returns how many vowels {p} contains"),
-           "function {name}({p}: string): number", "  return ({p}.match(/[aeiou]/gi) ?? []).length;",
-           (("\"Hello World\"", "3"), ("\"xyz\"", "0"))),
-    Family(("isPalindrome", "palindrome", "readsSame"), ("s", "text", "word"),
-           ("returns true when {p} reads the same forwards and backwards", "checks whether {p} is a palindrome"),
-           "function {name}({p}: string): boolean", "  return {p} === {p}.split(\"\").reverse().join(\"\");",
-           (("\"level\"", "true"), ("\"abc\"", "false"), ("\"\"", "true"))),
-    Family(("clamp", "bound", "limit"), ("x", "value", "n"),
-           ("returns {p} limited to the range from lo to hi", "clamps {p} between lo and hi"),
-           "function {name}({p}: number, lo: number, hi: number): number", "  return Math.min(hi, Math.max(lo, {p}));",
-           (("5, 0, 10", "5"), ("-3, 0, 10", "0"), ("42, 0, 10", "10"))),
-    Family(("factorial", "fact", "productUpTo"), ("n", "k", "num"),
-           ("returns the factorial of {p} (1 for 0)", "computes {p}! for a non-negative integer {p}"),
-           "function {name}({p}: number): number", "  let result = 1;\n  for (let i = 2; i <= {p}; i++) result *= i;\n  return result;",
-           (("0", "1"), ("5", "120"), ("1", "1"))),
-    Family(("fibonacci", "fib", "nthFib"), ("n", "k", "index"),
-           ("returns the {p}-th Fibonacci number, with fib(0) = 0 and fib(1) = 1", "computes Fibonacci number {p}"),
-           "function {name}({p}: number): number",
-           "  let a = 0;\n  let b = 1;\n  for (let i = 0; i < {p}; i++) [a, b] = [b, a + b];\n  return a;",
-           (("0", "0"), ("1", "1"), ("10", "55"))),
-    Family(("range", "upTo", "sequence"), ("n", "count", "size"),
-           ("returns the array [0, 1, ..., {p} - 1]", "builds an array of the integers from 0 below {p}"),
-           "function {name}({p}: number): number[]", "  return Array.from({ length: {p} }, (_, i) => i);",
-           (("3", "[0, 1, 2]"), ("0", "[]"))),
-    Family(("unique", "dedupe", "distinct"), ("xs", "items", "values"),
-           ("returns the numbers of {p} without duplicates, in first-seen order", "removes repeated numbers from {p}"),
-           "function {name}({p}: number[]): number[]", "  return [...new Set({p})];",
-           (("[1, 2, 1, 3, 2]", "[1, 2, 3]"), ("[]", "[]"))),
-    Family(("joinWords", "commaJoin", "listToString"), ("words", "items", "parts"),
-           ("joins the strings in {p} with \", \" between them", "returns {p} joined by a comma and a space"),
-           "function {name}({p}: string[]): string", "  return {p}.join(\", \");",
-           (("[\"a\", \"b\"]", "\"a, b\""), ("[]", "\"\""))),
-    Family(("lastItem", "last", "finalElement"), ("xs", "items", "values"),
-           ("returns the last number in {p}, or undefined when it is empty", "gets the final element of {p} if any"),
-           "function {name}({p}: number[]): number | undefined", "  return {p}.length ? {p}[{p}.length - 1] : undefined;",
-           (("[1, 2, 3]", "3"), ("[]", "undefined"))),
-    Family(("wordCount", "countWords", "numWords"), ("s", "text", "sentence"),
-           ("counts the words in {p}, separated by spaces", "returns the number of space-separated words in {p}"),
-           "function {name}({p}: string): number", "  return {p}.split(\" \").filter((w) => w.length > 0).length;",
-           (("\"the quick fox\"", "3"), ("\"\"", "0"), ("\"  a  b \"", "2"))),
-    Family(("toFahrenheit", "celsiusToF", "cToF"), ("c", "celsius", "degrees"),
-           ("converts {p} degrees Celsius to Fahrenheit", "returns the Fahrenheit value of {p} Celsius"),
-           "function {name}({p}: number): number", "  return {p} * 9 / 5 + 32;",
-           (("0", "32"), ("100", "212"))),
-    Family(("sumOfSquares", "squaresTotal", "sumSquares"), ("xs", "nums", "values"),
-           ("returns the sum of the squares of the numbers in {p}", "adds up x * x for each x in {p}"),
-           "function {name}({p}: number[]): number", "  return {p}.reduce((a, x) => a + x * x, 0);",
-           (("[1, 2, 3]", "14"), ("[]", "0"))),
-    Family(("product", "multiplyAll", "productOf"), ("xs", "nums", "values"),
-           ("returns the product of the numbers in {p} (1 for an empty array)", "multiplies every number in {p}"),
-           "function {name}({p}: number[]): number", "  return {p}.reduce((a, b) => a * b, 1);",
-           (("[2, 3, 4]", "24"), ("[]", "1"))),
-    Family(("isEven", "even", "divisibleByTwo"), ("n", "x", "value"),
-           ("returns true when {p} is even", "checks whether the integer {p} is even"),
-           "function {name}({p}: number): boolean", "  return {p} % 2 === 0;",
-           (("4", "true"), ("7", "false"))),
-    Family(("countChar", "occurrences", "timesIn"), ("s", "text", "str"),
-           ("counts how many times the character ch occurs in {p}", "returns the number of ch characters in {p}"),
-           "function {name}({p}: string, ch: string): number", "  return {p}.split(ch).length - 1;",
-           (("\"banana\", \"a\"", "3"), ("\"abc\", \"z\"", "0"))),
-    Family(("longestWord", "longest", "maxWord"), ("words", "items", "list"),
-           ("returns the longest string in {p} (the first one on ties, \"\" when empty)",
-            "finds the longest word of {p}"),
-           "function {name}({p}: string[]): string",
-           "  return {p}.reduce((best, w) => (w.length > best.length ? w : best), \"\");",
-           (("[\"a\", \"abc\", \"ab\"]", "\"abc\""), ("[]", "\"\""))),
-    Family(("chunk", "chunked", "inGroups"), ("xs", "items", "values"),
-           ("splits {p} into arrays of at most size elements", "groups the numbers of {p} in chunks of size"),
-           "function {name}({p}: number[], size: number): number[][]",
-           "  const out: number[][] = [];\n  for (let i = 0; i < {p}.length; i += size) out.push({p}.slice(i, i + size));\n  return out;",
-           (("[1, 2, 3, 4, 5], 2", "[[1, 2], [3, 4], [5]]"), ("[], 3", "[]"))),
+    Family(
+        ("sumArray", "total", "addAll", "sumOf"),
+        ("xs", "nums", "values"),
+        ("returns the sum of the numbers in {p}", "adds up every number in {p}"),
+        "function {name}({p}: number[]): number",
+        "  return {p}.reduce((a, b) => a + b, 0);",
+        (("[1, 2, 3]", "6"), ("[]", "0"), ("[-4, 4, 10]", "10")),
+    ),
+    Family(
+        ("maxOf", "largest", "biggest", "findMax"),
+        ("xs", "nums", "values"),
+        ("returns the largest number in {p} (the array is not empty)", "finds the maximum of {p}"),
+        "function {name}({p}: number[]): number",
+        "  return Math.max(...{p});",
+        (("[1, 9, 3]", "9"), ("[-5, -2]", "-2")),
+    ),
+    Family(
+        ("minOf", "smallest", "findMin"),
+        ("xs", "nums", "values"),
+        ("returns the smallest number in {p} (the array is not empty)", "finds the minimum of {p}"),
+        "function {name}({p}: number[]): number",
+        "  return Math.min(...{p});",
+        (("[4, 2, 8]", "2"), ("[7]", "7")),
+    ),
+    Family(
+        ("average", "mean", "avg"),
+        ("xs", "nums", "values"),
+        ("returns the average of {p}, or 0 for an empty array", "computes the mean of {p} (0 when empty)"),
+        "function {name}({p}: number[]): number",
+        "  if ({p}.length === 0) return 0;\n  return {p}.reduce((a, b) => a + b, 0) / {p}.length;",
+        (("[2, 4, 6]", "4"), ("[]", "0"), ("[1, 2]", "1.5")),
+    ),
+    Family(
+        ("countEven", "evens", "numEven"),
+        ("xs", "nums", "values"),
+        ("counts how many numbers in {p} are even", "returns the number of even values in {p}"),
+        "function {name}({p}: number[]): number",
+        "  return {p}.filter((x) => x % 2 === 0).length;",
+        (("[1, 2, 4, 7]", "2"), ("[]", "0")),
+    ),
+    Family(
+        ("positives", "keepPositive", "onlyPositive"),
+        ("xs", "nums", "values"),
+        ("returns the numbers in {p} that are greater than zero", "filters {p} down to its positive numbers"),
+        "function {name}({p}: number[]): number[]",
+        "  return {p}.filter((x) => x > 0);",
+        (("[-1, 2, 0, 5]", "[2, 5]"), ("[]", "[]")),
+    ),
+    Family(
+        ("doubleAll", "twice", "doubled"),
+        ("xs", "nums", "values"),
+        ("returns a new array with every number in {p} multiplied by two", "doubles each element of {p}"),
+        "function {name}({p}: number[]): number[]",
+        "  return {p}.map((x) => x * 2);",
+        (("[1, 2, 3]", "[2, 4, 6]"), ("[]", "[]")),
+    ),
+    Family(
+        ("reverseString", "reversed", "flip"),
+        ("s", "text", "str"),
+        ("returns the string {p} reversed", "reverses the characters of {p}"),
+        "function {name}({p}: string): string",
+        '  return {p}.split("").reverse().join("");',
+        (('"abc"', '"cba"'), ('""', '""')),
+    ),
+    Family(
+        ("capitalize", "upperFirst", "titleCase"),
+        ("s", "word", "text"),
+        ("returns {p} with its first letter in upper case", "capitalizes the first character of {p}"),
+        "function {name}({p}: string): string",
+        "  return {p}.charAt(0).toUpperCase() + {p}.slice(1);",
+        (('"hello"', '"Hello"'), ('""', '""'), ('"a b"', '"A b"')),
+    ),
+    Family(
+        ("countVowels", "vowels", "numVowels"),
+        ("s", "text", "word"),
+        ("counts the vowels (a, e, i, o, u, in any case) in {p}", "returns how many vowels {p} contains"),
+        "function {name}({p}: string): number",
+        "  return ({p}.match(/[aeiou]/gi) ?? []).length;",
+        (('"Hello World"', "3"), ('"xyz"', "0")),
+    ),
+    Family(
+        ("isPalindrome", "palindrome", "readsSame"),
+        ("s", "text", "word"),
+        ("returns true when {p} reads the same forwards and backwards", "checks whether {p} is a palindrome"),
+        "function {name}({p}: string): boolean",
+        '  return {p} === {p}.split("").reverse().join("");',
+        (('"level"', "true"), ('"abc"', "false"), ('""', "true")),
+    ),
+    Family(
+        ("clamp", "bound", "limit"),
+        ("x", "value", "n"),
+        ("returns {p} limited to the range from lo to hi", "clamps {p} between lo and hi"),
+        "function {name}({p}: number, lo: number, hi: number): number",
+        "  return Math.min(hi, Math.max(lo, {p}));",
+        (("5, 0, 10", "5"), ("-3, 0, 10", "0"), ("42, 0, 10", "10")),
+    ),
+    Family(
+        ("factorial", "fact", "productUpTo"),
+        ("n", "k", "num"),
+        ("returns the factorial of {p} (1 for 0)", "computes {p}! for a non-negative integer {p}"),
+        "function {name}({p}: number): number",
+        "  let result = 1;\n  for (let i = 2; i <= {p}; i++) result *= i;\n  return result;",
+        (("0", "1"), ("5", "120"), ("1", "1")),
+    ),
+    Family(
+        ("fibonacci", "fib", "nthFib"),
+        ("n", "k", "index"),
+        (
+            "returns the {p}-th Fibonacci number, with fib(0) = 0 and fib(1) = 1",
+            "computes Fibonacci number {p}",
+        ),
+        "function {name}({p}: number): number",
+        "  let a = 0;\n  let b = 1;\n  for (let i = 0; i < {p}; i++) [a, b] = [b, a + b];\n  return a;",
+        (("0", "0"), ("1", "1"), ("10", "55")),
+    ),
+    Family(
+        ("range", "upTo", "sequence"),
+        ("n", "count", "size"),
+        ("returns the array [0, 1, ..., {p} - 1]", "builds an array of the integers from 0 below {p}"),
+        "function {name}({p}: number): number[]",
+        "  return Array.from({ length: {p} }, (_, i) => i);",
+        (("3", "[0, 1, 2]"), ("0", "[]")),
+    ),
+    Family(
+        ("unique", "dedupe", "distinct"),
+        ("xs", "items", "values"),
+        (
+            "returns the numbers of {p} without duplicates, in first-seen order",
+            "removes repeated numbers from {p}",
+        ),
+        "function {name}({p}: number[]): number[]",
+        "  return [...new Set({p})];",
+        (("[1, 2, 1, 3, 2]", "[1, 2, 3]"), ("[]", "[]")),
+    ),
+    Family(
+        ("joinWords", "commaJoin", "listToString"),
+        ("words", "items", "parts"),
+        ('joins the strings in {p} with ", " between them', "returns {p} joined by a comma and a space"),
+        "function {name}({p}: string[]): string",
+        '  return {p}.join(", ");',
+        (('["a", "b"]', '"a, b"'), ("[]", '""')),
+    ),
+    Family(
+        ("lastItem", "last", "finalElement"),
+        ("xs", "items", "values"),
+        (
+            "returns the last number in {p}, or undefined when it is empty",
+            "gets the final element of {p} if any",
+        ),
+        "function {name}({p}: number[]): number | undefined",
+        "  return {p}.length ? {p}[{p}.length - 1] : undefined;",
+        (("[1, 2, 3]", "3"), ("[]", "undefined")),
+    ),
+    Family(
+        ("wordCount", "countWords", "numWords"),
+        ("s", "text", "sentence"),
+        (
+            "counts the words in {p}, separated by spaces",
+            "returns the number of space-separated words in {p}",
+        ),
+        "function {name}({p}: string): number",
+        '  return {p}.split(" ").filter((w) => w.length > 0).length;',
+        (('"the quick fox"', "3"), ('""', "0"), ('"  a  b "', "2")),
+    ),
+    Family(
+        ("toFahrenheit", "celsiusToF", "cToF"),
+        ("c", "celsius", "degrees"),
+        ("converts {p} degrees Celsius to Fahrenheit", "returns the Fahrenheit value of {p} Celsius"),
+        "function {name}({p}: number): number",
+        "  return {p} * 9 / 5 + 32;",
+        (("0", "32"), ("100", "212")),
+    ),
+    Family(
+        ("sumOfSquares", "squaresTotal", "sumSquares"),
+        ("xs", "nums", "values"),
+        ("returns the sum of the squares of the numbers in {p}", "adds up x * x for each x in {p}"),
+        "function {name}({p}: number[]): number",
+        "  return {p}.reduce((a, x) => a + x * x, 0);",
+        (("[1, 2, 3]", "14"), ("[]", "0")),
+    ),
+    Family(
+        ("product", "multiplyAll", "productOf"),
+        ("xs", "nums", "values"),
+        (
+            "returns the product of the numbers in {p} (1 for an empty array)",
+            "multiplies every number in {p}",
+        ),
+        "function {name}({p}: number[]): number",
+        "  return {p}.reduce((a, b) => a * b, 1);",
+        (("[2, 3, 4]", "24"), ("[]", "1")),
+    ),
+    Family(
+        ("isEven", "even", "divisibleByTwo"),
+        ("n", "x", "value"),
+        ("returns true when {p} is even", "checks whether the integer {p} is even"),
+        "function {name}({p}: number): boolean",
+        "  return {p} % 2 === 0;",
+        (("4", "true"), ("7", "false")),
+    ),
+    Family(
+        ("countChar", "occurrences", "timesIn"),
+        ("s", "text", "str"),
+        (
+            "counts how many times the character ch occurs in {p}",
+            "returns the number of ch characters in {p}",
+        ),
+        "function {name}({p}: string, ch: string): number",
+        "  return {p}.split(ch).length - 1;",
+        (('"banana", "a"', "3"), ('"abc", "z"', "0")),
+    ),
+    Family(
+        ("longestWord", "longest", "maxWord"),
+        ("words", "items", "list"),
+        (
+            'returns the longest string in {p} (the first one on ties, "" when empty)',
+            "finds the longest word of {p}",
+        ),
+        "function {name}({p}: string[]): string",
+        '  return {p}.reduce((best, w) => (w.length > best.length ? w : best), "");',
+        (('["a", "abc", "ab"]', '"abc"'), ("[]", '""')),
+    ),
+    Family(
+        ("chunk", "chunked", "inGroups"),
+        ("xs", "items", "values"),
+        ("splits {p} into arrays of at most size elements", "groups the numbers of {p} in chunks of size"),
+        "function {name}({p}: number[], size: number): number[][]",
+        "  const out: number[][] = [];\n  for (let i = 0; i < {p}.length; i += size) out.push({p}.slice(i, i + size));\n  return out;",
+        (("[1, 2, 3, 4, 5], 2", "[[1, 2], [3, 4], [5]]"), ("[], 3", "[]")),
+    ),
 ]
-TEMPLATES = ("Write a TypeScript function {name} that {ask}.", "Implement {name} in TypeScript: it {ask}.",
-             "Create a typed TypeScript function `{name}` which {ask}.")
+TEMPLATES = (
+    "Write a TypeScript function {name} that {ask}.",
+    "Implement {name} in TypeScript: it {ask}.",
+    "Create a typed TypeScript function `{name}` which {ask}.",
+)
 
 
 def generate(seed: int) -> list[Example]:
@@ -183,8 +306,9 @@ def tsc_command() -> list[str] | None:
     return [found] if found else None
 
 
-def score_many(predictions: list[str], metas: list[dict[str, Any]], data_dir: Any = None, *,
-               timeout_s: float = 10) -> list[bool]:
+def score_many(
+    predictions: list[str], metas: list[dict[str, Any]], data_dir: Any = None, *, timeout_s: float = 10
+) -> list[bool]:
     """Type-checks all answers in one `tsc --strict` run, then runs each one's tests in Node.
 
     Raises:
@@ -192,19 +316,42 @@ def score_many(predictions: list[str], metas: list[dict[str, Any]], data_dir: An
     """
     tsc, node = tsc_command(), shutil.which("node")
     if tsc is None or node is None:
-        raise RuntimeError("TypeScript scoring needs node and tsc; run scripts/setup.sh (installs tsc in .tools/)")
+        raise RuntimeError(
+            "TypeScript scoring needs node and tsc; run scripts/setup.sh (installs tsc in .tools/)"
+        )
     with tempfile.TemporaryDirectory(prefix="expertserve-ts-") as tmp:
         root = Path(tmp)
         for i, (pred, meta) in enumerate(zip(predictions, metas, strict=True)):
-            checks = ",\n".join(f"  JSON.stringify({meta['name']}({args})) === JSON.stringify({want})"
-                                for args, want in meta["tests"])
-            harness = (f"{extract_code(pred)}\n\nexport const results: boolean[] = [\n{checks},\n];\n"
-                       f"console.log(JSON.stringify(results));\n")
+            checks = ",\n".join(
+                f"  JSON.stringify({meta['name']}({args})) === JSON.stringify({want})"
+                for args, want in meta["tests"]
+            )
+            harness = (
+                f"{extract_code(pred)}\n\nexport const results: boolean[] = [\n{checks},\n];\n"
+                f"console.log(JSON.stringify(results));\n"
+            )
             (root / f"c{i}.ts").write_text(harness)
         files = [f"c{i}.ts" for i in range(len(predictions))]
-        proc = subprocess.run([*tsc, "--strict", "--target", "es2020", "--module", "commonjs", "--outDir", "out",
-                               "--noEmitOnError", "false", "--skipLibCheck", *files],
-                              cwd=root, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                *tsc,
+                "--strict",
+                "--target",
+                "es2020",
+                "--module",
+                "commonjs",
+                "--outDir",
+                "out",
+                "--noEmitOnError",
+                "false",
+                "--skipLibCheck",
+                *files,
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         failed = {int(m) for m in re.findall(r"^c(\d+)\.ts\(", proc.stdout, flags=re.M)}
         scores = []
         for i in range(len(predictions)):
@@ -213,8 +360,13 @@ def score_many(predictions: list[str], metas: list[dict[str, Any]], data_dir: An
                 scores.append(False)
                 continue
             try:
-                run = subprocess.run([node, str(js)], capture_output=True, text=True, timeout=timeout_s,
-                                     env={**os.environ, "NODE_OPTIONS": ""})
+                run = subprocess.run(
+                    [node, str(js)],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout_s,
+                    env={**os.environ, "NODE_OPTIONS": ""},
+                )
                 last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else "[]"
                 results = json.loads(last)
                 scores.append(run.returncode == 0 and bool(results) and all(results))

@@ -27,8 +27,16 @@ def engine_environment(config: EngineConfig) -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def engine_kwargs(config: EngineConfig, *, model_dir: Path, max_lora_rank: int, prefix_caching: bool | None,
-                  reserved_loras: int = 0, batch: bool = False, seed: int | None = None) -> dict[str, Any]:
+def engine_kwargs(
+    config: EngineConfig,
+    *,
+    model_dir: Path,
+    max_lora_rank: int,
+    prefix_caching: bool | None,
+    reserved_loras: int = 0,
+    batch: bool = False,
+    seed: int | None = None,
+) -> dict[str, Any]:
     """Keyword arguments of `AsyncEngineArgs` (server) or `vllm.LLM` (batch).
 
     Args:
@@ -42,9 +50,13 @@ def engine_kwargs(config: EngineConfig, *, model_dir: Path, max_lora_rank: int, 
         seed: The engine's seed (batch evaluation is reproducible with it).
     """
     kwargs: dict[str, Any] = {
-        "model": str(model_dir), "dtype": config.dtype, "enable_lora": True,
-        "max_loras": config.max_loras + reserved_loras, "max_lora_rank": lora_rank_slot(max_lora_rank),
-        "enable_prompt_embeds": True, "enforce_eager": config.enforce_eager,
+        "model": str(model_dir),
+        "dtype": config.dtype,
+        "enable_lora": True,
+        "max_loras": config.max_loras + reserved_loras,
+        "max_lora_rank": lora_rank_slot(max_lora_rank),
+        "enable_prompt_embeds": True,
+        "enforce_eager": config.enforce_eager,
         "structured_outputs_config": dict(STRUCTURED_OUTPUTS),
     }
     if not batch:

@@ -32,20 +32,39 @@ class GenerationRequest:
 class BatchEngine:
     """vllm.LLM with multi-LoRA, prompt embeddings and xgrammar structured outputs."""
 
-    def __init__(self, model_dir: Path, *, max_lora_rank: int = 16, max_loras: int = 4, dtype: str = "auto",
-                 max_model_len: int | None = None, seed: int = 0):
-        config = EngineConfig.model_validate({"dtype": dtype, "max_loras": max_loras, "max_model_len": max_model_len,
-                                              "enforce_eager": True})
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        max_lora_rank: int = 16,
+        max_loras: int = 4,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ):
+        config = EngineConfig.model_validate(
+            {"dtype": dtype, "max_loras": max_loras, "max_model_len": max_model_len, "enforce_eager": True}
+        )
         engine_environment(config)
         from vllm import LLM
 
         from expertserve.engine.embeddings import PromptEmbedder, load_input_embeddings
 
         self.model_dir = model_dir
-        self.llm = LLM(**engine_kwargs(config, model_dir=model_dir, max_lora_rank=max_lora_rank, prefix_caching=None,
-                                       batch=True, seed=seed))
+        self.llm = LLM(
+            **engine_kwargs(
+                config,
+                model_dir=model_dir,
+                max_lora_rank=max_lora_rank,
+                prefix_caching=None,
+                batch=True,
+                seed=seed,
+            )
+        )
         self.tokenizer = self.llm.get_tokenizer()
-        self.embedder = PromptEmbedder(load_input_embeddings(model_dir), self.llm.llm_engine.model_config.dtype)
+        self.embedder = PromptEmbedder(
+            load_input_embeddings(model_dir), self.llm.llm_engine.model_config.dtype
+        )
 
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
         """Completions in order. Callers keep base-model and adapter requests in separate calls (the CPU
@@ -54,7 +73,9 @@ class BatchEngine:
 
         prompts = [self.prompt(r) for r in requests]
         loras = [LoRARequest(*r.lora) if r.lora else None for r in requests]
-        outputs = self.llm.generate(prompts, [r.sampling for r in requests], lora_request=loras, use_tqdm=False)
+        outputs = self.llm.generate(
+            prompts, [r.sampling for r in requests], lora_request=loras, use_tqdm=False
+        )
         return [o.outputs[0].text for o in outputs]
 
     def prompt(self, request: GenerationRequest) -> dict[str, Any]:

@@ -14,29 +14,39 @@ class EngineConfig(StrictModel):
     """The vLLM engine each replica holds."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Weights and activations dtype ('float32' for token-exact parity tests).")
-    max_model_len: int | None = Field(default=None, ge=16, description="Context length; default: the model's.")
+        default="auto", description="Weights and activations dtype ('float32' for token-exact parity tests)."
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Context length; default: the model's."
+    )
     max_loras: int = Field(default=4, ge=1, description="Adapters active in one batch (GPU/CPU LoRA slots).")
     max_cpu_loras: int = Field(default=16, ge=1, description="Adapters kept loaded in host memory.")
     max_lora_rank: int | None = Field(
-        default=None, ge=1, description="Largest LoRA rank; default: derived from the registry's experts.")
+        default=None, ge=1, description="Largest LoRA rank; default: derived from the registry's experts."
+    )
     max_num_seqs: int = Field(default=32, ge=1, description="Sequences per engine step.")
-    kv_cache_gib: int = Field(default=1, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB).")
+    kv_cache_gib: int = Field(
+        default=1, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB)."
+    )
     enforce_eager: bool = Field(default=True, description="Skip torch.compile (faster start).")
     prefix_caching: bool | None = Field(
         default=None,
-        description="Prefix caching; default: on when an expert sets runtime.requires_kv_cache_persistence.")
+        description="Prefix caching; default: on when an expert sets runtime.requires_kv_cache_persistence.",
+    )
     isolate_inference_cores: bool = Field(
         default=True,
         description="On CPU, with the Ray that `expertserve serve` starts: keep Ray's processes off the cores vLLM "
-        "binds its inference threads to (see expertserve/serve/cpu_affinity.py). No effect on GPU or on a cluster.")
+        "binds its inference threads to (see expertserve/serve/cpu_affinity.py). No effect on GPU or on a cluster.",
+    )
     in_process: bool = Field(
         default=False,
-        description="Run the engine core in the replica's process (starts in seconds; one CPU thread). For tests.")
+        description="Run the engine core in the replica's process (starts in seconds; one CPU thread). For tests.",
+    )
     zero_adapter_for_base: bool | None = Field(
         default=None,
         description="Send base-model requests through an all-zero LoRA adapter. Default: on CPU, where vLLM's "
-        "CPU LoRA kernels compute base rows of a mixed batch with the last adapter slot.")
+        "CPU LoRA kernels compute base rows of a mixed batch with the last adapter slot.",
+    )
 
 
 class EngineSettings(StrictModel):

@@ -22,14 +22,19 @@ def load_input_embeddings(model_dir: Path) -> torch.Tensor:
     from safetensors import safe_open
 
     index = model_dir / "model.safetensors.index.json"
-    files = ([model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-             if index.exists() else sorted(model_dir.glob("*.safetensors")))
+    files = (
+        [model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        if index.exists()
+        else sorted(model_dir.glob("*.safetensors"))
+    )
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in EMBED_KEYS:
                 if key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                     return f.get_tensor(key)
-    raise FileNotFoundError(f"{model_dir}: no input embedding tensor ({', '.join(EMBED_KEYS)}) in its safetensors")
+    raise FileNotFoundError(
+        f"{model_dir}: no input embedding tensor ({', '.join(EMBED_KEYS)}) in its safetensors"
+    )
 
 
 class PromptEmbedder:
@@ -51,9 +56,13 @@ class PromptEmbedder:
             ValueError: The soft prompt's width differs from the base model's hidden size.
         """
         if soft_prompt.shape[1] != self.hidden_size:
-            raise ValueError(f"soft prompt is {soft_prompt.shape[1]} wide; the base model's hidden size is "
-                             f"{self.hidden_size}")
-        return torch.cat([soft_prompt.to(self.dtype), self.embeddings[torch.tensor(token_ids, dtype=torch.long)]])
+            raise ValueError(
+                f"soft prompt is {soft_prompt.shape[1]} wide; the base model's hidden size is "
+                f"{self.hidden_size}"
+            )
+        return torch.cat(
+            [soft_prompt.to(self.dtype), self.embeddings[torch.tensor(token_ids, dtype=torch.long)]]
+        )
 
     def prompt(self, token_ids: list[int], soft_prompt: torch.Tensor | None) -> dict[str, Any]:
         """The vLLM prompt: token ids, or embeddings when the expert has a soft prompt (the one place that
@@ -65,5 +74,6 @@ class PromptEmbedder:
 
 def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """The chat template applied to `messages`, ready for the assistant's turn."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                         return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]

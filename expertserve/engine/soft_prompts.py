@@ -46,7 +46,9 @@ def load_soft_prompts(paths: Sequence[Path], hidden_size: int | None = None) -> 
     for path in paths:
         tensor = load_soft_prompt(Path(path))
         if hidden_size is not None and tensor.shape[1] != hidden_size:
-            raise ValueError(f"{path}: soft prompt is {tensor.shape[1]} wide; the base model's hidden size is "
-                             f"{hidden_size}")
+            raise ValueError(
+                f"{path}: soft prompt is {tensor.shape[1]} wide; the base model's hidden size is "
+                f"{hidden_size}"
+            )
         tensors.append(tensor)
     return torch.cat(tensors)

@@ -55,10 +55,15 @@ class VLLMExpertEngine(ExpertEngine):
         use_zero = config.zero_adapter_for_base
         if use_zero is None:
             use_zero = not torch.cuda.is_available()
-        args = AsyncEngineArgs(**engine_kwargs(config, model_dir=self.model_dir,
-                                               max_lora_rank=self.settings.max_lora_rank,
-                                               prefix_caching=self.settings.prefix_caching,
-                                               reserved_loras=1 if use_zero else 0))
+        args = AsyncEngineArgs(
+            **engine_kwargs(
+                config,
+                model_dir=self.model_dir,
+                max_lora_rank=self.settings.max_lora_rank,
+                prefix_caching=self.settings.prefix_caching,
+                reserved_loras=1 if use_zero else 0,
+            )
+        )
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = self.llm.model_config.max_model_len
@@ -81,9 +86,19 @@ class VLLMExpertEngine(ExpertEngine):
             tensors[f"{prefix}.lora_A.weight"] = torch.zeros(r, hidden)
             tensors[f"{prefix}.lora_B.weight"] = torch.zeros(hidden, r)
         save_file(tensors, str(out / "adapter_model.safetensors"))
-        (out / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ["q_proj"], "bias": "none",
-            "base_model_name_or_path": str(self.model_dir), "task_type": "CAUSAL_LM"}))
+        (out / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "r": r,
+                    "lora_alpha": r,
+                    "target_modules": ["q_proj"],
+                    "bias": "none",
+                    "base_model_name_or_path": str(self.model_dir),
+                    "task_type": "CAUSAL_LM",
+                }
+            )
+        )
         return LoRARequest(ZERO_ADAPTER, 1, str(out))
 
     async def load_expert(self, spec: ExpertSpec) -> VLLMExpert:
@@ -96,7 +111,9 @@ class VLLMExpertEngine(ExpertEngine):
         lora = None
         try:
             if spec.adapter_dir:
-                lora = LoRARequest(spec.key, self._lora_ids.setdefault(spec.key, next(self._ids)), spec.adapter_dir)
+                lora = LoRARequest(
+                    spec.key, self._lora_ids.setdefault(spec.key, next(self._ids)), spec.adapter_dir
+                )
                 await self.llm.add_lora(lora)
             soft = load_soft_prompts([Path(p) for p in spec.soft_prompt_files], self.embedder.hidden_size)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -120,13 +137,22 @@ class VLLMExpertEngine(ExpertEngine):
             async for out in self.llm.generate(prompt, params, request.request_id, lora_request=lora):
                 for choice in out.outputs:
                     completion_tokens[choice.index] += len(choice.token_ids)
-                    yield Chunk(choice.index, choice.text, tuple(choice.token_ids), choice.finish_reason,
-                                prompt_tokens, completion_tokens[choice.index], load_seconds)
+                    yield Chunk(
+                        choice.index,
+                        choice.text,
+                        tuple(choice.token_ids),
+                        choice.finish_reason,
+                        prompt_tokens,
+                        completion_tokens[choice.index],
+                        load_seconds,
+                    )
         except (ValueError, RuntimeError, VLLMClientError) as e:
             # vLLM rejects a grammar or schema that does not compile at admission (VLLMValidationError).
             message = str(e).splitlines()[0][:500]
-            raise InvalidSampling(f"the request's output constraint or parameters were rejected: {message}",
-                                  param="response_format" if request.constraint.kind != "none" else None) from None
+            raise InvalidSampling(
+                f"the request's output constraint or parameters were rejected: {message}",
+                param="response_format" if request.constraint.kind != "none" else None,
+            ) from None
 
     def _sampling_params(self, request: EngineRequest, prompt_tokens: int) -> Any:
         """vLLM SamplingParams; max_tokens is what the request resolved, lowered to fit the context (or, when
@@ -143,9 +169,15 @@ class VLLMExpertEngine(ExpertEngine):
             sampling = sampling.with_max_tokens(room)
         extras = request.extras
         try:
-            return sampling_params(sampling.values(), request.constraint, n=extras.n, seed=extras.seed,
-                                   ignore_eos=extras.ignore_eos, output_kind=RequestOutputKind.DELTA,
-                                   **({"min_tokens": extras.min_tokens} if extras.min_tokens is not None else {}))
+            return sampling_params(
+                sampling.values(),
+                request.constraint,
+                n=extras.n,
+                seed=extras.seed,
+                ignore_eos=extras.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+                **({"min_tokens": extras.min_tokens} if extras.min_tokens is not None else {}),
+            )
         except ValueError as e:
             raise InvalidSampling(f"invalid sampling parameters: {e}") from None
 

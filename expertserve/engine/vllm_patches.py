@@ -37,8 +37,11 @@ class _CpuSafeGenerators(dict):
 
     def get(self, key, default=None):  # noqa: ANN001, ANN201
         gen = super().get(key, default)
-        return default if gen is not None and getattr(gen, "device", None) is not None and gen.device.type == "cpu" \
+        return (
+            default
+            if gen is not None and getattr(gen, "device", None) is not None and gen.device.type == "cpu"
             else gen
+        )
 
 
 def _patch_cpu_generator_rewind() -> None:

@@ -42,8 +42,15 @@ class EvalReport:
         return asdict(self)
 
 
-def evaluate(expert_dir: Path, *, limit: int | None = None, base_model_dir: Path | None = None,
-             base_model_id: str | None = None, write: bool = True, engine: Any = None) -> EvalReport:
+def evaluate(
+    expert_dir: Path,
+    *,
+    limit: int | None = None,
+    base_model_dir: Path | None = None,
+    base_model_id: str | None = None,
+    write: bool = True,
+    engine: Any = None,
+) -> EvalReport:
     """Scores base model and expert; writes quality_metrics into the manifest when `write`.
 
     Raises:
@@ -92,14 +99,29 @@ def evaluate(expert_dir: Path, *, limit: int | None = None, base_model_dir: Path
         ok = scorer.score_many(outputs, metas, test_file.parent)
         scores[name] = sum(ok) / len(ok)
         if name == "expert":
-            failures = [{"prompt": e["messages"][-2]["content"][-200:], "output": o, "gold": e["messages"][-1]["content"]}
-                        for e, o, good in zip(examples, outputs, ok, strict=True) if not good][:5]
+            failures = [
+                {
+                    "prompt": e["messages"][-2]["content"][-200:],
+                    "output": o,
+                    "gold": e["messages"][-1]["content"],
+                }
+                for e, o, good in zip(examples, outputs, ok, strict=True)
+                if not good
+            ][:5]
     if own_engine:
         engine.close()
-    report = EvalReport(m.name, scorer.metric, len(examples), scores["base"], scores["expert"],
-                        scores["expert"] - scores["base"],
-                        {k: v for k, v in scores.items() if k not in ("base", "expert")},
-                        describe(resolved, constraint), time.monotonic() - start, failures)
+    report = EvalReport(
+        m.name,
+        scorer.metric,
+        len(examples),
+        scores["base"],
+        scores["expert"],
+        scores["expert"] - scores["base"],
+        {k: v for k, v in scores.items() if k not in ("base", "expert")},
+        describe(resolved, constraint),
+        time.monotonic() - start,
+        failures,
+    )
     if write:
         write_quality_metrics(loaded.path, report)
     return report
@@ -109,16 +131,19 @@ def write_quality_metrics(manifest_file: Path, report: EvalReport) -> None:
     """Puts the scores into `quality_metrics`, keeping the rest of the manifest (comments included) as is."""
     raw = json.loads(manifest_file.read_text())
     qm = raw.setdefault("quality_metrics", {})
-    qm.update({
-        "benchmark_score": round(report.expert_score, 4),
-        "base_model_score": round(report.base_score, 4),
-        "improvement_percent": round(100 * report.improvement / report.base_score, 1) if report.base_score
-        else None,
-        "improvement_points": round(100 * report.improvement, 1),
-        "test_queries": report.n,
-        "test_date": dt.date.today().isoformat(),
-        "metric": report.metric,
-    })
+    qm.update(
+        {
+            "benchmark_score": round(report.expert_score, 4),
+            "base_model_score": round(report.base_score, 4),
+            "improvement_percent": round(100 * report.improvement / report.base_score, 1)
+            if report.base_score
+            else None,
+            "improvement_points": round(100 * report.improvement, 1),
+            "test_queries": report.n,
+            "test_date": dt.date.today().isoformat(),
+            "metric": report.metric,
+        }
+    )
     if qm["improvement_percent"] is None:
         del qm["improvement_percent"]
     for name, score in report.ablation.items():

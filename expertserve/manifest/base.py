@@ -56,5 +56,12 @@ class OpenMap(StrictModel):
 
 
 def _json_type(t: type) -> str:
-    return {int: "number", float: "number", str: "string", bool: "boolean", dict: "object",
-            list: "array", type(None): "null"}.get(t, t.__name__)
+    return {
+        int: "number",
+        float: "number",
+        str: "string",
+        bool: "boolean",
+        dict: "object",
+        list: "array",
+        type(None): "null",
+    }.get(t, t.__name__)

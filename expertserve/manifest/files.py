@@ -83,8 +83,10 @@ def check_files(manifest: ExpertManifest, root: Path, *, datasets: bool = True) 
         weights = root / adapter.path / ADAPTER_WEIGHTS
         if weights.is_file():
             if adapter.size_bytes and weights.stat().st_size != adapter.size_bytes:
-                problems.append(f"{where}.size_bytes: {adapter.size_bytes} but {weights} has "
-                                f"{weights.stat().st_size} bytes")
+                problems.append(
+                    f"{where}.size_bytes: {adapter.size_bytes} but {weights} has "
+                    f"{weights.stat().st_size} bytes"
+                )
             if adapter.sha256 and sha256_file(weights) != adapter.sha256:
                 problems.append(f"{where}.sha256: does not match {weights}")
     return problems

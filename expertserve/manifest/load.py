@@ -54,7 +54,9 @@ def load_manifest(path: str | Path) -> LoadedManifest:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ManifestError(str(file), ["file not found (an expert directory needs a manifest.json)"]) from None
+        raise ManifestError(
+            str(file), ["file not found (an expert directory needs a manifest.json)"]
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(str(file), [f"cannot read: {e}"]) from None
     raw = parse_json(text, str(file))
@@ -75,7 +77,9 @@ def parse_json(text: str, source: str) -> dict[str, Any]:
     try:
         data = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
-        raise ManifestError(source, [f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"]) from None
+        raise ManifestError(
+            source, [f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"]
+        ) from None
     if not isinstance(data, dict):
         raise ManifestError(source, [f"expected a JSON object at the top level, got {type(data).__name__}"])
     return data
@@ -152,7 +156,11 @@ def _is_short_scalar(value: object) -> bool:
 
 
 def _model_classes() -> list[type[BaseModel]]:
-    return [c for c in vars(m).values() if isinstance(c, type) and issubclass(c, BaseModel) and c.__module__ == m.__name__]
+    return [
+        c
+        for c in vars(m).values()
+        if isinstance(c, type) and issubclass(c, BaseModel) and c.__module__ == m.__name__
+    ]
 
 
 _LEADING_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.*)$", re.DOTALL)

@@ -75,7 +75,9 @@ class Adapter(StrictModel):
         default=None, description="IA3 only: the subset of target_modules that are feed-forward layers."
     )
     r: Int | None = Field(default=None, ge=1, le=256, description="Rank (LoRA/DoRA/LoKr/AdaLoRA; not IA3).")
-    alpha: Int | None = Field(default=None, ge=1, description="Alpha scaling (LoRA/DoRA/LoKr/AdaLoRA; not IA3).")
+    alpha: Int | None = Field(
+        default=None, ge=1, description="Alpha scaling (LoRA/DoRA/LoKr/AdaLoRA; not IA3)."
+    )
     scaling: Literal["default", "standard", "dora", "learned"] | None = Field(
         default=None, description="Scaling method."
     )
@@ -83,7 +85,9 @@ class Adapter(StrictModel):
     use_dora: Bool | None = Field(default=None, description="Weight-decomposed LoRA (DoRA).")
     checkpoint_step: Int | None = Field(default=None, ge=0, description="Training step of these weights.")
     size_bytes: Int | None = Field(default=None, ge=0, description="Size of the adapter weights in bytes.")
-    sha256: Str | None = Field(default=None, pattern=SHA256_PATTERN, description="SHA-256 of the weights file.")
+    sha256: Str | None = Field(
+        default=None, pattern=SHA256_PATTERN, description="SHA-256 of the weights file."
+    )
     path: RelPath = Field(
         default=".",
         description="expertserve extension: directory of the PEFT adapter (adapter_config.json and "
@@ -138,7 +142,8 @@ class BaseModelV2(BaseModelV1):
         "schema rejects it too): Qwen3 uses ChatML, write 'chatml'.",
     )
     adapters: list[Adapter] = Field(
-        min_length=1, max_length=1,
+        min_length=1,
+        max_length=1,
         description="The expert's adapter for this base model (exactly one: a request runs one adapter).",
     )
 
@@ -172,7 +177,9 @@ class Routing(StrictModel):
     """What the router matches requests against."""
 
     keywords: list[Str] = Field(min_length=1, description="Words or phrases that point to this expert.")
-    exclude_keywords: list[Str] = Field(default_factory=list, description="Phrases that rule this expert out.")
+    exclude_keywords: list[Str] = Field(
+        default_factory=list, description="Phrases that rule this expert out."
+    )
     router_hint: Str | None = Field(
         default=None, description="Boolean expression hint of the reference router, e.g. 'task=text2sql'."
     )
@@ -196,7 +203,9 @@ class Constraints(StrictModel):
 
     max_chain: Int | None = Field(default=None, ge=1, description="Maximum chain depth of composed experts.")
     load_order: Int = Field(default=0, ge=0, description="Loading priority (lower loads first).")
-    incompatible_with: list[Str] = Field(default_factory=list, description="Experts that cannot load with it.")
+    incompatible_with: list[Str] = Field(
+        default_factory=list, description="Experts that cannot load with it."
+    )
     requires: list[Str] = Field(default_factory=list, description="Experts it depends on.")
 
 
@@ -293,7 +302,9 @@ class Dataset(StrictModel):
 
     path: Str | None = Field(default=None, description="Training file, relative to the expert directory.")
     type: Literal["single", "multi_task"] | None = Field(default=None, description="Single or multi-task.")
-    format: Literal["jsonl", "huggingface", "csv", "parquet"] | None = Field(default=None, description="Format.")
+    format: Literal["jsonl", "huggingface", "csv", "parquet"] | None = Field(
+        default=None, description="Format."
+    )
     streaming: Bool | None = Field(default=None, description="Stream the data during training.")
     source: Str | None = Field(default=None, description="Provenance, free text.")
     sources: list[DatasetSource] | None = Field(default=None, description="Breakdown by source.")
@@ -326,8 +337,8 @@ class TrainingConfig(StrictModel):
     gradient_accumulation_steps: Int | None = Field(default=None, ge=1, description="Steps per update.")
     warmup_steps: Int | None = Field(default=None, ge=0, description="Warm-up steps.")
     warmup_ratio: Num | None = Field(default=None, ge=0, le=1, description="Warm-up share (wins over steps).")
-    lr_scheduler: Literal["linear", "cosine", "constant", "polynomial", "cosine_with_restarts"] | None = Field(
-        default=None, description="Learning-rate schedule."
+    lr_scheduler: Literal["linear", "cosine", "constant", "polynomial", "cosine_with_restarts"] | None = (
+        Field(default=None, description="Learning-rate schedule.")
     )
     dropout: Num | None = Field(default=None, ge=0.0, le=1.0, description="Adapter dropout in training.")
     max_seq_length: Int | None = Field(default=None, ge=1, description="Longest tokenised example.")
@@ -352,7 +363,9 @@ class TrainingConfig(StrictModel):
     save_strategy: Literal["no", "steps", "epoch"] | None = Field(default=None, description="When to save.")
     save_steps: Int | None = Field(default=None, ge=1, description="Steps between checkpoints.")
     save_total_limit: Int | None = Field(default=None, ge=1, description="Checkpoints kept (null: all).")
-    evaluation_strategy: Literal["no", "steps", "epoch"] | None = Field(default=None, description="When to eval.")
+    evaluation_strategy: Literal["no", "steps", "epoch"] | None = Field(
+        default=None, description="When to eval."
+    )
     eval_steps: Int | None = Field(default=None, ge=1, description="Steps between evaluations.")
     load_best_model_at_end: Bool | None = Field(default=None, description="Keep the best checkpoint.")
     metric_for_best_model: Str | None = Field(default=None, description="Metric that picks the best.")
@@ -365,7 +378,9 @@ class TrainingConfig(StrictModel):
     use_cuda_graphs: Bool | None = Field(default=None, description="CUDA graphs.")
     cuda_graph_warmup_steps: Int | None = Field(default=None, ge=0, description="Steps before CUDA graphs.")
     pretokenized_cache: Str | None = Field(default=None, description="Pre-tokenised dataset cache path.")
-    seed: Int | None = Field(default=None, ge=0, description="expertserve extension: random seed of training.")
+    seed: Int | None = Field(
+        default=None, ge=0, description="expertserve extension: random seed of training."
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> TrainingConfig:
@@ -394,9 +409,9 @@ class Decoding(StrictModel):
         default=None,
         description="Constrain output with the grammar. Unset: on when grammar_file or json_schema is set.",
     )
-    grammar_type: Literal["json", "gbnf", "sql", "sql-postgres", "sql-mysql", "cypher", "typescript", "python"] | None = (
-        Field(default=None, description="What the grammar describes; 'json' alone means any JSON object.")
-    )
+    grammar_type: (
+        Literal["json", "gbnf", "sql", "sql-postgres", "sql-mysql", "cypher", "typescript", "python"] | None
+    ) = Field(default=None, description="What the grammar describes; 'json' alone means any JSON object.")
     grammar_file: Str | None = Field(default=None, description="GBNF grammar file, relative to the expert.")
     json_schema: dict[str, Any] | None = Field(
         default=None, description="expertserve extension: inline JSON schema the output must match."
@@ -411,12 +426,16 @@ class Decoding(StrictModel):
     stop_sequences: list[Annotated[Str, Field(min_length=1)]] | None = Field(
         default=None, description="Strings that end generation."
     )
-    temperature: Num | None = Field(default=None, ge=0.0, le=2.0, description="Sampling temperature (0: greedy).")
+    temperature: Num | None = Field(
+        default=None, ge=0.0, le=2.0, description="Sampling temperature (0: greedy)."
+    )
     top_p: Num | None = Field(
         default=None, gt=0.0, le=1.0, description="Nucleus sampling mass (the engine needs more than 0)."
     )
     top_k: Int | None = Field(default=None, ge=0, description="Top-k limit (0: no limit).")
-    min_p: Num | None = Field(default=None, ge=0.0, le=1.0, description="expertserve extension: min-p sampling.")
+    min_p: Num | None = Field(
+        default=None, ge=0.0, le=1.0, description="expertserve extension: min-p sampling."
+    )
     repetition_penalty: Num | None = Field(
         default=None, gt=0.0, le=2.0, description="expertserve extension: repetition penalty (1: none)."
     )
@@ -426,7 +445,9 @@ class Decoding(StrictModel):
     frequency_penalty: Num | None = Field(
         default=None, ge=-2.0, le=2.0, description="expertserve extension: frequency penalty."
     )
-    max_tokens: Int | None = Field(default=None, ge=1, description="expertserve extension: default output cap.")
+    max_tokens: Int | None = Field(
+        default=None, ge=1, description="expertserve extension: default output cap."
+    )
 
     @field_validator("grammar_file", "json_schema_file")
     @classmethod
@@ -435,9 +456,13 @@ class Decoding(StrictModel):
 
     @model_validator(mode="after")
     def _rules(self) -> Decoding:
-        given = [n for n in ("grammar_file", "json_schema", "json_schema_file") if getattr(self, n) is not None]
+        given = [
+            n for n in ("grammar_file", "json_schema", "json_schema_file") if getattr(self, n) is not None
+        ]
         if len(given) > 1:
-            raise ValueError(f"{given[1]}: {' and '.join(given)} are both set; an expert has one output constraint")
+            raise ValueError(
+                f"{given[1]}: {' and '.join(given)} are both set; an expert has one output constraint"
+            )
         if self.validation_cmd is not None and self.validation in (None, "none"):
             raise ValueError("validation_cmd: set, but validation is unset or 'none'")
         return self
@@ -580,9 +605,13 @@ class ExpertManifest(StrictModel):
         inferred = "1.0" if v1 else "2.0"
         if self.schema_version is not None and self.schema_version != inferred:
             key = "base_model" if v1 else "base_models"
-            raise ValueError(f"schema_version: {self.schema_version!r} does not match {key} (schema {inferred})")
+            raise ValueError(
+                f"schema_version: {self.schema_version!r} does not match {key} (schema {inferred})"
+            )
         if v2 and self.adapters is not None:
-            raise ValueError("adapters: top-level adapters is schema 1.0; in 2.0 they go in base_models[].adapters")
+            raise ValueError(
+                "adapters: top-level adapters is schema 1.0; in 2.0 they go in base_models[].adapters"
+            )
         if v1 and self.adapters is None:
             raise ValueError("adapters: required in schema 1.0 (the expert's adapter)")
         names = [sp.name for sp in self.soft_prompts]

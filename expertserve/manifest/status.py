@@ -25,7 +25,9 @@ Status = Literal["active", "planned", "not applicable"]
 
 # Components that exist in this build, and the ones still to come. Adding a component here turns every
 # field it applies from `planned` into `active`.
-IMPLEMENTED: frozenset[str] = frozenset({"registry", "package", "validate", "train", "eval", "serve", "router"})
+IMPLEMENTED: frozenset[str] = frozenset(
+    {"registry", "package", "validate", "train", "eval", "serve", "router"}
+)
 COMPONENTS: dict[str, str] = {
     "registry": "the expert registry",
     "package": "`.expert` packaging",
@@ -83,8 +85,10 @@ Verdict = Uses | NotApplicable
 Rule = Verdict | Callable[[Any, RuntimeContext], Verdict]
 
 META = Uses(("registry", "package"), "metadata: listed by validate and the registry, kept in packages")
-BASE_HASH = ("not checked per expert: the served base model is set by the server config and verified when "
-             "prepared (`expertserve models prepare`)")
+BASE_HASH = (
+    "not checked per expert: the served base model is set by the server config and verified when "
+    "prepared (`expertserve models prepare`)"
+)
 
 
 def _uses(*components: str) -> Callable[[str], Uses]:
@@ -118,7 +122,9 @@ def _adapter_type(value: str, ctx: RuntimeContext) -> Verdict:
     if value == "lora":
         return TRAIN_SERVE("PEFT LoRA in training; vLLM multi-LoRA in serving")
     if value in ("dora", "ia3"):
-        return TRAIN(f"PEFT {value.upper()} in training; serving: not servable, vLLM serves LoRA adapters only")
+        return TRAIN(
+            f"PEFT {value.upper()} in training; serving: not servable, vLLM serves LoRA adapters only"
+        )
     return NotApplicable(f"{value!r} adapters are not supported: expertserve trains lora, dora and ia3")
 
 
@@ -133,8 +139,10 @@ def _attention_kernel(value: str, ctx: RuntimeContext) -> Verdict:
         return NotApplicable(
             f"{value!r} cannot be chosen on {ctx.device}: vLLM's CPU backend has a single attention implementation"
         )
-    return NotApplicable(f"vLLM picks its attention backend for the GPU itself (FLASH_ATTN where supported); one "
-                         f"engine serves every expert, so an expert's {value!r} preference is not applied")
+    return NotApplicable(
+        f"vLLM picks its attention backend for the GPU itself (FLASH_ATTN where supported); one "
+        f"engine serves every expert, so an expert's {value!r} preference is not applied"
+    )
 
 
 def _grammar_type(value: str, ctx: RuntimeContext) -> Verdict:
@@ -142,8 +150,11 @@ def _grammar_type(value: str, ctx: RuntimeContext) -> Verdict:
         return SERVE("without grammar_file/json_schema: any JSON object (structured outputs json_object)")
     if value == "gbnf":
         return SERVE("grammar_file is a GBNF grammar (xgrammar)")
-    return Uses(("validate",), f"label of grammar_file; expertserve has no built-in {value!r} grammar, "
-                "so without grammar_file nothing is enforced")
+    return Uses(
+        ("validate",),
+        f"label of grammar_file; expertserve has no built-in {value!r} grammar, "
+        "so without grammar_file nothing is enforced",
+    )
 
 
 def _method(value: str, ctx: RuntimeContext) -> Verdict:
@@ -185,19 +196,29 @@ RULES: dict[str, Rule] = {
     "capabilities": ROUTER("capability tags (after the ':') are matched as keywords against the request"),
     # Base models and adapters
     "base_model.name": Uses(("registry",), "the expert is offered only on a server running this base model"),
-    "base_models[].name": Uses(("registry",), "the expert is offered only on a server running this base model"),
+    "base_models[].name": Uses(
+        ("registry",), "the expert is offered only on a server running this base model"
+    ),
     "base_model.sha256": _empty_or(NotApplicable(BASE_HASH)),
     "base_models[].sha256": _empty_or(NotApplicable(BASE_HASH)),
-    "base_model.quantization": NotApplicable("one engine serves every expert: the base model's precision is a "
-                                             "server setting that an expert cannot change"),
-    "base_models[].quantization": NotApplicable("one engine serves every expert: the base model's precision is "
-                                                "a server setting that an expert cannot change"),
-    "base_model.rope_scaling": NotApplicable("RoPE scaling comes from the base model's config.json; an adapter "
-                                             "cannot change it"),
-    "base_models[].rope_scaling": NotApplicable("RoPE scaling comes from the base model's config.json; an "
-                                                "adapter cannot change it"),
-    "base_models[].prompt_template": NotApplicable("training and serving both format prompts with the base "
-                                                   "model's own chat template, so they always match"),
+    "base_model.quantization": NotApplicable(
+        "one engine serves every expert: the base model's precision is a "
+        "server setting that an expert cannot change"
+    ),
+    "base_models[].quantization": NotApplicable(
+        "one engine serves every expert: the base model's precision is "
+        "a server setting that an expert cannot change"
+    ),
+    "base_model.rope_scaling": NotApplicable(
+        "RoPE scaling comes from the base model's config.json; an adapter cannot change it"
+    ),
+    "base_models[].rope_scaling": NotApplicable(
+        "RoPE scaling comes from the base model's config.json; an adapter cannot change it"
+    ),
+    "base_models[].prompt_template": NotApplicable(
+        "training and serving both format prompts with the base "
+        "model's own chat template, so they always match"
+    ),
     "adapters[].type": _adapter_type,
     "adapters[].target_modules": TRAIN("PEFT target_modules; the server reads them from adapter_config.json"),
     "adapters[].feedforward_modules": TRAIN("PEFT IA3 feedforward_modules"),
@@ -209,56 +230,79 @@ RULES: dict[str, Rule] = {
     "adapters[].checkpoint_step": META,
     "adapters[].size_bytes": _empty_or(Uses(("validate",), "validate --strict checks the weights' size")),
     "adapters[].sha256": _empty_or(Uses(("validate",), "validate --strict checks the weights' SHA-256")),
-    "adapters[].path": Uses(("registry", "package"), "where the adapter's files are; packaged with the expert"),
+    "adapters[].path": Uses(
+        ("registry", "package"), "where the adapter's files are; packaged with the expert"
+    ),
     # Soft prompts
     "soft_prompts[].name": Uses(("registry",), "identifies the soft prompt"),
-    "soft_prompts[].path": Uses(("registry", "package"), "weights file; packaged; validate --strict checks it"),
-    "soft_prompts[].tokens": Uses(("validate", "train", "serve"),
-                                  "virtual tokens; validate --strict checks the tensor is [tokens, hidden]"),
+    "soft_prompts[].path": Uses(
+        ("registry", "package"), "weights file; packaged; validate --strict checks it"
+    ),
+    "soft_prompts[].tokens": Uses(
+        ("validate", "train", "serve"),
+        "virtual tokens; validate --strict checks the tensor is [tokens, hidden]",
+    ),
     "soft_prompts[].init_method": TRAIN("initialisation of the trainable embeddings"),
     "soft_prompts[].init_text": TRAIN("text embedded to initialise the soft prompt"),
     "soft_prompts[].purpose": META,
     # Routing
     "routing.keywords": ROUTER("keyword matching, whole words and phrases"),
     "routing.exclude_keywords": ROUTER("rules the expert out when present"),
-    "routing.router_hint": NotApplicable("the router scores keywords, examples and capabilities; it does not "
-                                         "evaluate the reference router's hint expressions"),
+    "routing.router_hint": NotApplicable(
+        "the router scores keywords, examples and capabilities; it does not "
+        "evaluate the reference router's hint expressions"
+    ),
     "routing.priority": ROUTER("a small bonus that breaks ties between experts"),
-    "routing.examples": ROUTER("example prompts for semantic matching (with the description and sampled "
-                               "training prompts)"),
+    "routing.examples": ROUTER(
+        "example prompts for semantic matching (with the description and sampled training prompts)"
+    ),
     # Constraints, performance, runtime
     "constraints.max_chain": NotApplicable("one expert answers a request; experts are not chained"),
-    "constraints.load_order": NotApplicable("adapters load on an expert's first request on each replica (Serve "
-                                            "multiplexing); there is no preload order"),
+    "constraints.load_order": NotApplicable(
+        "adapters load on an expert's first request on each replica (Serve "
+        "multiplexing); there is no preload order"
+    ),
     "constraints.incompatible_with": NotApplicable("one expert answers a request; experts are not composed"),
     "constraints.requires": NotApplicable("one expert answers a request; experts are not composed"),
     "perf.latency_ms_overhead": NotApplicable("measured by `expertserve bench`, not taken from the manifest"),
-    "perf.vram_mb_overhead": NotApplicable("the engine sizes adapter memory from max_loras and max_lora_rank"),
+    "perf.vram_mb_overhead": NotApplicable(
+        "the engine sizes adapter memory from max_loras and max_lora_rank"
+    ),
     "perf.supported_batch_sizes": NotApplicable("vLLM batches continuously; there are no fixed batch sizes"),
     "runtime.candle_compatible": NotApplicable("expertserve runs on vLLM, not on the Candle runtime"),
-    "runtime.requires_kv_cache_persistence": SERVE("turns on prefix caching; an expert's requests go to replicas "
-                                                   "that already hold it (Serve multiplexing), so its conversations "
-                                                   "find their cached prefixes"),
+    "runtime.requires_kv_cache_persistence": SERVE(
+        "turns on prefix caching; an expert's requests go to replicas "
+        "that already hold it (Serve multiplexing), so its conversations "
+        "find their cached prefixes"
+    ),
     "runtime.attention_kernel": _attention_kernel,
     # Training data
     "training.dataset.path": TRAIN("training split (JSONL chat examples)"),
     "training.dataset.validation_path": TRAIN("validation split: eval loss on its first 64 examples"),
     "training.dataset.test_path": Uses(("eval",), "held-out test split scored by `expertserve eval`"),
-    "training.dataset.type": lambda v, ctx: TRAIN("one dataset") if v == "single" else NotApplicable(
-        "multi-task datasets are not read; train uses path / validation_path / test_path"),
+    "training.dataset.type": lambda v, ctx: (
+        TRAIN("one dataset")
+        if v == "single"
+        else NotApplicable("multi-task datasets are not read; train uses path / validation_path / test_path")
+    ),
     "training.dataset.format": _dataset_format,
     "training.dataset.streaming": NotApplicable("datasets are read whole; streaming is not implemented"),
     "training.dataset.source": META,
     "training.dataset.sources": META,
-    "training.dataset.field_mapping": NotApplicable("datasets are chat JSONL ({'messages': [...]}); fields are "
-                                                    "not remapped"),
+    "training.dataset.field_mapping": NotApplicable(
+        "datasets are chat JSONL ({'messages': [...]}); fields are not remapped"
+    ),
     "training.dataset.tasks": NotApplicable("multi-task datasets are not read"),
     "training.dataset.validation.validate_json": NotApplicable("dataset checks run in the generator scripts"),
-    "training.dataset.validation.validate_schema": NotApplicable("dataset checks run in the generator scripts"),
+    "training.dataset.validation.validate_schema": NotApplicable(
+        "dataset checks run in the generator scripts"
+    ),
     "training.dataset.validation.deduplicate": NotApplicable("dataset checks run in the generator scripts"),
     "training.dataset.validation.min_length": NotApplicable("dataset checks run in the generator scripts"),
     "training.dataset.validation.max_length": NotApplicable("dataset checks run in the generator scripts"),
-    "training.dataset.augmentation.schema_injection_prob": NotApplicable("data augmentation is not implemented"),
+    "training.dataset.augmentation.schema_injection_prob": NotApplicable(
+        "data augmentation is not implemented"
+    ),
     "training.dataset.augmentation.table_aliases": NotApplicable("data augmentation is not implemented"),
     "training.dataset.augmentation.comment_stripping": NotApplicable("data augmentation is not implemented"),
     "training.dataset.augmentation.case_normalization": NotApplicable("data augmentation is not implemented"),
@@ -284,21 +328,33 @@ RULES: dict[str, Rule] = {
     "training.config.lr_scheduler": TRAIN("learning-rate schedule"),
     "training.config.dropout": TRAIN("adapter dropout"),
     "training.config.max_seq_length": TRAIN("examples are cut to this many tokens"),
-    "training.config.dataloader_num_workers": NotApplicable("examples are tokenised in memory; no loader workers"),
-    "training.config.dataloader_pin_memory": NotApplicable("examples are tokenised in memory; no loader workers"),
-    "training.config.dataloader_prefetch_factor": NotApplicable("examples are tokenised in memory; no loader"),
-    "training.config.dataloader_persistent_workers": NotApplicable("examples are tokenised in memory; no loader"),
+    "training.config.dataloader_num_workers": NotApplicable(
+        "examples are tokenised in memory; no loader workers"
+    ),
+    "training.config.dataloader_pin_memory": NotApplicable(
+        "examples are tokenised in memory; no loader workers"
+    ),
+    "training.config.dataloader_prefetch_factor": NotApplicable(
+        "examples are tokenised in memory; no loader"
+    ),
+    "training.config.dataloader_persistent_workers": NotApplicable(
+        "examples are tokenised in memory; no loader"
+    ),
     "training.config.fp16": _cuda_only("float16 training"),
     "training.config.bf16": _method_flag("bf16", TRAIN("bfloat16 autocast")),
     "training.config.use_tf32": _cuda_only("TF32 matmuls"),
     "training.config.use_sdpa": _method_flag("sdpa", TRAIN("attn_implementation='sdpa'")),
-    "training.config.flash_attention_2": NotApplicable("flash-attn is not a dependency; sdpa is used, which picks "
-                                                       "flash kernels itself where the GPU has them"),
+    "training.config.flash_attention_2": NotApplicable(
+        "flash-attn is not a dependency; sdpa is used, which picks "
+        "flash kernels itself where the GPU has them"
+    ),
     "training.config.memory_efficient_attention": NotApplicable("sdpa picks memory-efficient kernels itself"),
     "training.config.memory_clear_every": NotApplicable("no manual cache clearing; the runs are short"),
     "training.config.packing": NotApplicable("each example is its own sequence; packing is not implemented"),
     "training.config.optim": _optim,
-    "training.config.group_by_length": NotApplicable("batches are shuffled; length grouping is not implemented"),
+    "training.config.group_by_length": NotApplicable(
+        "batches are shuffled; length grouping is not implemented"
+    ),
     "training.config.logging_steps": TRAIN("steps between progress lines"),
     "training.config.max_steps": TRAIN("stops after this many optimizer steps"),
     "training.config.save_strategy": TRAIN("when checkpoints are reported to Ray Train"),
@@ -307,12 +363,16 @@ RULES: dict[str, Rule] = {
     "training.config.evaluation_strategy": TRAIN("when validation loss is computed"),
     "training.config.eval_steps": TRAIN("steps between validation losses"),
     "training.config.load_best_model_at_end": TRAIN("keeps the checkpoint with the best metric"),
-    "training.config.metric_for_best_model": lambda v, ctx: TRAIN("metric that picks the best checkpoint") if v in (
-        "eval_loss", "loss") else NotApplicable(f"training reports eval_loss and loss, not {v!r}; the last "
-                                                "checkpoint is kept"),
+    "training.config.metric_for_best_model": lambda v, ctx: (
+        TRAIN("metric that picks the best checkpoint")
+        if v in ("eval_loss", "loss")
+        else NotApplicable(f"training reports eval_loss and loss, not {v!r}; the last checkpoint is kept")
+    ),
     "training.config.greater_is_better": TRAIN("direction of that metric"),
     "training.config.gradient_checkpointing": TRAIN("recompute activations to save memory"),
-    "training.config.activation_checkpointing": NotApplicable("only whole-model gradient_checkpointing is offered"),
+    "training.config.activation_checkpointing": NotApplicable(
+        "only whole-model gradient_checkpointing is offered"
+    ),
     "training.config.torch_compile": NotApplicable("torch.compile is not used in training"),
     "training.config.torch_compile_backend": NotApplicable("torch.compile is not used in training"),
     "training.config.torch_compile_mode": NotApplicable("torch.compile is not used in training"),
@@ -326,23 +386,33 @@ RULES: dict[str, Rule] = {
     "training.decoding.grammar_file": SERVE_EVAL("GBNF grammar enforced with xgrammar structured outputs"),
     "training.decoding.json_schema": SERVE_EVAL("JSON schema enforced with structured outputs"),
     "training.decoding.json_schema_file": SERVE_EVAL("JSON schema enforced with structured outputs"),
-    "training.decoding.validation": NotApplicable("the server does not re-run outputs through a validator; "
-                                                  "`expertserve eval` scores outputs with its own checker"),
+    "training.decoding.validation": NotApplicable(
+        "the server does not re-run outputs through a validator; "
+        "`expertserve eval` scores outputs with its own checker"
+    ),
     "training.decoding.validation_cmd": NotApplicable("the server does not run commands on outputs"),
     "training.decoding.stop_sequences": SERVE_EVAL("default stop strings (request > manifest > server)"),
     "training.decoding.temperature": SERVE_EVAL("default temperature (request > manifest > server)"),
     "training.decoding.top_p": SERVE_EVAL("default top_p (request > manifest > server)"),
     "training.decoding.top_k": SERVE_EVAL("default top_k (request > manifest > server)"),
     "training.decoding.min_p": SERVE_EVAL("default min_p (request > manifest > server)"),
-    "training.decoding.repetition_penalty": SERVE_EVAL("default repetition_penalty (request > manifest > server)"),
-    "training.decoding.presence_penalty": SERVE_EVAL("default presence_penalty (request > manifest > server)"),
-    "training.decoding.frequency_penalty": SERVE_EVAL("default frequency_penalty (request > manifest > server)"),
+    "training.decoding.repetition_penalty": SERVE_EVAL(
+        "default repetition_penalty (request > manifest > server)"
+    ),
+    "training.decoding.presence_penalty": SERVE_EVAL(
+        "default presence_penalty (request > manifest > server)"
+    ),
+    "training.decoding.frequency_penalty": SERVE_EVAL(
+        "default frequency_penalty (request > manifest > server)"
+    ),
     "training.decoding.max_tokens": SERVE_EVAL("default max_tokens (request > manifest > server)"),
     # Training record
     "training.trained_on": META,
     "training.base_model_version": META,
-    "training.packaging_checkpoint": NotApplicable("packages hold the adapter at adapters[].path; pick the "
-                                                   "checkpoint when training (`--resume` / checkpoints)"),
+    "training.packaging_checkpoint": NotApplicable(
+        "packages hold the adapter at adapters[].path; pick the "
+        "checkpoint when training (`--resume` / checkpoints)"
+    ),
     "training.checkpoint": META,
     "training.quality_score": META,
     "training.test_scenarios": META,
@@ -351,10 +421,13 @@ RULES: dict[str, Rule] = {
     "evaluation.suite": NotApplicable("`expertserve eval` scores training.dataset.test_path"),
     "evaluation.metrics": META,
     "evaluation.scorer": Uses(("eval",), "objective scorer of the held-out test split"),
-    "integrity.timestamp": NotApplicable("packages are signed in signature.json over every file's SHA-256; a "
-                                         "manifest cannot carry a signature over itself"),
-    "integrity.public_key": NotApplicable("packages are signed in signature.json; pin a signer with "
-                                          "`expertserve verify --public-key`"),
+    "integrity.timestamp": NotApplicable(
+        "packages are signed in signature.json over every file's SHA-256; a "
+        "manifest cannot carry a signature over itself"
+    ),
+    "integrity.public_key": NotApplicable(
+        "packages are signed in signature.json; pin a signer with `expertserve verify --public-key`"
+    ),
     "integrity.signature": NotApplicable("packages are signed in signature.json over every file's SHA-256"),
     "quality_metrics": Uses(("registry", "eval"), "evaluation summary; `expertserve eval` writes it"),
 }

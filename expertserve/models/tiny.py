@@ -29,9 +29,20 @@ Extract the fields from the text into JSON. Write a TypeScript function. Write a
 """
 
 
-def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", hidden_size: int = 64, layers: int = 2,
-                     heads: int = 2, kv_heads: int = 1, intermediate_size: int = 128, vocab_size: int = 512,
-                     max_position_embeddings: int = 1024, seed: int = 0, dtype: str = "float32") -> Path:
+def build_tiny_model(
+    out_dir: str | Path,
+    *,
+    arch: str = "llama",
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    intermediate_size: int = 128,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
     """Writes a tiny random model with its tokenizer to `out_dir`; returns the directory.
 
     Raises:
@@ -43,25 +54,45 @@ def build_tiny_model(out_dir: str | Path, *, arch: str = "llama", hidden_size: i
 
     head_dim = hidden_size // heads
     if hidden_size % heads or head_dim not in CPU_HEAD_DIMS:
-        raise ValueError(f"hidden_size / heads = {hidden_size / heads}; vLLM on CPU needs one of {CPU_HEAD_DIMS}")
+        raise ValueError(
+            f"hidden_size / heads = {hidden_size / heads}; vLLM on CPU needs one of {CPU_HEAD_DIMS}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        bos_token=None, unk_token=None)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+    )
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(out)
 
-    common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate_size,
-                  max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     if arch == "llama":
         config = LlamaConfig(head_dim=head_dim, **common)
     elif arch == "qwen2":

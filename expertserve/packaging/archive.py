@@ -90,15 +90,21 @@ def build_package(expert_dir: Path, out_dir: Path, *, sign_key: Path | None = No
     loaded = load_manifest(expert_dir)
     problems = check_files(loaded.manifest, loaded.root, datasets=False)
     if problems:
-        raise PackageError(f"{loaded.path}: cannot package, referenced files are not ready:\n"
-                           + "\n".join(f"  - {p}" for p in problems))
+        raise PackageError(
+            f"{loaded.path}: cannot package, referenced files are not ready:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
     key = signing.load_private_key(sign_key) if sign_key else None
     try:
         members = {rel: (loaded.root / rel).read_bytes() for rel in package_files(loaded)}
     except ValueError:
-        raise PackageError(f"{loaded.path}: a referenced file resolves outside the expert directory "
-                           "(a symbolic link?); packages hold the expert's own files only") from None
-    checksums = "".join(f"{hashlib.sha256(data).hexdigest()}  {rel}\n" for rel, data in sorted(members.items()))
+        raise PackageError(
+            f"{loaded.path}: a referenced file resolves outside the expert directory "
+            "(a symbolic link?); packages hold the expert's own files only"
+        ) from None
+    checksums = "".join(
+        f"{hashlib.sha256(data).hexdigest()}  {rel}\n" for rel, data in sorted(members.items())
+    )
     members[CHECKSUMS] = checksums.encode()
     if key is not None:
         sig = {
@@ -114,8 +120,11 @@ def build_package(expert_dir: Path, out_dir: Path, *, sign_key: Path | None = No
     target = out_dir / package_name(loaded.manifest.name, loaded.manifest.version)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out_dir)
     try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=_MTIME) as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with (
+            os.fdopen(fd, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=_MTIME) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
             for rel in sorted(members, key=lambda r: (r != MANIFEST_FILE, r)):
                 info = tarfile.TarInfo(rel)
                 info.size, info.mtime, info.mode = len(members[rel]), _MTIME, 0o644
@@ -140,8 +149,9 @@ def verify_package(path: Path, *, public_key: str | None = None) -> PackageInfo:
     return info
 
 
-def install_package(path: Path, install_root: Path, *, public_key: str | None = None,
-                    force: bool = False) -> Path:
+def install_package(
+    path: Path, install_root: Path, *, public_key: str | None = None, force: bool = False
+) -> Path:
     """Verifies a package and installs it as `<install_root>/<name>/<version>/`; returns that directory.
 
     Raises:
@@ -153,8 +163,9 @@ def install_package(path: Path, install_root: Path, *, public_key: str | None = 
         info, tree = extract_verified(path, staging / "tree", public_key)
         target = install_root / info.name / info.version
         if target.exists() and not force:
-            raise PackageError(f"{info.name} {info.version} is already installed at {target} "
-                               "(pass --force to replace it)")
+            raise PackageError(
+                f"{info.name} {info.version} is already installed at {target} (pass --force to replace it)"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             old = staging / "old"
@@ -203,7 +214,9 @@ def extract_verified(path: Path, dest: Path, public_key: str | None = None) -> t
         if rel not in digests:
             raise PackageError(f"{path}: {rel} is listed in {CHECKSUMS} but missing from the package")
         if digests[rel] != want:
-            raise PackageError(f"{path}: {rel} does not match its SHA-256 in {CHECKSUMS} (tampered or corrupt)")
+            raise PackageError(
+                f"{path}: {rel} does not match its SHA-256 in {CHECKSUMS} (tampered or corrupt)"
+            )
     unlisted = sorted(set(digests) - set(checksums) - {CHECKSUMS, SIGNATURE})
     if unlisted:
         raise PackageError(f"{path}: {', '.join(unlisted)} not listed in {CHECKSUMS}")
@@ -213,8 +226,10 @@ def extract_verified(path: Path, dest: Path, public_key: str | None = None) -> t
         raise PackageError(f"{path}: {e}") from None
     problems = check_files(loaded.manifest, dest, datasets=False)
     if problems:
-        raise PackageError(f"{path}: files the manifest names are missing or malformed:\n"
-                           + "\n".join(f"  - {p}" for p in problems))
+        raise PackageError(
+            f"{path}: files the manifest names are missing or malformed:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
     info = PackageInfo(loaded.manifest.name, loaded.manifest.version, checksums, signer, signed_at)
     return info, dest
 
@@ -270,8 +285,9 @@ def _read_checksums(path: Path, dest: Path, digests: dict[str, str]) -> dict[str
     return listed
 
 
-def _check_signature(path: Path, dest: Path, digests: dict[str, str],
-                     public_key: str | None) -> tuple[str | None, str | None]:
+def _check_signature(
+    path: Path, dest: Path, digests: dict[str, str], public_key: str | None
+) -> tuple[str | None, str | None]:
     if SIGNATURE not in digests:
         if public_key is not None:
             raise SignatureError(f"{path}: unsigned, but a signature by {public_key[:16]}... is required")

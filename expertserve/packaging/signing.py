@@ -33,8 +33,9 @@ def generate_key(path: Path, *, force: bool = False) -> str:
         if p.exists() and not force:
             raise SignatureError(f"{p} exists; pass --force to overwrite it")
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -56,7 +57,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
-        raise SignatureError(f"{path}: signing key not found (create one with `expertserve keygen`)") from None
+        raise SignatureError(
+            f"{path}: signing key not found (create one with `expertserve keygen`)"
+        ) from None
     except (ValueError, TypeError) as e:
         raise SignatureError(f"{path}: not a PEM private key ({e})") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -108,7 +111,8 @@ def verify(public_key: str, signature: str, data: bytes) -> None:
         key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key))
         key.verify(bytes.fromhex(signature), data)
     except InvalidSignature:
-        raise SignatureError("signature does not match the package contents (tampered, or signed by "
-                             "another key)") from None
+        raise SignatureError(
+            "signature does not match the package contents (tampered, or signed by another key)"
+        ) from None
     except ValueError as e:
         raise SignatureError(f"malformed signature or public key: {e}") from None

@@ -25,8 +25,11 @@ def _time(router: Router, prompts: list[str], n: int) -> dict[str, float]:
         start = time.perf_counter()
         router.route(prompts[i % len(prompts)])
         samples.append((time.perf_counter() - start) * 1000)
-    return {"p50_ms": round(statistics.median(samples), 2), "p99_ms": round(percentile(samples, 99), 2),
-            "n": n}
+    return {
+        "p50_ms": round(statistics.median(samples), 2),
+        "p99_ms": round(percentile(samples, 99), 2),
+        "n": n,
+    }
 
 
 def synthetic_registry(source: Registry, count: int, root: Path) -> Registry:
@@ -47,8 +50,15 @@ def synthetic_registry(source: Registry, count: int, root: Path) -> Registry:
     return Registry.scan([root])
 
 
-def run_bench(embedder: Any, shipped: Registry, base_model: str, prompts: list[str], *, n: int = 300,
-              synthetic: int = 100) -> dict[str, Any]:
+def run_bench(
+    embedder: Any,
+    shipped: Registry,
+    base_model: str,
+    prompts: list[str],
+    *,
+    n: int = 300,
+    synthetic: int = 100,
+) -> dict[str, Any]:
     """Both measurements, with the targets and whether they were met."""
     results: dict[str, Any] = {}
     router = Router(shipped, embedder, base_model=base_model)
@@ -57,8 +67,11 @@ def run_bench(embedder: Any, shipped: Registry, base_model: str, prompts: list[s
     try:
         built = time.perf_counter()
         many = Router(synthetic_registry(shipped, synthetic, tmp), embedder, base_model=base_model)
-        results["synthetic"] = {"experts": len(many.profiles), "build_s": round(time.perf_counter() - built, 1),
-                                **_time(many, prompts, n)}
+        results["synthetic"] = {
+            "experts": len(many.profiles),
+            "build_s": round(time.perf_counter() - built, 1),
+            **_time(many, prompts, n),
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for key, target in TARGETS_MS.items():

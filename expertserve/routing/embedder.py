@@ -26,7 +26,9 @@ def model_dir() -> Path:
     try:
         dist = importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise ModelError(f"{DISTRIBUTION} is not installed; run scripts/setup.sh (installs it with --no-deps)") from None
+        raise ModelError(
+            f"{DISTRIBUTION} is not installed; run scripts/setup.sh (installs it with --no-deps)"
+        ) from None
     return Path(str(dist.locate_file(MODEL_DIR)))
 
 
@@ -50,9 +52,13 @@ class Embedder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
         if quantize:
-            with warnings.catch_warnings():  # torch.ao's deprecation notices; the API works in the pinned torch
+            with (
+                warnings.catch_warnings()
+            ):  # torch.ao's deprecation notices; the API works in the pinned torch
                 warnings.simplefilter("ignore")
-                self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+                self.model = torch.ao.quantization.quantize_dynamic(
+                    self.model, {torch.nn.Linear}, dtype=torch.qint8
+                )
         self._lock = threading.Lock()
         self.dim = self.model.config.hidden_size
 
@@ -63,8 +69,13 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
-            batch = self.tokenizer([t if t.strip() else "." for t in texts], padding=True, truncation=True,
-                                   max_length=MAX_TOKENS, return_tensors="pt")
+            batch = self.tokenizer(
+                [t if t.strip() else "." for t in texts],
+                padding=True,
+                truncation=True,
+                max_length=MAX_TOKENS,
+                return_tensors="pt",
+            )
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -25,8 +25,11 @@ def read_labelled(path: Path) -> list[dict[str, Any]]:
 
 
 def _check(row: Any) -> str | None:
-    if not isinstance(row, dict) or "expert" not in row or not (
-            isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
+    if (
+        not isinstance(row, dict)
+        or "expert" not in row
+        or not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list))
+    ):
         return 'expected {"prompt" or "messages", "expert": name or null}'
     return None
 
@@ -36,9 +39,12 @@ def evaluate(router: Router, rows: list[dict[str, Any]]) -> dict[str, Any]:
     predictions: list[dict[str, Any]] = []
     confusion: Counter[tuple[str, str]] = Counter()
     for row in rows:
-        decision = (router.route_messages(row["messages"]) if "messages" in row else router.route(row["prompt"]))
-        predictions.append({"expert": decision.expert, "confidence": round(decision.confidence, 4),
-                            "label": row["expert"]})
+        decision = (
+            router.route_messages(row["messages"]) if "messages" in row else router.route(row["prompt"])
+        )
+        predictions.append(
+            {"expert": decision.expert, "confidence": round(decision.confidence, 4), "label": row["expert"]}
+        )
         confusion[(row["expert"] or BASE_LABEL, decision.expert or BASE_LABEL)] += 1
     inside = [p for p in predictions if p["label"] is not None]
     outside = [p for p in predictions if p["label"] is None]

@@ -72,10 +72,22 @@ class Decision:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"expert": self.expert, "confidence": round(self.confidence, 4), "method": self.method,
-                "candidates": [{"expert": c.expert, "score": round(c.score, 4), "semantic": round(c.semantic, 4),
-                                "keywords": c.keywords, "excluded": c.excluded, "confidence": round(c.confidence, 4)}
-                               for c in self.candidates]}
+        return {
+            "expert": self.expert,
+            "confidence": round(self.confidence, 4),
+            "method": self.method,
+            "candidates": [
+                {
+                    "expert": c.expert,
+                    "score": round(c.score, 4),
+                    "semantic": round(c.semantic, 4),
+                    "keywords": c.keywords,
+                    "excluded": c.excluded,
+                    "confidence": round(c.confidence, 4),
+                }
+                for c in self.candidates
+            ],
+        }
 
 
 @dataclass
@@ -90,8 +102,14 @@ class _Profile:
 class Router:
     """Routes requests among the registry's servable experts."""
 
-    def __init__(self, registry: Registry, embedder: TextEmbedder, *, base_model: str,
-                 config: RouterConfig | None = None):
+    def __init__(
+        self,
+        registry: Registry,
+        embedder: TextEmbedder,
+        *,
+        base_model: str,
+        config: RouterConfig | None = None,
+    ):
         self.embedder = embedder
         self.config = config or RouterConfig()
         self.profiles: list[_Profile] = []
@@ -104,11 +122,19 @@ class Router:
         routing = record.routing
         texts = [record.manifest.description, *(routing.examples if routing else [])]
         texts += _training_prompts(record, self.config.data_samples)
-        keywords = [*(routing.keywords if routing else []),
-                    *(c.split(":", 1)[-1].replace("_", " ") for c in record.manifest.capabilities)]
-        self.profiles.append(_Profile(record.name, self.embedder.embed(texts), keywords,
-                                      list(routing.exclude_keywords) if routing else [],
-                                      (routing.priority or 0.0) if routing and routing.priority is not None else 0.0))
+        keywords = [
+            *(routing.keywords if routing else []),
+            *(c.split(":", 1)[-1].replace("_", " ") for c in record.manifest.capabilities),
+        ]
+        self.profiles.append(
+            _Profile(
+                record.name,
+                self.embedder.embed(texts),
+                keywords,
+                list(routing.exclude_keywords) if routing else [],
+                (routing.priority or 0.0) if routing and routing.priority is not None else 0.0,
+            )
+        )
 
     def remove(self, name: str) -> None:
         """Drops an expert."""
@@ -127,7 +153,9 @@ class Router:
         if incumbent is None or incumbent == decision.expert:
             return decision
         scores = {c.expert: c.score for c in decision.candidates}
-        best = scores.get(decision.expert, self.config.base_score) if decision.expert else self.config.base_score
+        best = (
+            scores.get(decision.expert, self.config.base_score) if decision.expert else self.config.base_score
+        )
         if incumbent in scores and best - scores[incumbent] < self.config.stickiness:
             candidate = next(c for c in decision.candidates if c.expert == incumbent)
             return Decision(incumbent, candidate.confidence, "sticky", decision.candidates)
@@ -155,9 +183,13 @@ class Router:
         logits = np.array([s for _, s, *_ in raw] + [cfg.base_score]) / cfg.temperature
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        candidates = sorted((Candidate(p.name, s, sem, hits, exc, float(pr))
-                             for (p, s, sem, hits, exc), pr in zip(raw, probs[:-1], strict=True)),
-                            key=lambda c: (-c.score, c.expert))
+        candidates = sorted(
+            (
+                Candidate(p.name, s, sem, hits, exc, float(pr))
+                for (p, s, sem, hits, exc), pr in zip(raw, probs[:-1], strict=True)
+            ),
+            key=lambda c: (-c.score, c.expert),
+        )
         best = candidates[0]
         if best.score > cfg.base_score and best.confidence >= cfg.min_confidence:
             return Decision(best.expert, best.confidence, "semantic+keywords", candidates)

@@ -21,10 +21,13 @@ def resolve_settings(config: ServeConfig) -> tuple[EngineSettings, list[str]]:
     roots = [str(Path(d).resolve()) for d in dirs]
     registry = Registry.scan(roots)
     rank = config.engine.max_lora_rank or max(8, registry.max_lora_rank(config.model_id))
-    wants_cache = any(r.manifest.runtime and r.manifest.runtime.requires_kv_cache_persistence for r in registry)
+    wants_cache = any(
+        r.manifest.runtime and r.manifest.runtime.requires_kv_cache_persistence for r in registry
+    )
     prefix = config.engine.prefix_caching if config.engine.prefix_caching is not None else wants_cache
-    settings = EngineSettings(model_dir=str(model_dir), max_lora_rank=rank, prefix_caching=prefix,
-                              engine=config.engine)
+    settings = EngineSettings(
+        model_dir=str(model_dir), max_lora_rank=rank, prefix_caching=prefix, engine=config.engine
+    )
     return settings, roots
 
 
@@ -37,8 +40,9 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     return build_app_from_config(config)
 
 
-def build_app_from_config(config: ServeConfig, *, engine_cls: type | None = None,
-                          embedder_cls: type | None = None) -> Any:
+def build_app_from_config(
+    config: ServeConfig, *, engine_cls: type | None = None, embedder_cls: type | None = None
+) -> Any:
     """The Serve application for `config`.
 
     Args:
@@ -54,19 +58,34 @@ def build_app_from_config(config: ServeConfig, *, engine_cls: type | None = None
     settings, roots = resolve_settings(config)
     rep = config.replicas
     scaling: dict[str, Any] = (
-        {"autoscaling_config": {"min_replicas": rep.min_replicas, "max_replicas": rep.max_replicas,
-                                "target_ongoing_requests": rep.target_ongoing_requests}}
-        if rep.autoscaling else {"num_replicas": rep.num_replicas})
+        {
+            "autoscaling_config": {
+                "min_replicas": rep.min_replicas,
+                "max_replicas": rep.max_replicas,
+                "target_ongoing_requests": rep.target_ongoing_requests,
+            }
+        }
+        if rep.autoscaling
+        else {"num_replicas": rep.num_replicas}
+    )
     engine = serve.deployment(
-        EngineReplica, name="ExpertEngine", max_ongoing_requests=rep.max_ongoing_requests,
-        max_queued_requests=rep.max_queued_requests, health_check_period_s=10,
-        ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus}, **scaling,
+        EngineReplica,
+        name="ExpertEngine",
+        max_ongoing_requests=rep.max_ongoing_requests,
+        max_queued_requests=rep.max_queued_requests,
+        health_check_period_s=10,
+        ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus},
+        **scaling,
     ).bind(settings, engine_cls=engine_cls)
     ingress_cls = serve.ingress(app)(Ingress)
     # The ingress only parses, routes and streams: it must admit everything the engines can run or queue, so that
     # the engines' limits decide (and answer 503 beyond them). Serve's default (5 at a time) capped every batch at
     # 5 sequences: 0.67x vLLM's own server in `expertserve bench`.
     engines = rep.max_replicas if rep.autoscaling else rep.num_replicas
-    return serve.deployment(ingress_cls, name="Ingress", num_replicas=1,
-                            max_ongoing_requests=engines * rep.max_ongoing_requests + rep.max_queued_requests,
-                            ray_actor_options={"num_cpus": 0}).bind(engine, config, roots, embedder_cls=embedder_cls)
+    return serve.deployment(
+        ingress_cls,
+        name="Ingress",
+        num_replicas=1,
+        max_ongoing_requests=engines * rep.max_ongoing_requests + rep.max_queued_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(engine, config, roots, embedder_cls=embedder_cls)

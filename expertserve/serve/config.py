@@ -25,7 +25,9 @@ class ReplicaConfig(StrictModel):
     max_replicas: int = Field(default=2, ge=1, description="Autoscaling upper bound.")
     target_ongoing_requests: float = Field(default=8, gt=0, description="Autoscaling target per replica.")
     max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica runs at once.")
-    max_queued_requests: int = Field(default=128, ge=1, description="Queued requests before 503 + Retry-After.")
+    max_queued_requests: int = Field(
+        default=128, ge=1, description="Queued requests before 503 + Retry-After."
+    )
     num_cpus: float = Field(default=1, gt=0, description="CPUs Ray reserves per engine replica.")
     num_gpus: float = Field(default=0, ge=0, description="GPUs per engine replica.")
 
@@ -40,7 +42,9 @@ class RoutingConfig(StrictModel):
     """`model: "auto"`: the router picks the expert (or the base model)."""
 
     enabled: bool = Field(default=True, description="Offer routed model names (needs the offline embedder).")
-    routed_names: list[str] = Field(default_factory=lambda: ["auto"], description="Model names that are routed.")
+    routed_names: list[str] = Field(
+        default_factory=lambda: ["auto"], description="Model names that are routed."
+    )
     min_confidence: float = Field(default=0.5, ge=0, le=1, description="Below this, the base model answers.")
     base_score: float = Field(default=0.42, description="The base model's score among the candidates.")
 
@@ -48,19 +52,30 @@ class RoutingConfig(StrictModel):
 class ServeConfig(StrictModel):
     """The whole server."""
 
-    model_dir: str | None = Field(default=None, description="Base model directory; default: the prepared SmolLM2.")
-    model_id: str = Field(default=DEFAULT_MODEL_ID,
-                          description="The id clients use for the base model, and that manifests name.")
+    model_dir: str | None = Field(
+        default=None, description="Base model directory; default: the prepared SmolLM2."
+    )
+    model_id: str = Field(
+        default=DEFAULT_MODEL_ID,
+        description="The id clients use for the base model, and that manifests name.",
+    )
     experts_dirs: list[str] | None = Field(
-        default=None, description="Expert roots; default: the repository's experts/ and the install directory.")
+        default=None,
+        description="Expert roots; default: the repository's experts/ and the install directory.",
+    )
     decoding_defaults: str | None = Field(default=None, description="JSON file of server decoding defaults.")
     ignore_manifest_decoding: bool = Field(
-        default=False, description="Ignore manifest decoding (request > server defaults), for comparisons.")
+        default=False, description="Ignore manifest decoding (request > server defaults), for comparisons."
+    )
     host: str = Field(default="127.0.0.1", description="HTTP host of Ray Serve's proxy.")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body (413 above).")
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys for inference; empty: no auth.")
-    admin_key: str | None = Field(default=None, description="Bearer key for /admin endpoints; unset: loopback only.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer keys for inference; empty: no auth."
+    )
+    admin_key: str | None = Field(
+        default=None, description="Bearer key for /admin endpoints; unset: loopback only."
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Replicas and autoscaling.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Routing of `model: auto`.")

@@ -17,25 +17,57 @@ from expertserve.errors import (
     PromptTooLong,
 )
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "server_overloaded"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_overloaded",
+}
 # Ray errors that mean the engine replica is gone or not yet back: the client may retry shortly.
-_ENGINE_UNAVAILABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError")
+_ENGINE_UNAVAILABLE = (
+    "RayActorError",
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "DeploymentUnavailableError",
+)
 
 
 class RequestError(ExpertserveError):
     """A request the server refuses, with its HTTP status and the parameter at fault."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
+        self.status, self.message, self.param, self.code, self.retry_after = (
+            status,
+            message,
+            param,
+            code,
+            retry_after,
+        )
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error body."""
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def _mapped(error: BaseException) -> RequestError | None:
@@ -56,7 +88,9 @@ def _mapped(error: BaseException) -> RequestError | None:
     if "BackPressureError" in names:
         return RequestError(503, "the server is overloaded; retry shortly", retry_after=1, code="overloaded")
     if names & set(_ENGINE_UNAVAILABLE):
-        return RequestError(503, "the engine is restarting; retry shortly", retry_after=5, code="engine_unavailable")
+        return RequestError(
+            503, "the engine is restarting; retry shortly", retry_after=5, code="engine_unavailable"
+        )
     return None
 
 

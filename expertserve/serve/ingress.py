@@ -103,8 +103,11 @@ class Ingress:
             await self.engine.ping.remote()
         except Exception as e:  # the engine is starting, restarting or broken
             logger.warning("health check: engine unavailable: %s", str(e).splitlines()[0][:200])
-            return JSONResponse({"status": "unavailable", "engine": "not ready"}, status_code=503,
-                                headers={"Retry-After": "5"})
+            return JSONResponse(
+                {"status": "unavailable", "engine": "not ready"},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
         return JSONResponse({"status": "ok", "experts": len(self.registry)})
 
     @app.get("/v1/models")
@@ -112,15 +115,41 @@ class Ingress:
         self._auth(request, admin=False)
         created = int(time.time())
         model_id = self.config.model_id
-        data = [{"id": model_id, "object": "model", "created": created, "owned_by": "expertserve",
-                 "root": model_id, "parent": None}]
+        data = [
+            {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "expertserve",
+                "root": model_id,
+                "parent": None,
+            }
+        ]
         if self.experts.router is not None:
-            data += [{"id": name, "object": "model", "created": created, "owned_by": "expertserve",
-                      "root": model_id, "parent": None, "routed": True}
-                     for name in self.config.routing.routed_names]
+            data += [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "expertserve",
+                    "root": model_id,
+                    "parent": None,
+                    "routed": True,
+                }
+                for name in self.config.routing.routed_names
+            ]
         for record in self.registry.servable(model_id):
-            data.append({"id": record.name, "object": "model", "created": created, "owned_by": "expertserve",
-                         "root": model_id, "parent": model_id, "version": record.version})
+            data.append(
+                {
+                    "id": record.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "expertserve",
+                    "root": model_id,
+                    "parent": model_id,
+                    "version": record.version,
+                }
+            )
         return {"object": "list", "data": data}
 
     @app.get("/v1/experts")
@@ -159,13 +188,17 @@ class Ingress:
         if self.embedder is not None:
             from expertserve.routing.router import Router, RouterConfig
 
-            routing = RouterConfig(min_confidence=self.config.routing.min_confidence,
-                                   base_score=self.config.routing.base_score)
+            routing = RouterConfig(
+                min_confidence=self.config.routing.min_confidence, base_score=self.config.routing.base_score
+            )
             router = Router(fresh, self.embedder, base_model=self.config.model_id, config=routing)
         self.experts = Experts(fresh, router)
         self._log_changes(fresh, before)
-        return {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
-                "updated": sorted(n for n in after if n in before and after[n] != before[n])}
+        return {
+            "added": sorted(set(after) - set(before)),
+            "removed": sorted(set(before) - set(after)),
+            "updated": sorted(n for n in after if n in before and after[n] != before[n]),
+        }
 
     def _log_changes(self, fresh: Registry, before: dict[str, str]) -> None:
         """Problems, unservable experts and hints that do not apply, once per new expert version."""
@@ -180,21 +213,35 @@ class Ingress:
                 logger.warning("expert %s %s is not servable here: %s", record.name, record.version, reason)
             for status in field_statuses(record.manifest, ctx):
                 if status.path.startswith("runtime.") and status.status == "not applicable":
-                    logger.info("expert %s: %s = %s not applicable: %s", record.name, status.path, status.value,
-                                status.detail)
+                    logger.info(
+                        "expert %s: %s = %s not applicable: %s",
+                        record.name,
+                        status.path,
+                        status.value,
+                        status.detail,
+                    )
 
     def _expert_info(self, record: ExpertRecord, ctx: RuntimeContext) -> dict[str, Any]:
         """One entry of `GET /v1/experts`."""
         reason = record.unservable_reason(self.config.model_id)
         adapter = record.adapter_for(self.config.model_id)
-        defaults = resolve({}, record.decoding, self.defaults, ignore_manifest=self.config.ignore_manifest_decoding)
-        hints = [{"field": s.path, "value": s.value, "status": s.status, "detail": s.detail}
-                 for s in field_statuses(record.manifest, ctx) if s.path.startswith("runtime.")]
+        defaults = resolve(
+            {}, record.decoding, self.defaults, ignore_manifest=self.config.ignore_manifest_decoding
+        )
+        hints = [
+            {"field": s.path, "value": s.value, "status": s.status, "detail": s.detail}
+            for s in field_statuses(record.manifest, ctx)
+            if s.path.startswith("runtime.")
+        ]
         return {
-            "name": record.name, "version": record.version, "versions": self.registry.versions(record.name),
-            "servable": reason is None, "reason": reason,
+            "name": record.name,
+            "version": record.version,
+            "versions": self.registry.versions(record.name),
+            "servable": reason is None,
+            "reason": reason,
             "adapter": {"type": adapter[0].effective_type, "r": adapter[0].r, "path": str(adapter[1])}
-            if adapter else None,
+            if adapter
+            else None,
             "soft_prompts": [{"name": sp.name, "tokens": sp.tokens} for sp, _ in record.soft_prompts],
             "decoding": {k: {"value": v.value, "source": v.source} for k, v in defaults.items()},
             "hints": hints,
@@ -208,13 +255,20 @@ class Ingress:
         req = parse_request(kind, await self._body(request))
         choice = await self._choose(req, kind)
         engine_request = self._engine_request(kind, req, choice.record)
-        headers = {"x-expertserve-expert": choice.record.name if choice.record else self.config.model_id,
-                   "x-expertserve-decoding": describe(dict(engine_request.sampling.items()),
-                                                      engine_request.constraint)}
+        headers = {
+            "x-expertserve-expert": choice.record.name if choice.record else self.config.model_id,
+            "x-expertserve-decoding": describe(
+                dict(engine_request.sampling.items()), engine_request.constraint
+            ),
+        }
         if choice.route:
             headers["x-expertserve-route"] = choice.route
-        logger.info("request model=%s expert=%s decoding: %s", req.model, headers["x-expertserve-expert"],
-                    headers["x-expertserve-decoding"])
+        logger.info(
+            "request model=%s expert=%s decoding: %s",
+            req.model,
+            headers["x-expertserve-expert"],
+            headers["x-expertserve-decoding"],
+        )
         return await self._respond(req, engine_request, headers)
 
     async def _choose(self, req: AnyRequest, kind: Kind) -> Choice:
@@ -233,8 +287,9 @@ class Ingress:
         if model in (self.config.model_id, "base"):
             return None
         if model not in self.registry:
-            raise ExpertNotFound(f"model {model!r} does not exist; GET /v1/models lists the base model and the "
-                                 "experts")
+            raise ExpertNotFound(
+                f"model {model!r} does not exist; GET /v1/models lists the base model and the experts"
+            )
         record = self.registry.get(model)
         reason = record.unservable_reason(self.config.model_id)
         if reason:
@@ -254,8 +309,10 @@ class Ingress:
         self.metrics.route_decision.observe(seconds)
         if decision.expert is None:
             self.metrics.fallbacks.inc()
-        header = (f"method={decision.method}; confidence={decision.confidence:.3f}; ms={1000 * seconds:.1f}; "
-                  f"expert={decision.expert or self.config.model_id}")
+        header = (
+            f"method={decision.method}; confidence={decision.confidence:.3f}; ms={1000 * seconds:.1f}; "
+            f"expert={decision.expert or self.config.model_id}"
+        )
         logger.info("route model=%s -> %s", req.model, header)
         return Choice(self.registry.get(decision.expert) if decision.expert else None, header)
 
@@ -263,20 +320,37 @@ class Ingress:
         """Decoding resolved (request > manifest > defaults) and the typed request the engine applies as is."""
         manifest = record.decoding if record else None
         ignore = self.config.ignore_manifest_decoding
-        sampling = Sampling.of(resolve(req.sampling_request(), manifest, self.defaults, ignore_manifest=ignore))
-        constraint: Constraint = resolve_constraint(req.response_format.as_dict() if req.response_format else None,
-                                                    manifest, record.root if record else None,
-                                                    ignore_manifest=ignore)
+        sampling = Sampling.of(
+            resolve(req.sampling_request(), manifest, self.defaults, ignore_manifest=ignore)
+        )
+        constraint: Constraint = resolve_constraint(
+            req.response_format.as_dict() if req.response_format else None,
+            manifest,
+            record.root if record else None,
+            ignore_manifest=ignore,
+        )
         extras = Extras(n=req.n, seed=req.seed, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
         spec = record.engine_spec(self.config.model_id) if record else None
         if isinstance(req, ChatCompletionRequest):
-            messages = tuple(Message("system" if m.role == "developer" else m.role, m.text()) for m in req.messages)
-            return EngineRequest("chat", uuid.uuid4().hex, sampling, constraint, spec, messages=messages,
-                                 extras=extras)
-        return EngineRequest("completion", uuid.uuid4().hex, sampling, constraint, spec, prompt=req.prompt_text(),
-                             extras=extras)
+            messages = tuple(
+                Message("system" if m.role == "developer" else m.role, m.text()) for m in req.messages
+            )
+            return EngineRequest(
+                "chat", uuid.uuid4().hex, sampling, constraint, spec, messages=messages, extras=extras
+            )
+        return EngineRequest(
+            "completion",
+            uuid.uuid4().hex,
+            sampling,
+            constraint,
+            spec,
+            prompt=req.prompt_text(),
+            extras=extras,
+        )
 
-    async def _respond(self, req: AnyRequest, engine_request: EngineRequest, headers: dict[str, str]) -> Response:
+    async def _respond(
+        self, req: AnyRequest, engine_request: EngineRequest, headers: dict[str, str]
+    ) -> Response:
         """Sends the request to the engine; streams the chunks as SSE, or answers with the whole body."""
         expert = engine_request.expert
         tracker = self.metrics.track(headers["x-expertserve-expert"])
@@ -288,8 +362,11 @@ class Ingress:
             tracker.first(first)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return StreamingResponse(self._sse(meta, first, stream, include_usage, tracker),
-                                         media_type="text/event-stream", headers=headers)
+                return StreamingResponse(
+                    self._sse(meta, first, stream, include_usage, tracker),
+                    media_type="text/event-stream",
+                    headers=headers,
+                )
             chunks = [first] if first is not None else []
             chunks += [chunk async for chunk in stream]
         except BaseException as e:
@@ -298,8 +375,14 @@ class Ingress:
         tracker.done(payload["usage"])
         return JSONResponse(payload, headers=headers)
 
-    async def _sse(self, meta: ResponseMeta, first: Chunk | None, stream: Any, include_usage: bool,
-                   tracker: RequestTracker) -> AsyncIterator[str]:
+    async def _sse(
+        self,
+        meta: ResponseMeta,
+        first: Chunk | None,
+        stream: Any,
+        include_usage: bool,
+        tracker: RequestTracker,
+    ) -> AsyncIterator[str]:
         """The event stream; an error mid-stream goes into the stream (the status is sent already)."""
         per_choice: dict[int, tuple[int, int]] = {}
         try:
@@ -330,7 +413,9 @@ class Ingress:
         if admin:
             if self.config.admin_key is None:
                 if (request.client.host if request.client else "") not in LOOPBACK:
-                    raise RequestError(403, "admin endpoints are loopback-only unless admin_key is configured")
+                    raise RequestError(
+                        403, "admin endpoints are loopback-only unless admin_key is configured"
+                    )
                 return
             if not _same_key(token, self.config.admin_key):
                 raise RequestError(401, "admin endpoints need 'Authorization: Bearer <admin_key>'")
@@ -396,5 +481,14 @@ async def _domain_error(request: Request, error: ExpertserveError) -> JSONRespon
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("internal error on %s", request.url.path)
-    return JSONResponse({"error": {"message": f"internal error: {type(error).__name__}", "type": "server_error",
-                                   "param": None, "code": None}}, status_code=500)
+    return JSONResponse(
+        {
+            "error": {
+                "message": f"internal error: {type(error).__name__}",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        },
+        status_code=500,
+    )

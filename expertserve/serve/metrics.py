@@ -18,22 +18,42 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("expertserve_requests", "Finished requests", ["expert", "outcome"], registry=r)
-        self.ttft = Histogram("expertserve_ttft_seconds", "Time to first token", ["expert"], registry=r,
-                              buckets=LATENCY_BUCKETS)
-        self.latency = Histogram("expertserve_latency_seconds", "End-to-end latency", ["expert"], registry=r,
-                                 buckets=LATENCY_BUCKETS)
+        self.requests = Counter(
+            "expertserve_requests", "Finished requests", ["expert", "outcome"], registry=r
+        )
+        self.ttft = Histogram(
+            "expertserve_ttft_seconds", "Time to first token", ["expert"], registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.latency = Histogram(
+            "expertserve_latency_seconds",
+            "End-to-end latency",
+            ["expert"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.tokens = Counter("expertserve_tokens", "Tokens processed", ["expert", "kind"], registry=r)
-        self.adapter_load = Gauge("expertserve_adapter_load_seconds", "Last adapter + soft prompt load time",
-                                  ["expert"], registry=r)
-        self.ongoing = Gauge("expertserve_requests_in_flight", "Requests being processed (queue depth)", registry=r)
+        self.adapter_load = Gauge(
+            "expertserve_adapter_load_seconds", "Last adapter + soft prompt load time", ["expert"], registry=r
+        )
+        self.ongoing = Gauge(
+            "expertserve_requests_in_flight", "Requests being processed (queue depth)", registry=r
+        )
         self.errors = Counter("expertserve_errors", "Requests refused or failed", ["status"], registry=r)
-        self.routed = Counter("expertserve_routed", "Routed requests by chosen expert ('base' on fallback)",
-                              ["expert"], registry=r)
-        self.fallbacks = Counter("expertserve_route_fallbacks", "Routed requests the base model answered",
-                                 registry=r)
-        self.route_decision = Histogram("expertserve_route_decision_seconds", "Routing decision time (in its thread)",
-                                        registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
+        self.routed = Counter(
+            "expertserve_routed",
+            "Routed requests by chosen expert ('base' on fallback)",
+            ["expert"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "expertserve_route_fallbacks", "Routed requests the base model answered", registry=r
+        )
+        self.route_decision = Histogram(
+            "expertserve_route_decision_seconds",
+            "Routing decision time (in its thread)",
+            registry=r,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+        )
 
     def track(self, expert: str) -> RequestTracker:
         """Starts tracking one request sent to the engine (it counts as in flight until the tracker ends)."""

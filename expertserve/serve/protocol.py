@@ -77,7 +77,9 @@ class ChatMessage(_Strict):
     """One chat message (text content only)."""
 
     role: Literal["system", "developer", "user", "assistant"] = Field(description="Author.")
-    content: Str | list[dict[str, Any]] = Field(description="Text, or a list of {'type': 'text', 'text': ...} parts.")
+    content: Str | list[dict[str, Any]] = Field(
+        description="Text, or a list of {'type': 'text', 'text': ...} parts."
+    )
     name: Str | None = Field(default=None, description="Optional author name.")
 
     @field_validator("content")
@@ -86,7 +88,9 @@ class ChatMessage(_Strict):
         if isinstance(value, list):
             for i, part in enumerate(value):
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"part {i} is not text; only {{'type': 'text', 'text': ...}} parts are supported")
+                    raise ValueError(
+                        f"part {i} is not text; only {{'type': 'text', 'text': ...}} parts are supported"
+                    )
         return value
 
     def text(self) -> str:
@@ -117,9 +121,12 @@ class SamplingFields(_Strict):
     user: Str | None = Field(default=None, description="End-user id (logged, not used).")
     logprobs: Any = Field(default=None, description="Not supported; must be unset or false.")
     return_token_ids: Bool = Field(default=False, description="Extra: add each choice's generated token ids.")
-    ignore_eos: Bool = Field(default=False, description="vLLM extra: go on past end-of-sequence (fixed-length "
-                             "benchmarks).")
-    min_tokens: Int | None = Field(default=None, ge=0, description="vLLM extra: generate at least this many tokens.")
+    ignore_eos: Bool = Field(
+        default=False, description="vLLM extra: go on past end-of-sequence (fixed-length benchmarks)."
+    )
+    min_tokens: Int | None = Field(
+        default=None, ge=0, description="vLLM extra: generate at least this many tokens."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -146,9 +153,17 @@ class SamplingFields(_Strict):
 
     def sampling_request(self) -> dict[str, Any]:
         """The request's sampling values for `expertserve.decoding.resolve`."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty, "max_tokens": self.max_tokens, "stop": self.stop_list()}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "max_tokens": self.max_tokens,
+            "stop": self.stop_list(),
+        }
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -156,7 +171,9 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation.")
     response_format: ResponseFormat | None = Field(default=None, description="Output format constraint.")
-    max_completion_tokens: Int | None = Field(default=None, ge=1, description="Alias of max_tokens (newer clients).")
+    max_completion_tokens: Int | None = Field(
+        default=None, ge=1, description="Alias of max_tokens (newer clients)."
+    )
 
     @model_validator(mode="after")
     def _alias_max_tokens(self) -> ChatCompletionRequest:
@@ -171,8 +188,11 @@ class CompletionRequest(SamplingFields):
     """`POST /v1/completions`."""
 
     prompt: Str | Annotated[list[Str], Field(min_length=1, max_length=1)] = Field(
-        description="The prompt (one string; a one-element list is accepted).")
-    response_format: ResponseFormat | None = Field(default=None, description="Output format constraint (extra).")
+        description="The prompt (one string; a one-element list is accepted)."
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Output format constraint (extra)."
+    )
 
     def prompt_text(self) -> str:
         """The prompt as one string."""

@@ -59,10 +59,19 @@ def usage(per_choice: Mapping[int, tuple[int, int]]) -> dict[str, int]:
 def chunk_body(meta: ResponseMeta, chunk: Chunk) -> dict[str, Any]:
     """One streamed chunk."""
     if meta.kind == "chat":
-        choice: dict[str, Any] = {"index": chunk.index, "delta": {"role": "assistant", "content": chunk.text},
-                                  "finish_reason": chunk.finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {
+            "index": chunk.index,
+            "delta": {"role": "assistant", "content": chunk.text},
+            "finish_reason": chunk.finish_reason,
+            "logprobs": None,
+        }
     else:
-        choice = {"index": chunk.index, "text": chunk.text, "finish_reason": chunk.finish_reason, "logprobs": None}
+        choice = {
+            "index": chunk.index,
+            "text": chunk.text,
+            "finish_reason": chunk.finish_reason,
+            "logprobs": None,
+        }
     return {**meta.envelope(chunk=True), "choices": [choice]}
 
 
@@ -71,7 +80,9 @@ def usage_body(meta: ResponseMeta, totals: dict[str, int]) -> dict[str, Any]:
     return {**meta.envelope(chunk=True), "choices": [], "usage": totals}
 
 
-def full_response(meta: ResponseMeta, n: int, chunks: Iterable[Chunk], token_ids: bool = False) -> dict[str, Any]:
+def full_response(
+    meta: ResponseMeta, n: int, chunks: Iterable[Chunk], token_ids: bool = False
+) -> dict[str, Any]:
     """The non-streamed body: every choice's chunks joined.
 
     Args:

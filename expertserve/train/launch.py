@@ -40,12 +40,25 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def train_expert(expert_dir: Path, *, output_dir: Path | None = None, workers: int = 1, use_gpu: bool = False,
-                 max_steps: int | None = None, resume: bool = False, base_model_dir: Path | None = None,
-                 base_model_id: str | None = None, storage_dir: Path | None = None, max_failures: int = 2,
-                 cpus_per_worker: float | None = None, ray_address: str | None = None,
-                 progress: bool | None = None, log: Any = print,
-                 fail_once_at_step: int | None = None, placement_strategy: str = "PACK") -> TrainResult:
+def train_expert(
+    expert_dir: Path,
+    *,
+    output_dir: Path | None = None,
+    workers: int = 1,
+    use_gpu: bool = False,
+    max_steps: int | None = None,
+    resume: bool = False,
+    base_model_dir: Path | None = None,
+    base_model_id: str | None = None,
+    storage_dir: Path | None = None,
+    max_failures: int = 2,
+    cpus_per_worker: float | None = None,
+    ray_address: str | None = None,
+    progress: bool | None = None,
+    log: Any = print,
+    fail_once_at_step: int | None = None,
+    placement_strategy: str = "PACK",
+) -> TrainResult:
     """Trains an expert's adapter and soft prompts with Ray Train and writes the trained expert.
 
     Args:
@@ -78,8 +91,14 @@ def train_expert(expert_dir: Path, *, output_dir: Path | None = None, workers: i
     # Workers run in another working directory: every path they get is absolute. The manifest and data are
     # checked before the base model, so their errors come first.
     base_dir = (base_model_dir or offline.model_dir()).resolve()
-    plan = make_plan(loaded, base_model_dir=base_dir, base_model_id=base_model_id or offline.DEFAULT_MODEL.model_id,
-                     workers=workers, use_gpu=use_gpu, max_steps=max_steps)
+    plan = make_plan(
+        loaded,
+        base_model_dir=base_dir,
+        base_model_id=base_model_id or offline.DEFAULT_MODEL.model_id,
+        workers=workers,
+        use_gpu=use_gpu,
+        max_steps=max_steps,
+    )
     if base_model_dir is None:
         offline.prepared_model_dir()
     elif not (base_dir / "config.json").is_file():
@@ -100,22 +119,35 @@ def train_expert(expert_dir: Path, *, output_dir: Path | None = None, workers: i
     threads = max(1, (os.cpu_count() or 1) // workers)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"plan": plan.to_dict(), "threads_per_worker": threads,
-                           "progress_file": str(progress_file), "tf32": loaded.manifest.training.config.use_tf32,
-                           "fail_once_at_step": fail_once_at_step},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
-                                     resources_per_worker={"CPU": cpus_per_worker or 1}),
+        train_loop_config={
+            "plan": plan.to_dict(),
+            "threads_per_worker": threads,
+            "progress_file": str(progress_file),
+            "tf32": loaded.manifest.training.config.use_tf32,
+            "fail_once_at_step": fail_once_at_step,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            placement_strategy=placement_strategy,
+            resources_per_worker={"CPU": cpus_per_worker or 1},
+        ),
         run_config=RunConfig(
-            name=plan.expert_name, storage_path=str(storage),
+            name=plan.expert_name,
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=plan.save_total_limit,
                 checkpoint_score_attribute=plan.best_metric if plan.keep_best else None,
-                checkpoint_score_order="max" if plan.greater_is_better else "min"),
+                checkpoint_score_order="max" if plan.greater_is_better else "min",
+            ),
         ),
     )
-    bar = _ProgressBar(progress_file, plan.total_steps) if (progress if progress is not None
-                                                           else sys.stdout.isatty()) else None
+    bar = (
+        _ProgressBar(progress_file, plan.total_steps)
+        if (progress if progress is not None else sys.stdout.isatty())
+        else None
+    )
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; report them as a training failure
@@ -132,17 +164,26 @@ def train_expert(expert_dir: Path, *, output_dir: Path | None = None, workers: i
     package = build_package(out, out)
     history = _read_progress(progress_file)
     losses = [h["loss"] for h in history if "loss" in h]
-    return TrainResult(out, package, plan.total_steps, losses[0] if losses else None,
-                       losses[-1] if losses else None, (result.metrics or {}).get("eval_loss"),
-                       time.monotonic() - start, history)
+    return TrainResult(
+        out,
+        package,
+        plan.total_steps,
+        losses[0] if losses else None,
+        losses[-1] if losses else None,
+        (result.metrics or {}).get("eval_loss"),
+        time.monotonic() - start,
+        history,
+    )
 
 
 def _announce(plan: TrainPlan, log: Any) -> None:
     sp = ", ".join(f"{s.name} ({s.tokens} tokens, {s.init_method})" for s in plan.soft_prompts) or "none"
-    log(f"training {plan.expert_name}: {plan.adapter_type} r={plan.rank} alpha={plan.alpha} on {plan.base_model_id}; "
+    log(
+        f"training {plan.expert_name}: {plan.adapter_type} r={plan.rank} alpha={plan.alpha} on {plan.base_model_id}; "
         f"soft prompts: {sp}; {plan.total_steps} steps x {plan.batch_size} x {plan.grad_accum} accumulation x "
         f"{plan.workers} worker(s); lr {plan.learning_rate} {plan.scheduler}, warm-up {plan.warmup_steps}; "
-        f"{plan.precision}; checkpoint every {plan.save_steps} steps")
+        f"{plan.precision}; checkpoint every {plan.save_steps} steps"
+    )
     for line in plan.ignored:
         log(f"  not applied: {line}")
 
@@ -158,8 +199,14 @@ def _init_ray(ray: Any, address: str | None, workers: int, cpus_per_worker: floa
     # silently, when the cluster lacks the CPUs it asks for. The dashboard stays on: Train's placement-group
     # cleaner polls the controller through the State API and floods the log without it.
     need = int(workers * (cpus_per_worker or 1)) + 1
-    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=_free_port(), object_store_memory=100 * 2**20)
+    ray.init(
+        address="local",
+        num_cpus=max(need, os.cpu_count() or 1),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=_free_port(),
+        object_store_memory=100 * 2**20,
+    )
 
 
 def _free_port() -> int:
@@ -229,8 +276,11 @@ class _ProgressBar:
                         record = json.loads(line)
                         if "step" in record:
                             self.bar.n = record["step"]
-                            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
-                                                 tok_s=f"{record['tokens_per_s']:.0f}")
+                            self.bar.set_postfix(
+                                loss=f"{record['loss']:.3f}",
+                                lr=f"{record['lr']:.1e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}",
+                            )
                     offset = f.tell()
             self.stop_flag.wait(0.5)
 

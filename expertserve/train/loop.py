@@ -46,24 +46,31 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     tokenizer = AutoTokenizer.from_pretrained(plan.base_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(plan.base_model_dir, dtype=torch.float32,
-                                                 attn_implementation=plan.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        plan.base_model_dir, dtype=torch.float32, attn_implementation=plan.attn_implementation
+    )
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     peft_model = _peft(model, plan)
     generator = torch.Generator().manual_seed(plan.seed)
     embeddings = model.get_input_embeddings().weight
-    soft = [init_soft_prompt(sp.init_method, sp.tokens, embeddings, tokenizer, sp.init_text, generator)
-            for sp in plan.soft_prompts]
+    soft = [
+        init_soft_prompt(sp.init_method, sp.tokens, embeddings, tokenizer, sp.init_text, generator)
+        for sp in plan.soft_prompts
+    ]
     module = prepare_model(ExpertModule(peft_model, soft))
     inner: ExpertModule = getattr(module, "module", module)
 
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = (torch.optim.SGD(params, lr=plan.learning_rate, momentum=0.9) if plan.optimizer == "sgd"
-                 else torch.optim.AdamW(params, lr=plan.learning_rate, fused=plan.optimizer == "adamw_torch_fused"))
-    scheduler = get_scheduler(plan.scheduler, optimizer, num_warmup_steps=plan.warmup_steps,
-                              num_training_steps=plan.total_steps)
+    optimizer = (
+        torch.optim.SGD(params, lr=plan.learning_rate, momentum=0.9)
+        if plan.optimizer == "sgd"
+        else torch.optim.AdamW(params, lr=plan.learning_rate, fused=plan.optimizer == "adamw_torch_fused")
+    )
+    scheduler = get_scheduler(
+        plan.scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps
+    )
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -75,8 +82,11 @@ def train_loop(config: dict[str, Any]) -> None:
 
     train = [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.train_file))]
     shard = train[rank::world]
-    valid = ([encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.valid_file))][:64]
-             if plan.valid_file and rank == 0 else [])
+    valid = (
+        [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.valid_file))][:64]
+        if plan.valid_file and rank == 0
+        else []
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(module.parameters()).device
     autocast = _autocast(plan, device)
@@ -129,9 +139,16 @@ def _record_worker(config: dict[str, Any], rank: int) -> None:
         return
     folder = Path(config["progress_file"]).with_name("workers")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank-{rank}.json").write_text(json.dumps({
-        "rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-        "pid": os.getpid()}))
+    (folder / f"rank-{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }
+        )
+    )
 
 
 def _maybe_inject_failure(config: dict[str, Any], step: int) -> None:
@@ -150,12 +167,20 @@ def _peft(model: Any, plan: Any) -> Any:
     from peft import IA3Config, LoraConfig, get_peft_model
 
     if plan.adapter_type == "ia3":
-        config = IA3Config(target_modules=plan.target_modules, feedforward_modules=plan.feedforward_modules or [],
-                           task_type="CAUSAL_LM")
+        config = IA3Config(
+            target_modules=plan.target_modules,
+            feedforward_modules=plan.feedforward_modules or [],
+            task_type="CAUSAL_LM",
+        )
     else:
-        config = LoraConfig(r=plan.rank, lora_alpha=plan.alpha, lora_dropout=plan.dropout,
-                            target_modules=plan.target_modules, use_dora=plan.adapter_type == "dora",
-                            task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=plan.rank,
+            lora_alpha=plan.alpha,
+            lora_dropout=plan.dropout,
+            target_modules=plan.target_modules,
+            use_dora=plan.adapter_type == "dora",
+            task_type="CAUSAL_LM",
+        )
     return get_peft_model(model, config)
 
 
@@ -180,7 +205,7 @@ def _batches(shard: list[dict[str, list[int]]], plan: Any, start_step: int):
         order = list(range(len(shard)))
         random.Random(plan.seed + epoch).shuffle(order)
         for b in range(skip, per_epoch):
-            yield [shard[i] for i in order[b * plan.batch_size:(b + 1) * plan.batch_size]]
+            yield [shard[i] for i in order[b * plan.batch_size : (b + 1) * plan.batch_size]]
         skip = 0
         epoch += 1
 
@@ -196,7 +221,7 @@ def _eval_loss(module: Any, valid: list[dict[str, list[int]]], pad: int, device:
     losses = []
     with torch.no_grad(), autocast:
         for i in range(0, len(valid), 8):
-            batch = {k: v.to(device) for k, v in collate(valid[i:i + 8], pad).items()}
+            batch = {k: v.to(device) for k, v in collate(valid[i : i + 8], pad).items()}
             losses.append(module(**batch).item())
     module.train()
     return sum(losses) / len(losses)
@@ -216,8 +241,15 @@ def _save_state(d: Path, module: Any, optimizer: Any, scheduler: Any, step: int,
     config_file.write_text(json.dumps(adapter_config, indent=2))
     for sp, tensor in zip(plan.soft_prompts, module.soft_prompts, strict=True):
         save_soft_prompt(d / CHECKPOINT_SOFT_PROMPTS / f"{sp.name}.safetensors", tensor)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "soft_prompts": [t.detach().cpu() for t in module.soft_prompts]}, d / CHECKPOINT_STATE)
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "soft_prompts": [t.detach().cpu() for t in module.soft_prompts],
+        },
+        d / CHECKPOINT_STATE,
+    )
     (d / "step.json").write_text(json.dumps({"step": step}))
 
 
@@ -226,7 +258,9 @@ def _load_state(d: Path, module: Any, optimizer: Any, scheduler: Any) -> int:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(module.peft_model, load_file(str(d / CHECKPOINT_ADAPTER / "adapter_model.safetensors")))
+    set_peft_model_state_dict(
+        module.peft_model, load_file(str(d / CHECKPOINT_ADAPTER / "adapter_model.safetensors"))
+    )
     state = torch.load(d / CHECKPOINT_STATE, weights_only=False)
     with torch.no_grad():
         for param, saved in zip(module.soft_prompts, state["soft_prompts"], strict=True):
@@ -252,12 +286,24 @@ class _Progress:
         rate = self.tokens / max(now - self.t0, 1e-9)
         per_step = (now - self.t0) / max(step - self.start_step, 1)
         eta = per_step * (self.plan.total_steps - step)
-        metrics = {"step": step, "total_steps": self.plan.total_steps, "loss": loss, "lr": lr,
-                   "tokens_per_s": rate, "eta_s": eta}
+        metrics = {
+            "step": step,
+            "total_steps": self.plan.total_steps,
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": rate,
+            "eta_s": eta,
+        }
         if self.rank == 0:
-            if step % self.plan.logging_steps == 0 or step == self.plan.total_steps or step == self.start_step + 1:
-                _say(f"[expertserve] {self.plan.expert_name} step {step}/{self.plan.total_steps} loss {loss:.4f} "
-                     f"lr {lr:.2e} tok/s {rate:.0f} eta {_duration(eta)}")
+            if (
+                step % self.plan.logging_steps == 0
+                or step == self.plan.total_steps
+                or step == self.start_step + 1
+            ):
+                _say(
+                    f"[expertserve] {self.plan.expert_name} step {step}/{self.plan.total_steps} loss {loss:.4f} "
+                    f"lr {lr:.2e} tok/s {rate:.0f} eta {_duration(eta)}"
+                )
             if self.file is not None:
                 with self.file.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")

@@ -15,8 +15,14 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
-def init_soft_prompt(method: str, tokens: int, embeddings: torch.Tensor, tokenizer: Any,
-                     init_text: str | None, generator: torch.Generator) -> torch.Tensor:
+def init_soft_prompt(
+    method: str,
+    tokens: int,
+    embeddings: torch.Tensor,
+    tokenizer: Any,
+    init_text: str | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Initial [tokens, hidden] soft prompt.
 
     Args:
@@ -46,13 +52,16 @@ def encode(example: dict[str, Any], tokenizer: Any, max_len: int) -> dict[str, l
     The prompt is formatted with the base model's own chat template, exactly as serving formats requests.
     """
     messages = example["messages"]
-    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(
+        messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError("the chat template does not extend the prompt with the answer; cannot mask the prompt")
+        raise ValueError(
+            "the chat template does not extend the prompt with the answer; cannot mask the prompt"
+        )
     ids = full_ids[:max_len]
-    labels = [IGNORE_INDEX] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids):]
+    labels = [IGNORE_INDEX] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids) :]
     return {"input_ids": ids, "labels": labels}
 
 
@@ -83,7 +92,9 @@ class ExpertModule(nn.Module):
         """Rows prepended to every input."""
         return sum(p.shape[0] for p in self.soft_prompts)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         """Mean cross-entropy of the answer tokens."""
         embed = self.peft_model.get_input_embeddings()
         inputs = embed(input_ids)

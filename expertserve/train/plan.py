@@ -94,8 +94,15 @@ class TrainPlan:
         return cls(**data)
 
 
-def make_plan(loaded: LoadedManifest, *, base_model_dir: Path, base_model_id: str, workers: int = 1,
-              use_gpu: bool = False, max_steps: int | None = None) -> TrainPlan:
+def make_plan(
+    loaded: LoadedManifest,
+    *,
+    base_model_dir: Path,
+    base_model_id: str,
+    workers: int = 1,
+    use_gpu: bool = False,
+    max_steps: int | None = None,
+) -> TrainPlan:
     """Resolves the plan for one expert.
 
     Raises:
@@ -106,12 +113,18 @@ def make_plan(loaded: LoadedManifest, *, base_model_dir: Path, base_model_id: st
     adapter = m.adapter_for(base_model_id)
     if adapter is None:
         trained = ", ".join(b.name for b in m.base_model_entries)
-        raise TrainingError(f"{loaded.path}: no adapter for base model {base_model_id} (manifest names {trained})")
+        raise TrainingError(
+            f"{loaded.path}: no adapter for base model {base_model_id} (manifest names {trained})"
+        )
     if cfg.method != "sft":
-        raise TrainingError(f"{loaded.path}: training.config.method {cfg.method!r}: only 'sft' is implemented")
+        raise TrainingError(
+            f"{loaded.path}: training.config.method {cfg.method!r}: only 'sft' is implemented"
+        )
     if adapter.effective_type not in ("lora", "dora", "ia3"):
-        raise TrainingError(f"{loaded.path}: adapter type {adapter.effective_type!r} cannot be trained "
-                            "(expertserve trains lora, dora and ia3)")
+        raise TrainingError(
+            f"{loaded.path}: adapter type {adapter.effective_type!r} cannot be trained "
+            "(expertserve trains lora, dora and ia3)"
+        )
     if not ds.path:
         raise TrainingError(f"{loaded.path}: training.dataset.path is not set")
     train_file = root / ds.path
@@ -124,14 +137,20 @@ def make_plan(loaded: LoadedManifest, *, base_model_dir: Path, base_model_id: st
     steps_per_epoch = max(1, math.ceil(n_train / (batch * workers * accum)))
     epochs = cfg.epochs if cfg.epochs is not None else cfg.num_epochs
     total = max_steps or cfg.max_steps or max(1, math.ceil((epochs or 1) * steps_per_epoch))
-    warmup = round(cfg.warmup_ratio * total) if cfg.warmup_ratio is not None else (cfg.warmup_steps or
-                                                                                   DEFAULT_WARMUP_STEPS)
+    warmup = (
+        round(cfg.warmup_ratio * total)
+        if cfg.warmup_ratio is not None
+        else (cfg.warmup_steps or DEFAULT_WARMUP_STEPS)
+    )
     save_steps = steps_per_epoch if cfg.save_strategy == "epoch" else (cfg.save_steps or DEFAULT_SAVE_STEPS)
     if cfg.save_strategy == "no":
         save_steps = total  # only the final checkpoint, which the package needs
     evaluating = valid_file is not None and cfg.evaluation_strategy != "no"
-    eval_steps = (steps_per_epoch if cfg.evaluation_strategy == "epoch" else cfg.eval_steps or save_steps) \
-        if evaluating else None
+    eval_steps = (
+        (steps_per_epoch if cfg.evaluation_strategy == "epoch" else cfg.eval_steps or save_steps)
+        if evaluating
+        else None
+    )
     precision = "fp32"
     if use_gpu and cfg.fp16:
         precision = "fp16"
@@ -141,27 +160,50 @@ def make_plan(loaded: LoadedManifest, *, base_model_dir: Path, base_model_id: st
     if optimizer == "adamw_bnb_8bit" or (optimizer == "adamw_torch_fused" and not use_gpu):
         optimizer = "adamw_torch"
     ctx = RuntimeContext(device="cuda" if use_gpu else "cpu")
-    ignored = [f"{s.path}: {s.detail}" for s in field_statuses(m, ctx)
-               if s.path.startswith("training.") and s.status == "not applicable"]
+    ignored = [
+        f"{s.path}: {s.detail}"
+        for s in field_statuses(m, ctx)
+        if s.path.startswith("training.") and s.status == "not applicable"
+    ]
     return TrainPlan(
-        expert_name=m.name, base_model_id=base_model_id, base_model_dir=str(base_model_dir),
-        train_file=str(train_file), valid_file=str(valid_file) if evaluating else None,
-        adapter_type=adapter.effective_type, target_modules=list(cfg.target_modules or adapter.target_modules),
-        feedforward_modules=cfg.feedforward_modules or adapter.feedforward_modules, rank=cfg.rank or adapter.r,
-        alpha=cfg.alpha or adapter.alpha, dropout=cfg.dropout if cfg.dropout is not None else (adapter.dropout or 0.0),
+        expert_name=m.name,
+        base_model_id=base_model_id,
+        base_model_dir=str(base_model_dir),
+        train_file=str(train_file),
+        valid_file=str(valid_file) if evaluating else None,
+        adapter_type=adapter.effective_type,
+        target_modules=list(cfg.target_modules or adapter.target_modules),
+        feedforward_modules=cfg.feedforward_modules or adapter.feedforward_modules,
+        rank=cfg.rank or adapter.r,
+        alpha=cfg.alpha or adapter.alpha,
+        dropout=cfg.dropout if cfg.dropout is not None else (adapter.dropout or 0.0),
         adapter_path=adapter.path,
-        soft_prompts=[SoftPromptPlan(sp.name, sp.tokens, sp.init_method or "random", sp.init_text, sp.path)
-                      for sp in m.soft_prompts],
-        learning_rate=cfg.learning_rate, batch_size=batch, grad_accum=accum, total_steps=total,
-        warmup_steps=min(warmup, total), scheduler=cfg.lr_scheduler or DEFAULT_SCHEDULER,
+        soft_prompts=[
+            SoftPromptPlan(sp.name, sp.tokens, sp.init_method or "random", sp.init_text, sp.path)
+            for sp in m.soft_prompts
+        ],
+        learning_rate=cfg.learning_rate,
+        batch_size=batch,
+        grad_accum=accum,
+        total_steps=total,
+        warmup_steps=min(warmup, total),
+        scheduler=cfg.lr_scheduler or DEFAULT_SCHEDULER,
         max_seq_length=cfg.max_seq_length or DEFAULT_MAX_SEQ_LENGTH,
-        logging_steps=cfg.logging_steps or DEFAULT_LOGGING_STEPS, save_steps=min(save_steps, total),
-        save_total_limit=cfg.save_total_limit, eval_steps=eval_steps,
-        keep_best=bool(cfg.load_best_model_at_end) and evaluating
+        logging_steps=cfg.logging_steps or DEFAULT_LOGGING_STEPS,
+        save_steps=min(save_steps, total),
+        save_total_limit=cfg.save_total_limit,
+        eval_steps=eval_steps,
+        keep_best=bool(cfg.load_best_model_at_end)
+        and evaluating
         and (cfg.metric_for_best_model or "eval_loss") in REPORTED_METRICS,
-        best_metric=cfg.metric_for_best_model or "eval_loss", greater_is_better=bool(cfg.greater_is_better),
-        gradient_checkpointing=bool(cfg.gradient_checkpointing), precision=precision, optimizer=optimizer,
+        best_metric=cfg.metric_for_best_model or "eval_loss",
+        greater_is_better=bool(cfg.greater_is_better),
+        gradient_checkpointing=bool(cfg.gradient_checkpointing),
+        precision=precision,
+        optimizer=optimizer,
         attn_implementation="eager" if cfg.use_sdpa is False else "sdpa",
-        seed=cfg.seed if cfg.seed is not None else DEFAULT_SEED, workers=workers, use_gpu=use_gpu,
+        seed=cfg.seed if cfg.seed is not None else DEFAULT_SEED,
+        workers=workers,
+        use_gpu=use_gpu,
         ignored=ignored,
     )

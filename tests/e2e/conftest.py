@@ -33,10 +33,9 @@ class Server:
         return self.experts / name
 
 
-
-
-def _expert(root: Path, base: Path, name: str, *, lora: str | None, soft: bool, decoding: dict,
-            seed: int) -> Path:
+def _expert(
+    root: Path, base: Path, name: str, *, lora: str | None, soft: bool, decoding: dict, seed: int
+) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -56,8 +55,13 @@ def _expert(root: Path, base: Path, name: str, *, lora: str | None, soft: bool, 
         (expert / decoding["grammar_file"]).write_text('root ::= "yes" | "no"\n')
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=lora == "identity",
-                        use_dora=lora == "dora")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=lora == "identity",
+        use_dora=lora == "dora",
+    )
     get_peft_model(model, config).save_pretrained(expert / "adapter")
     if soft:
         save_soft_prompt(expert / "soft_prompts" / "style.safetensors", torch.randn(4, 64) * 0.05)
@@ -65,16 +69,29 @@ def _expert(root: Path, base: Path, name: str, *, lora: str | None, soft: bool, 
 
 
 @contextlib.contextmanager
-def launched_server(args: list[str], log: Path, *, cwd: Path | None = None,
-                    env: dict[str, str] | None = None) -> Iterator[str]:
+def launched_server(
+    args: list[str], log: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """`expertserve serve ARGS` in a subprocess, as a user starts it, until the block ends; yields its URL.
 
     The port must be among `args`; the server is stopped with SIGTERM (then SIGKILL after a minute).
     """
     port = args[args.index("--port") + 1]
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
-    with running([sys.executable, "-m", "expertserve", "serve", *args], f"http://127.0.0.1:{port}", "/healthz", log,
-                 full_env, timeout=300, cwd=cwd) as url:
+    full_env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        **(env or {}),
+    }
+    with running(
+        [sys.executable, "-m", "expertserve", "serve", *args],
+        f"http://127.0.0.1:{port}",
+        "/healthz",
+        log,
+        full_env,
+        timeout=300,
+        cwd=cwd,
+    ) as url:
         yield url
 
 
@@ -83,9 +100,19 @@ def running_server(root: Path, base: Path, experts: Path, **overrides: object) -
     """A server on the tiny model and the experts made here, with config overrides."""
     port = free_port()
     config = root / f"serve-{port}.json"
-    config.write_text(json.dumps({"model_dir": str(base), "model_id": TINY_ID, "experts_dirs": [str(experts)],
-                                  "port": port, "max_body_bytes": 65536,
-                                  "engine": {"dtype": "float32", "in_process": True}, **overrides}))
+    config.write_text(
+        json.dumps(
+            {
+                "model_dir": str(base),
+                "model_id": TINY_ID,
+                "experts_dirs": [str(experts)],
+                "port": port,
+                "max_body_bytes": 65536,
+                "engine": {"dtype": "float32", "in_process": True},
+                **overrides,
+            }
+        )
+    )
     log = root / f"server-{port}.log"
     with launched_server(["--config", str(config), "--port", str(port)], log) as url:
         yield Server(url, base, experts, log)
@@ -103,8 +130,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     _expert(experts, base, "expert-alpha", lora="random", soft=True, decoding=plain, seed=1)
     _expert(experts, base, "expert-beta", lora="random", soft=False, decoding=plain, seed=2)
     _expert(experts, base, "expert-delta", lora="identity", soft=True, decoding=plain, seed=3)
-    _expert(experts, base, "expert-gram", lora="random", soft=False, seed=4,
-            decoding={"temperature": 0.0, "max_tokens": 8, "grammar_file": "yesno.gbnf"})
+    _expert(
+        experts,
+        base,
+        "expert-gram",
+        lora="random",
+        soft=False,
+        seed=4,
+        decoding={"temperature": 0.0, "max_tokens": 8, "grammar_file": "yesno.gbnf"},
+    )
     _expert(experts, base, "expert-dora", lora="dora", soft=False, decoding=plain, seed=5)
     return root, base, experts
 

@@ -21,8 +21,14 @@ pytestmark = pytest.mark.slow
 def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "expertserve", "bench", "--size", "smoke", "--json", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "expertserve", "bench", "--size", "smoke", "--json", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads(out.read_text())
     for key in [*FIGURES, "machine"]:
@@ -36,8 +42,12 @@ def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path)
     for server in ("vllm", "expertserve"):
         assert results["stack"][server]["output_tokens"] == shape["requests"] * shape["max_tokens"], server
     # `auto` chose among the shipped experts (or the base model), never a synthetic one.
-    assert set(results["routing"]["chosen"]) <= {"expert-sql", "expert-json", "expert-typescript",
-                                                 "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    assert set(results["routing"]["chosen"]) <= {
+        "expert-sql",
+        "expert-json",
+        "expert-typescript",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    }
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in FIGURES.values():
         assert label in proc.stdout

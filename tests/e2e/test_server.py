@@ -37,8 +37,14 @@ def test_chat_and_completion_per_model(client: openai.OpenAI, model: str) -> Non
 
 
 def test_streaming_sends_chunks_usage_and_done(server: Server) -> None:
-    body = {"model": "expert-alpha", "messages": HELLO, "max_tokens": 6, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "expert-alpha",
+        "messages": HELLO,
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
@@ -58,42 +64,75 @@ def test_openai_client_streams(client: openai.OpenAI) -> None:
 
 
 def test_json_schema_output_parses(client: openai.OpenAI) -> None:
-    schema = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 9},
-                                               "ok": {"type": "boolean"}},
-              "required": ["score", "ok"], "additionalProperties": False}
-    r = client.chat.completions.create(model="expert-beta", messages=HELLO, max_tokens=40,
-                                       response_format={"type": "json_schema",
-                                                        "json_schema": {"name": "s", "schema": schema}})
+    schema = {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 9}, "ok": {"type": "boolean"}},
+        "required": ["score", "ok"],
+        "additionalProperties": False,
+    }
+    r = client.chat.completions.create(
+        model="expert-beta",
+        messages=HELLO,
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
     value = json.loads(r.choices[0].message.content)
     assert set(value) == {"score", "ok"} and 0 <= value["score"] <= 9 and isinstance(value["ok"], bool)
 
 
 def test_manifest_grammar_applies_and_request_format_overrides_it(server: Server) -> None:
-    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "expert-gram", "messages": HELLO}, timeout=120)
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": "expert-gram", "messages": HELLO}, timeout=120
+    )
     assert r.json()["choices"][0]["message"]["content"] in ("yes", "no")
     assert "constraint=grammar (manifest)" in r.headers["x-expertserve-decoding"]
-    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
-        "model": "expert-gram", "messages": HELLO, "max_tokens": 30, "response_format": {"type": "json_object"}})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": "expert-gram",
+            "messages": HELLO,
+            "max_tokens": 30,
+            "response_format": {"type": "json_object"},
+        },
+    )
     assert r.json()["choices"][0]["message"]["content"].startswith("{")
     assert "constraint=json_object (request)" in r.headers["x-expertserve-decoding"]
 
 
 def test_stop_sequences_cut_the_output(client: openai.OpenAI) -> None:
-    full = client.completions.create(model="expert-beta", prompt="hello", max_tokens=12, temperature=0).choices[0].text
+    full = (
+        client.completions.create(model="expert-beta", prompt="hello", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
     stop = full[3:6]
     assert stop and stop in full
-    cut = client.completions.create(model="expert-beta", prompt="hello", max_tokens=12, temperature=0, stop=[stop])
+    cut = client.completions.create(
+        model="expert-beta", prompt="hello", max_tokens=12, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
 def test_vllm_length_extras_ignore_eos_and_min_tokens(server: Server) -> None:
     for prompt in ("hello", "a", "count to three"):
-        body = {"model": "expert-beta", "prompt": prompt, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+        body = {
+            "model": "expert-beta",
+            "prompt": prompt,
+            "max_tokens": 24,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
         r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 24
     body = {"model": "expert-beta", "prompt": "hello", "max_tokens": 6, "min_tokens": 6}
-    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["usage"]["completion_tokens"] == 6
+    assert (
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["usage"][
+            "completion_tokens"
+        ]
+        == 6
+    )
     r = httpx.post(f"{server.url}/v1/completions", json={**body, "min_tokens": -1}, timeout=120)
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
 
@@ -111,10 +150,18 @@ def test_manifest_decoding_applies_and_requests_override_it(server: Server) -> N
     assert "temperature=0.1 (manifest)" in server.log.read_text()  # the server logs the same line
 
 
-@pytest.mark.parametrize(("model", "adapter", "soft"), [
-    (TINY_ID, False, False), ("expert-beta", True, False), ("expert-delta", False, True),
-    ("expert-alpha", True, True)])
-def test_greedy_parity_with_transformers_and_peft(server: Server, model: str, adapter: bool, soft: bool) -> None:
+@pytest.mark.parametrize(
+    ("model", "adapter", "soft"),
+    [
+        (TINY_ID, False, False),
+        ("expert-beta", True, False),
+        ("expert-delta", False, True),
+        ("expert-alpha", True, True),
+    ],
+)
+def test_greedy_parity_with_transformers_and_peft(
+    server: Server, model: str, adapter: bool, soft: bool
+) -> None:
     got = _greedy(server, model, "hello world")
     expert = server.expert(model) if model != TINY_ID else server.base
     want = reference_greedy(server.base, expert, "hello world", adapter, soft, len(got))
@@ -123,8 +170,12 @@ def test_greedy_parity_with_transformers_and_peft(server: Server, model: str, ad
 
 def test_base_and_adapter_requests_mixed_in_one_batch_stay_correct(server: Server) -> None:
     cases = [(TINY_ID, False, False), ("expert-beta", True, False), ("expert-alpha", True, True)] * 4
-    want = {m: reference_greedy(server.base, server.expert(m) if m != TINY_ID else server.base, "SELECT name",
-                                a, s, 10) for m, a, s in cases[:3]}
+    want = {
+        m: reference_greedy(
+            server.base, server.expert(m) if m != TINY_ID else server.base, "SELECT name", a, s, 10
+        )
+        for m, a, s in cases[:3]
+    }
     with ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(lambda c: (c[0], _greedy(server, c[0], "SELECT name", 10)), cases))
     for model, got in results:
@@ -132,28 +183,51 @@ def test_base_and_adapter_requests_mixed_in_one_batch_stay_correct(server: Serve
 
 
 def _greedy(server: Server, model: str, prompt: str, n: int = 8) -> list[int]:
-    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
-        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": n, "temperature": 0,
-        "return_token_ids": True})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": n,
+            "temperature": 0,
+            "return_token_ids": True,
+        },
+    )
     choice = r.json()["choices"][0]
     assert len(choice["token_ids"]) == n or choice["finish_reason"] == "stop"
     return choice["token_ids"]
 
 
-@pytest.mark.parametrize(("body", "status", "param"), [
-    ({"model": "expert-nope", "messages": HELLO}, 404, "model"),
-    ({"model": "expert-dora", "messages": HELLO}, 400, "model"),
-    ({"model": "expert-alpha", "messages": HELLO, "max_tokens": -1}, 400, "max_tokens"),
-    ({"model": "expert-alpha", "messages": HELLO, "temperature": "hot"}, 400, "temperature"),
-    ({"model": "expert-alpha", "messages": "hi"}, 400, "messages"),
-    ({"model": "expert-alpha", "messages": HELLO, "temprature": 0.2}, 400, "temprature"),
-    ({"model": "expert-alpha", "messages": HELLO, "response_format": {"type": "json_object", "strict": True}}, 400,
-     "response_format.strict"),
-    ({"model": "expert-alpha", "messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools"),
-    ({"model": "expert-alpha", "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "messages"),
-])
-def test_client_mistakes_are_4xx_with_openai_bodies(server: Server, body: dict[str, Any], status: int,
-                                                    param: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "expert-nope", "messages": HELLO}, 404, "model"),
+        ({"model": "expert-dora", "messages": HELLO}, 400, "model"),
+        ({"model": "expert-alpha", "messages": HELLO, "max_tokens": -1}, 400, "max_tokens"),
+        ({"model": "expert-alpha", "messages": HELLO, "temperature": "hot"}, 400, "temperature"),
+        ({"model": "expert-alpha", "messages": "hi"}, 400, "messages"),
+        ({"model": "expert-alpha", "messages": HELLO, "temprature": 0.2}, 400, "temprature"),
+        (
+            {
+                "model": "expert-alpha",
+                "messages": HELLO,
+                "response_format": {"type": "json_object", "strict": True},
+            },
+            400,
+            "response_format.strict",
+        ),
+        ({"model": "expert-alpha", "messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools"),
+        (
+            {"model": "expert-alpha", "messages": [{"role": "user", "content": "word " * 5000}]},
+            400,
+            "messages",
+        ),
+    ],
+)
+def test_client_mistakes_are_4xx_with_openai_bodies(
+    server: Server, body: dict[str, Any], status: int, param: str
+) -> None:
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -166,9 +240,20 @@ def test_malformed_oversized_and_uncompilable_requests(server: Server) -> None:
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(url, content=b" " * 70000, headers={"content-type": "application/json"})
     assert r.status_code == 413
-    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
-        "a": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["a"]}}}
-    r = httpx.post(url, json={"model": "expert-beta", "messages": HELLO, "response_format": bad_schema}, timeout=120)
+    bad_schema = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "x",
+            "schema": {
+                "type": "object",
+                "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}},
+                "required": ["a"],
+            },
+        },
+    }
+    r = httpx.post(
+        url, json={"model": "expert-beta", "messages": HELLO, "response_format": bad_schema}, timeout=120
+    )
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"]["param"] == "response_format"
     ok = httpx.post(url, json={"model": "expert-beta", "messages": HELLO, "max_tokens": 2}, timeout=120)
@@ -183,8 +268,11 @@ def test_experts_endpoint_reports_versions_decoding_and_hints(server: Server) ->
 
 
 def test_metrics_count_requests_per_expert(server: Server) -> None:
-    httpx.post(f"{server.url}/v1/chat/completions", json={"model": "expert-beta", "messages": HELLO,
-                                                          "max_tokens": 1}, timeout=120)
+    httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": "expert-beta", "messages": HELLO, "max_tokens": 1},
+        timeout=120,
+    )
     text = httpx.get(f"{server.url}/metrics").text
     assert 'expertserve_requests_total{expert="expert-beta",outcome="ok"}' in text
     assert "expertserve_ttft_seconds_bucket" in text and "expertserve_requests_in_flight" in text
@@ -210,4 +298,3 @@ def test_live_add_and_remove_of_an_expert(server: Server, client: openai.OpenAI)
     assert "error" not in "".join(rest), "the in-flight request finished normally"
     r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=120)
     assert r.status_code == 404
-

@@ -17,21 +17,28 @@ from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SQL_QUESTION = ("Schema:\nCREATE TABLE iris (sepal_length REAL, sepal_width REAL, petal_length REAL, "
-                "petal_width REAL, species TEXT);\nQuestion: How many rows are in the iris table?")
+SQL_QUESTION = (
+    "Schema:\nCREATE TABLE iris (sepal_length REAL, sepal_width REAL, petal_length REAL, "
+    "petal_width REAL, species TEXT);\nQuestion: How many rows are in the iris table?"
+)
 
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("shipped") / "server.log"
     args = ["--port", str(free_port())]
-    with launched_server(args, log, cwd=REPO, env={"EXPERTSERVE_INSTALL_DIR": str(log.parent / "none")}) as url:
+    with launched_server(
+        args, log, cwd=REPO, env={"EXPERTSERVE_INSTALL_DIR": str(log.parent / "none")}
+    ) as url:
         yield url
 
 
 def chat(url: str, model: str, content: str, **extra: object) -> httpx.Response:
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=300,
-                   json={"model": model, "messages": [{"role": "user", "content": content}], **extra})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=300,
+        json={"model": model, "messages": [{"role": "user", "content": content}], **extra},
+    )
     assert r.status_code == 200, r.text
     return r
 
@@ -42,7 +49,8 @@ def test_default_server_lists_the_shipped_experts(default_server: str) -> None:
 
 
 def test_expert_sql_decodes_at_its_manifest_temperature_unless_the_request_says_otherwise(
-        default_server: str) -> None:
+    default_server: str,
+) -> None:
     r = chat(default_server, "expert-sql", SQL_QUESTION)
     assert r.headers["x-expertserve-expert"] == "expert-sql"
     decoding = r.headers["x-expertserve-decoding"]
@@ -50,24 +58,35 @@ def test_expert_sql_decodes_at_its_manifest_temperature_unless_the_request_says_
     r = chat(default_server, "expert-sql", SQL_QUESTION, temperature=0.0)
     assert "temperature=0.0 (request)" in r.headers["x-expertserve-decoding"]
     answer = r.json()["choices"][0]["message"]["content"]
-    assert sql.score(answer, {"gold": "SELECT COUNT(*) FROM iris"}, REPO / "experts" / "expert-sql" / "data"), answer
+    assert sql.score(
+        answer, {"gold": "SELECT COUNT(*) FROM iris"}, REPO / "experts" / "expert-sql" / "data"
+    ), answer
 
 
 def test_expert_json_applies_its_soft_prompt_and_json_constraint(default_server: str) -> None:
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-              "required": ["name", "age"]}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
     content = f"Schema: {json.dumps(schema)}\nText: Their name is Ana Lopez. They are 41 years old."
     r = chat(default_server, "expert-json", content)
     assert "constraint=json_object (manifest)" in r.headers["x-expertserve-decoding"]
     body = r.json()
     base = chat(default_server, BASE, content, max_tokens=1).json()
-    assert body["usage"]["prompt_tokens"] == base["usage"]["prompt_tokens"] + 16  # the json_strict soft prompt
+    assert (
+        body["usage"]["prompt_tokens"] == base["usage"]["prompt_tokens"] + 16
+    )  # the json_strict soft prompt
     assert json_extract.parse_object(body["choices"][0]["message"]["content"]) is not None
 
 
 def test_expert_typescript_uses_its_manifest_temperature(default_server: str) -> None:
-    r = chat(default_server, "expert-typescript", "Write a TypeScript function add that adds two numbers.",
-             max_tokens=40)
+    r = chat(
+        default_server,
+        "expert-typescript",
+        "Write a TypeScript function add that adds two numbers.",
+        max_tokens=40,
+    )
     assert "temperature=0.4 (manifest)" in r.headers["x-expertserve-decoding"]
     assert Path(REPO / "experts" / "expert-typescript" / "adapter" / "adapter_model.safetensors").exists()
 
@@ -84,5 +103,7 @@ def test_auto_routes_to_the_expert_or_falls_back_to_the_base_model(default_serve
     metrics = httpx.get(f"{default_server}/metrics").text
     assert 'expertserve_routed_total{expert="expert-sql"}' in metrics
     assert "expertserve_route_fallbacks_total" in metrics
-    decisions = next(line for line in metrics.splitlines() if line.startswith("expertserve_route_decision_seconds_count"))
+    decisions = next(
+        line for line in metrics.splitlines() if line.startswith("expertserve_route_decision_seconds_count")
+    )
     assert float(decisions.split()[-1]) >= 2

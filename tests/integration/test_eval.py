@@ -40,13 +40,21 @@ def tiny_expert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     expert = make_expert(root / "expert-demo", data)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base)
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     lora.save_pretrained(expert / "adapter")
-    save_soft_prompt(expert / "soft_prompts" / "style.safetensors",
-                     torch.randn(4, model.config.hidden_size) * model.get_input_embeddings().weight.std())
-    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": '{"a": 1}'}],
-             "meta": {"gold": {"a": 1}}} for p in PROMPTS]
+    save_soft_prompt(
+        expert / "soft_prompts" / "style.safetensors",
+        torch.randn(4, model.config.hidden_size) * model.get_input_embeddings().weight.std(),
+    )
+    rows = [
+        {
+            "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": '{"a": 1}'}],
+            "meta": {"gold": {"a": 1}},
+        }
+        for p in PROMPTS
+    ]
     (expert / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return expert, base
 
@@ -61,8 +69,9 @@ def engine(tiny_expert: tuple[Path, Path]) -> Iterator[Any]:
 
 
 @pytest.mark.parametrize(("adapter", "soft"), [(False, False), (True, False), (False, True), (True, True)])
-def test_engine_matches_transformers_and_peft(engine: Any, tiny_expert: tuple[Path, Path], adapter: bool,
-                                              soft: bool) -> None:
+def test_engine_matches_transformers_and_peft(
+    engine: Any, tiny_expert: tuple[Path, Path], adapter: bool, soft: bool
+) -> None:
     from vllm import SamplingParams
 
     from expertserve.engine.batch import GenerationRequest
@@ -73,8 +82,14 @@ def test_engine_matches_transformers_and_peft(engine: Any, tiny_expert: tuple[Pa
     soft_prompt = load_soft_prompt(expert / "soft_prompts" / "style.safetensors") if soft else None
     lora = ("expert-demo", 1, str(expert / "adapter")) if adapter else None
     outputs = engine.llm.generate(
-        [engine.prompt(GenerationRequest([{"role": "user", "content": p}], sampling, lora, soft_prompt))
-         for p in PROMPTS[:2]], sampling, lora_request=_lora(lora), use_tqdm=False)
+        [
+            engine.prompt(GenerationRequest([{"role": "user", "content": p}], sampling, lora, soft_prompt))
+            for p in PROMPTS[:2]
+        ],
+        sampling,
+        lora_request=_lora(lora),
+        use_tqdm=False,
+    )
     for prompt, output in zip(PROMPTS[:2], outputs, strict=True):
         assert list(output.outputs[0].token_ids) == reference_greedy(base, expert, prompt, adapter, soft, 8)
 
@@ -96,12 +111,16 @@ def test_adapter_and_soft_prompt_change_the_output(engine: Any, tiny_expert: tup
     soft = load_soft_prompt(expert / "soft_prompts" / "style.safetensors")
     lora = ("expert-demo", 1, str(expert / "adapter"))
     messages = [{"role": "user", "content": PROMPTS[0]}]
-    texts = {name: engine.generate([GenerationRequest(messages, sampling, lo, sp)])[0]
-             for name, (lo, sp) in {"base": (None, None), "adapter": (lora, None), "soft": (None, soft)}.items()}
+    texts = {
+        name: engine.generate([GenerationRequest(messages, sampling, lo, sp)])[0]
+        for name, (lo, sp) in {"base": (None, None), "adapter": (lora, None), "soft": (None, soft)}.items()
+    }
     assert texts["adapter"] != texts["base"] and texts["soft"] != texts["base"]
 
 
-def test_evaluate_reports_scores_and_writes_quality_metrics(engine: Any, tiny_expert: tuple[Path, Path]) -> None:
+def test_evaluate_reports_scores_and_writes_quality_metrics(
+    engine: Any, tiny_expert: tuple[Path, Path]
+) -> None:
     from expertserve.eval.runner import evaluate
 
     expert, base = tiny_expert
@@ -134,6 +153,7 @@ def test_seeded_sampling_with_chunked_prefill_keeps_the_engine_alive(engine: Any
 
     sampling = SamplingParams(temperature=0.8, max_tokens=4, seed=7)
     prompt = "SELECT name FROM users WHERE age > 30 ORDER BY name LIMIT 10; " * 12
-    outputs = engine.generate([GenerationRequest([{"role": "user", "content": f"{prompt}{i}"}], sampling)
-                               for i in range(60)])
+    outputs = engine.generate(
+        [GenerationRequest([{"role": "user", "content": f"{prompt}{i}"}], sampling) for i in range(60)]
+    )
     assert len(outputs) == 60

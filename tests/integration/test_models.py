@@ -50,8 +50,15 @@ def test_verify_catches_wrong_weights(prepared: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(prepared).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -86,8 +93,12 @@ def test_tiny_model_is_deterministic_and_chat_ready(tmp_path: Path, arch: str) -
         path = build_tiny_model(tmp_path / run, arch=arch, seed=3)
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
-        ids = tok.apply_chat_template([{"role": "user", "content": "SELECT name FROM users"}],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": "SELECT name FROM users"}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         with torch.no_grad():
             outputs.append(model.generate(**ids, max_new_tokens=6, do_sample=False)[0].tolist())
     assert outputs[0] == outputs[1]

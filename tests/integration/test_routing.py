@@ -15,8 +15,21 @@ HELDOUT = REPO / "configs" / "routing" / "heldout.jsonl"
 
 
 def route(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "expertserve", "route", *args, "--json",
-                          "--experts-dir", str(REPO / "experts")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "expertserve",
+            "route",
+            *args,
+            "--json",
+            "--experts-dir",
+            str(REPO / "experts"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
@@ -51,14 +64,35 @@ def test_route_one_prompt_prints_the_decision_and_scores() -> None:
 def test_labelled_file_errors_name_the_line(tmp_path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "expert": null}\n{"text": "y"}\n')
-    out = subprocess.run([sys.executable, "-m", "expertserve", "route", "--eval", str(bad)], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "expertserve", "route", "--eval", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and "bad.jsonl:2" in out.stderr
 
 
 def test_routing_benchmark_runs_and_reports_both_registries() -> None:
-    out = subprocess.run([sys.executable, "-m", "expertserve", "route", "--bench", "--bench-n", "5", "--synthetic", "4",
-                          "--json", "--experts-dir", str(REPO / "experts")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "expertserve",
+            "route",
+            "--bench",
+            "--bench-n",
+            "5",
+            "--synthetic",
+            "4",
+            "--json",
+            "--experts-dir",
+            str(REPO / "experts"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads(out.stdout)
     assert results["shipped"]["experts"] == 3 and results["synthetic"]["experts"] == 4

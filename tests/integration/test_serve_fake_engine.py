@@ -44,19 +44,32 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     root = tmp_path_factory.mktemp("fake-serve")
     experts = root / "experts"
-    _expert(experts, "expert-sql", {"keywords": ["sql", "select"], "examples": ["write a sql query for orders"]})
+    _expert(
+        experts, "expert-sql", {"keywords": ["sql", "select"], "examples": ["write a sql query for orders"]}
+    )
     _expert(experts, "expert-json", {"keywords": ["json"], "examples": ["extract the fields into json"]})
     _expert(experts, "expert-broken", {"keywords": ["broken"]}, broken=True)
     port = free_port()
-    config = ServeConfig.model_validate({
-        "model_dir": str(root), "model_id": BASE, "experts_dirs": [str(experts)], "port": port,
-        "engine": {"max_model_len": 64},
-        "replicas": {"num_replicas": 2, "num_cpus": 0.1, "max_queued_requests": 16},
-        "routing": {"base_score": 0.3, "min_confidence": 0.0}})
+    config = ServeConfig.model_validate(
+        {
+            "model_dir": str(root),
+            "model_id": BASE,
+            "experts_dirs": [str(experts)],
+            "port": port,
+            "engine": {"max_model_len": 64},
+            "replicas": {"num_replicas": 2, "num_cpus": 0.1, "max_queued_requests": 16},
+            "routing": {"base_score": 0.3, "min_confidence": 0.0},
+        }
+    )
     saved = dict(os.environ)
     # Ray's workers import tests.fakes by name: they need the repository on their path. Loopback only, no auth.
-    os.environ.update({"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-                       "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    os.environ.update(
+        {
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -81,7 +94,13 @@ def _chat(url: str, **body: Any) -> httpx.Response:
 
 def test_health_and_models(url: str, client: openai.OpenAI) -> None:
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok", "experts": 3}
-    assert {m.id for m in client.models.list()} == {BASE, "auto", "expert-sql", "expert-json", "expert-broken"}
+    assert {m.id for m in client.models.list()} == {
+        BASE,
+        "auto",
+        "expert-sql",
+        "expert-json",
+        "expert-broken",
+    }
 
 
 def test_chat_reaches_the_engine_with_the_expert_and_its_manifest_decoding(url: str) -> None:
@@ -91,21 +110,32 @@ def test_chat_reaches_the_engine_with_the_expert_and_its_manifest_decoding(url: 
     text = body["choices"][0]["message"]["content"]
     assert text.startswith("[expert-sql@0.1.0 replica=") and text.endswith("t=0.1] hello world")
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}  # 2 words + 1 file
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 6,
+        "total_tokens": 9,
+    }  # 2 words + 1 file
     assert r.headers["x-expertserve-expert"] == "expert-sql"
     assert "temperature=0.1 (manifest)" in r.headers["x-expertserve-decoding"]
     r = _chat(url, model=BASE, temperature=0.5, max_tokens=2, n=2)
     choices = r.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1]
     assert all(c["message"]["content"].startswith("[base replica=") for c in choices)
-    assert all(c["finish_reason"] == "length" for c in choices) and r.json()["usage"]["completion_tokens"] == 4
+    assert (
+        all(c["finish_reason"] == "length" for c in choices) and r.json()["usage"]["completion_tokens"] == 4
+    )
     assert "temperature=0.5 (request)" in r.headers["x-expertserve-decoding"]
 
 
 def test_completions_and_streaming_with_usage(url: str, client: openai.OpenAI) -> None:
     completion = client.completions.create(model="expert-json", prompt="a b c", max_tokens=50)
     assert completion.object == "text_completion" and completion.choices[0].text.endswith("] a b c")
-    body = {"model": "expert-json", "messages": HELLO, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "expert-json",
+        "messages": HELLO,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
@@ -114,19 +144,29 @@ def test_completions_and_streaming_with_usage(url: str, client: openai.OpenAI) -
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
     streamed = "".join(c["choices"][0]["delta"]["content"] for c in chunks[:-1]).split()
     whole = _chat(url, model="expert-json").json()["choices"][0]["message"]["content"].split()
-    assert streamed[0] == whole[0] and streamed[3:] == whole[3:]  # the same answer, replica and load count aside
+    assert (
+        streamed[0] == whole[0] and streamed[3:] == whole[3:]
+    )  # the same answer, replica and load count aside
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize(("body", "status", "param", "code"), [
-    ({"model": "expert-nope"}, 404, "model", "model_not_found"),
-    ({"model": "expert-sql", "temprature": 1}, 400, "temprature", None),
-    ({"model": "expert-sql", "messages": [{"role": "user", "content": "word " * 80}]}, 400, "messages",
-     "context_length_exceeded"),
-    ({"model": "expert-broken"}, 500, "model", "expert_load_failed"),
-])
-def test_errors_are_openai_bodies_from_one_table(url: str, body: dict[str, Any], status: int, param: str,
-                                                 code: str | None) -> None:
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        ({"model": "expert-nope"}, 404, "model", "model_not_found"),
+        ({"model": "expert-sql", "temprature": 1}, 400, "temprature", None),
+        (
+            {"model": "expert-sql", "messages": [{"role": "user", "content": "word " * 80}]},
+            400,
+            "messages",
+            "context_length_exceeded",
+        ),
+        ({"model": "expert-broken"}, 500, "model", "expert_load_failed"),
+    ],
+)
+def test_errors_are_openai_bodies_from_one_table(
+    url: str, body: dict[str, Any], status: int, param: str, code: str | None
+) -> None:
     r = _chat(url, **body)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -145,8 +185,10 @@ def test_stream_errors_arrive_before_the_stream_starts(url: str) -> None:
 
 def test_auto_routes_to_the_expert_that_matches(url: str) -> None:
     r = _chat(url, model="auto", messages=[{"role": "user", "content": "write a sql query for orders"}])
-    assert r.headers["x-expertserve-expert"] == "expert-sql" and "expert=expert-sql" in r.headers[
-        "x-expertserve-route"]
+    assert (
+        r.headers["x-expertserve-expert"] == "expert-sql"
+        and "expert=expert-sql" in r.headers["x-expertserve-route"]
+    )
     assert r.json()["choices"][0]["message"]["content"].startswith("[expert-sql@0.1.0")
     r = _chat(url, model="auto", messages=[{"role": "user", "content": "tell me about the weather"}])
     assert r.headers["x-expertserve-expert"] == BASE

@@ -38,27 +38,55 @@ def tiny_expert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data["base_models"][0]["name"] = TINY_ID
     data["base_models"][0]["adapters"][0].update(r=8, alpha=16, target_modules=MODULES)
     data["soft_prompts"][0].update(init_method="text", init_text="SELECT name FROM users")
-    data["training"]["config"].update(rank=8, alpha=16, target_modules=MODULES, learning_rate=0.03, batch_size=4,
-                                      max_steps=12, save_steps=4, logging_steps=1, lr_scheduler="constant")
+    data["training"]["config"].update(
+        rank=8,
+        alpha=16,
+        target_modules=MODULES,
+        learning_rate=0.03,
+        batch_size=4,
+        max_steps=12,
+        save_steps=4,
+        logging_steps=1,
+        lr_scheduler="constant",
+    )
     data["training"]["decoding"].pop("grammar_file")
     expert = make_expert(root / "expert-demo", data)
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "soft_prompts/style.safetensors"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "soft_prompts/style.safetensors",
+    ):
         (expert / name).unlink()
-    rows = [{"messages": [{"role": "user", "content": f"SELECT {w}"},
-                          {"role": "assistant", "content": f"{w} FROM users WHERE age > {i}"}]}
-            for i, w in enumerate(["name", "age", "email", "city"] * 4)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"SELECT {w}"},
+                {"role": "assistant", "content": f"{w} FROM users WHERE age > {i}"},
+            ]
+        }
+        for i, w in enumerate(["name", "age", "email", "city"] * 4)
+    ]
     (expert / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return expert, base
 
 
-def test_two_workers_survive_a_lost_worker_resume_and_package(ray_cluster: None, tiny_expert: tuple[Path, Path],
-                                                              tmp_path: Path) -> None:
+def test_two_workers_survive_a_lost_worker_resume_and_package(
+    ray_cluster: None, tiny_expert: tuple[Path, Path], tmp_path: Path
+) -> None:
     from expertserve.train.launch import train_expert
 
     expert, base = tiny_expert
     storage, out = tmp_path / "runs", tmp_path / "out"
-    common = dict(workers=2, base_model_dir=base, base_model_id=TINY_ID, storage_dir=storage, cpus_per_worker=0.5,
-                  output_dir=out, progress=False, log=lambda line: None)
+    common = dict(
+        workers=2,
+        base_model_dir=base,
+        base_model_id=TINY_ID,
+        storage_dir=storage,
+        cpus_per_worker=0.5,
+        output_dir=out,
+        progress=False,
+        log=lambda line: None,
+    )
 
     # A worker fails at step 7; FailureConfig restarts the group from the step-4 checkpoint.
     result = train_expert(expert, fail_once_at_step=7, **common)
@@ -72,28 +100,37 @@ def test_two_workers_survive_a_lost_worker_resume_and_package(ray_cluster: None,
     # The trained expert and its package hold the adapter and the soft prompt.
     assert result.package == out / "expert-demo-0.1.0.expert"
     info = verify_package(result.package)
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-            "soft_prompts/style.safetensors", "manifest.json"} <= set(info.files)
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "soft_prompts/style.safetensors",
+        "manifest.json",
+    } <= set(info.files)
     with tarfile.open(result.package) as tar:
         config = json.load(tar.extractfile("adapter/adapter_config.json"))
     assert config["base_model_name_or_path"] == TINY_ID and config["r"] == 8
     assert soft_prompt_shape(out / "soft_prompts" / "style.safetensors") == (4, 64)
     trained = json.loads((out / "manifest.json").read_text())
     assert trained["training"]["checkpoint"] == "checkpoint-12"
-    assert not (expert / "adapter" / "adapter_model.safetensors").exists(), "the source expert stays untouched"
+    assert not (expert / "adapter" / "adapter_model.safetensors").exists(), (
+        "the source expert stays untouched"
+    )
 
     # --resume continues the same run from its latest checkpoint (step 12) to a longer length.
     resumed = train_expert(expert, resume=True, max_steps=14, **common)
-    new_steps = [h["step"] for h in resumed.history if "step" in h][len(result.history) - 1:]
+    new_steps = [h["step"] for h in resumed.history if "step" in h][len(result.history) - 1 :]
     assert new_steps[:2] == [13, 14], new_steps
     assert json.loads((out / "manifest.json").read_text())["training"]["checkpoint"] == "checkpoint-14"
 
 
-def test_training_errors_are_reported_not_raised_as_tracebacks(ray_cluster: None, tiny_expert: tuple[Path, Path],
-                                                               tmp_path: Path) -> None:
+def test_training_errors_are_reported_not_raised_as_tracebacks(
+    ray_cluster: None, tiny_expert: tuple[Path, Path], tmp_path: Path
+) -> None:
     from expertserve.train.launch import train_expert
     from expertserve.train.plan import TrainingError
 
     expert, base = tiny_expert
     with pytest.raises(TrainingError, match="no adapter for base model other-model"):
-        train_expert(expert, base_model_dir=base, base_model_id="other-model", storage_dir=tmp_path, log=print)
+        train_expert(
+            expert, base_model_dir=base, base_model_id="other-model", storage_dir=tmp_path, log=print
+        )

@@ -34,14 +34,26 @@ def test_adapter_and_soft_prompt_train_jointly(tiny: tuple[Path, Any], adapter_t
     path, tok = tiny
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path)
-    plan = SimpleNamespace(adapter_type=adapter_type, rank=8, alpha=16, dropout=0.0, target_modules=MODULES,
-                           feedforward_modules=["gate_proj", "up_proj", "down_proj"])
-    soft = init_soft_prompt("vocab_sample", 4, model.get_input_embeddings().weight, tok, None,
-                            torch.Generator().manual_seed(0))
+    plan = SimpleNamespace(
+        adapter_type=adapter_type,
+        rank=8,
+        alpha=16,
+        dropout=0.0,
+        target_modules=MODULES,
+        feedforward_modules=["gate_proj", "up_proj", "down_proj"],
+    )
+    soft = init_soft_prompt(
+        "vocab_sample", 4, model.get_input_embeddings().weight, tok, None, torch.Generator().manual_seed(0)
+    )
     module = ExpertModule(_peft(model, plan), [soft])
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert "soft_prompts.0" in trainable and len(trainable) > 1
-    example = {"messages": [{"role": "user", "content": "SELECT name"}, {"role": "assistant", "content": "FROM users"}]}
+    example = {
+        "messages": [
+            {"role": "user", "content": "SELECT name"},
+            {"role": "assistant", "content": "FROM users"},
+        ]
+    }
     batch = collate([encode(example, tok, 128)] * 4, tok.pad_token_id)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=0.05)
     before = soft.clone()
@@ -78,8 +90,12 @@ def test_prompt_tokens_are_masked(tiny: tuple[Path, Any]) -> None:
     from expertserve.train.modules import IGNORE_INDEX, encode
 
     _, tok = tiny
-    example = {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "yes"}]}
+    example = {
+        "messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "yes"}]
+    }
     encoded = encode(example, tok, 128)
-    answer = [i for i, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab != IGNORE_INDEX]
+    answer = [
+        i for i, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab != IGNORE_INDEX
+    ]
     assert tok.decode(answer).startswith("yes") and tok.decode(answer).endswith("<|im_end|>\n")
     assert encoded["labels"][0] == IGNORE_INDEX

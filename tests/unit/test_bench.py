@@ -49,8 +49,12 @@ def test_ratio_and_verdicts() -> None:
     assert verdict("routing_added_ms_p50", 3.0) == "pass"
     assert verdict("mixed32_throughput_ratio", 0.1) == "-"
     assert verdict("mixed8_throughput_ratio", math.nan) == "n/a"
-    assert set(TARGETS) <= {"stack_throughput_ratio", "mixed8_throughput_ratio", "cold_warm_ttft_ratio",
-                            "routing_added_ms_p50"}
+    assert set(TARGETS) <= {
+        "stack_throughput_ratio",
+        "mixed8_throughput_ratio",
+        "cold_warm_ttft_ratio",
+        "routing_added_ms_p50",
+    }
 
 
 def test_table_prints_every_headline_figure() -> None:
@@ -65,8 +69,15 @@ def test_synthetic_experts_are_valid_and_shaped_like_the_template(tmp_path: Path
     from expertserve.bench.synthetic import make_experts
 
     template = Registry.scan([REPO / "experts"]).get("expert-sql")
-    made = make_experts(tmp_path, ["expert-bench-00", "expert-bench-01"], template, "base-id", seed=1,
-                        soft_tokens=4, hidden_size=576)
+    made = make_experts(
+        tmp_path,
+        ["expert-bench-00", "expert-bench-01"],
+        template,
+        "base-id",
+        seed=1,
+        soft_tokens=4,
+        hidden_size=576,
+    )
     registry = Registry.scan([tmp_path], strict=True)
     assert [r.name for r in registry] == ["expert-bench-00", "expert-bench-01"]
     assert load_manifest(made[0] / "manifest.json").manifest.base_models[0].name == "base-id"
@@ -75,7 +86,10 @@ def test_synthetic_experts_are_valid_and_shaped_like_the_template(tmp_path: Path
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in shipped.items()}
     key = next(k for k in a if "lora_B" in k)
     assert (a[key] != 0).any() and not (a[key] == b[key]).all()  # not an identity adapter, and each different
-    assert load_file(str(made[0] / "soft_prompts" / "bench.safetensors"))["prompt_embeddings"].shape == (4, 576)
+    assert load_file(str(made[0] / "soft_prompts" / "bench.safetensors"))["prompt_embeddings"].shape == (
+        4,
+        576,
+    )
 
 
 def test_bench_refuses_bad_arguments_before_measuring(tmp_path: Path, capsys) -> None:  # noqa: ANN001

@@ -15,8 +15,14 @@ from tests.helpers import REFERENCE, REPO, make_expert, manifest
 
 def run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "expertserve", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "expertserve", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_help_lists_commands_and_imports_nothing_heavy() -> None:
@@ -24,8 +30,10 @@ def test_help_lists_commands_and_imports_nothing_heavy() -> None:
     assert result.returncode == 0
     for command in ("validate", "package", "verify", "install", "keygen", "models", "list"):
         assert command in result.stdout
-    probe = ("import sys; from expertserve.cli.main import build_parser; build_parser(); "
-             "print(sorted(m for m in ('torch', 'ray', 'vllm', 'transformers', 'pydantic') if m in sys.modules))")
+    probe = (
+        "import sys; from expertserve.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'ray', 'vllm', 'transformers', 'pydantic') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -148,7 +156,8 @@ def test_eval_without_scorer_or_adapter_explains_what_is_missing(tmp_path: Path)
     root = make_expert(tmp_path / "expert-two", data, files=False)
     (root / "data").mkdir()
     (root / "data" / "train.jsonl").write_text(
-        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "{}"}]}\n')
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "{}"}]}\n'
+    )
     result = run("eval", str(root))
     assert result.returncode == 1 and "no trained adapter; run `expertserve train" in result.stderr
     assert "Traceback" not in result.stderr
@@ -161,7 +170,8 @@ def test_train_on_expert_with_bad_dataset_names_the_line(tmp_path: Path) -> None
     assert result.returncode == 1
     assert "train.jsonl:1: not valid JSON" in result.stderr and "Traceback" not in result.stderr
     (root / "data" / "train.jsonl").write_text(
-        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    )
     result = run("train", str(root), env={"EXPERTSERVE_HOME": str(tmp_path / "home")})
     assert result.returncode == 1 and "is not prepared; run `expertserve models prepare`" in result.stderr
     result = run("train", str(root), "--base-model", str(tmp_path), "--base-model-id", "x")

@@ -19,8 +19,11 @@ def test_serve_config_is_a_valid_serve_deploy_config() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     data = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") \
+    schema = (
+        ServeDeploySchema.model_validate(data)
+        if hasattr(ServeDeploySchema, "model_validate")
         else ServeDeploySchema.parse_obj(data)
+    )
     [app] = schema.applications
     module, name = app.import_path.split(":")
     assert callable(getattr(importlib.import_module(module), name))

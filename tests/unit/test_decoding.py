@@ -46,9 +46,16 @@ def test_constraint_precedence(tmp_path: Path) -> None:
     c = resolve_constraint(None, grammar, tmp_path)
     assert (c.kind, c.value, c.source) == ("grammar", 'root ::= "a"', "manifest")
     schema = {"type": "object"}
-    c = resolve_constraint({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}, grammar, tmp_path)
+    c = resolve_constraint(
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}, grammar, tmp_path
+    )
     assert (c.kind, c.value, c.source) == ("json_schema", schema, "request")
     assert resolve_constraint({"type": "text"}, grammar, tmp_path).kind == "none"
-    assert resolve_constraint(None, Decoding(grammar_type="json", use_grammar=True), tmp_path).kind == "json_object"
-    assert resolve_constraint(None, Decoding(grammar_file="g.gbnf", use_grammar=False), tmp_path).kind == "none"
+    assert (
+        resolve_constraint(None, Decoding(grammar_type="json", use_grammar=True), tmp_path).kind
+        == "json_object"
+    )
+    assert (
+        resolve_constraint(None, Decoding(grammar_file="g.gbnf", use_grammar=False), tmp_path).kind == "none"
+    )
     assert resolve_constraint(None, grammar, tmp_path, ignore_manifest=True).kind == "none"

@@ -171,8 +171,13 @@ class Kustomization(_K):
     resources: list[str]
 
 
-KINDS: dict[str, type[BaseModel]] = {"RayService": RayService, "RayJob": RayJob, "RayCluster": RayCluster,
-                                     "PersistentVolumeClaim": PersistentVolumeClaim, "Kustomization": Kustomization}
+KINDS: dict[str, type[BaseModel]] = {
+    "RayService": RayService,
+    "RayJob": RayJob,
+    "RayCluster": RayCluster,
+    "PersistentVolumeClaim": PersistentVolumeClaim,
+    "Kustomization": Kustomization,
+}
 YAMLS = sorted(p for d in ("k8s", "cluster", "configs") for p in (REPO / d).rglob("*.yaml"))
 
 
@@ -189,10 +194,16 @@ def check_serve_config(data: dict[str, Any]) -> None:
     """Ray's own schema, no unknown keys (Ray ignores some), real import paths, args that ServeConfig accepts."""
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") \
+    schema = (
+        ServeDeploySchema.model_validate(data)
+        if hasattr(ServeDeploySchema, "model_validate")
         else ServeDeploySchema.parse_obj(data)
-    unknown = set(data) - set(ServeDeploySchema.model_fields if hasattr(ServeDeploySchema, "model_fields")
-                              else ServeDeploySchema.__fields__)
+    )
+    unknown = set(data) - set(
+        ServeDeploySchema.model_fields
+        if hasattr(ServeDeploySchema, "model_fields")
+        else ServeDeploySchema.__fields__
+    )
     assert not unknown, f"unknown Serve config keys {sorted(unknown)}"
     for app in schema.applications:
         module, name = app.import_path.split(":")
@@ -209,7 +220,9 @@ def check_entrypoint(entrypoint: str) -> None:
 
 
 def kubernetes_docs() -> list[tuple[Path, dict[str, Any]]]:
-    return [(p, doc) for p in sorted((REPO / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(p.read_text())]
+    return [
+        (p, doc) for p in sorted((REPO / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(p.read_text())
+    ]
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(REPO)) for p in YAMLS])
@@ -234,11 +247,17 @@ def test_rayservice_serves_the_same_app_as_configs() -> None:
     assert (in_cluster["import_path"], in_cluster["name"]) == (local["import_path"], local["name"])
 
 
-@pytest.mark.parametrize(("where", "typo"), [
-    (("spec", "rayClusterConfig", "workerGroupSpecs", 0), ("minReplicas", "minReplica")),
-    (("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0), ("image", "imagee")),
-    (("spec",), ("serveConfigV2", "serveConfigV3")),
-])
+@pytest.mark.parametrize(
+    ("where", "typo"),
+    [
+        (("spec", "rayClusterConfig", "workerGroupSpecs", 0), ("minReplicas", "minReplica")),
+        (
+            ("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0),
+            ("image", "imagee"),
+        ),
+        (("spec",), ("serveConfigV2", "serveConfigV3")),
+    ],
+)
 def test_a_planted_typo_fails_the_check(where: tuple[Any, ...], typo: tuple[str, str]) -> None:
     doc = copy.deepcopy(yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text()))
     node = doc

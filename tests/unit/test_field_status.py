@@ -22,8 +22,11 @@ def test_every_field_of_the_model_has_a_rule() -> None:
 
 
 def test_every_model_field_has_a_description() -> None:
-    models = [c for c in vars(m).values() if isinstance(c, type) and issubclass(c, BaseModel)
-              and c.__module__ == m.__name__]
+    models = [
+        c
+        for c in vars(m).values()
+        if isinstance(c, type) and issubclass(c, BaseModel) and c.__module__ == m.__name__
+    ]
     missing = [f"{c.__name__}.{n}" for c in models for n, f in c.model_fields.items() if not f.description]
     assert missing == []
 
@@ -78,8 +81,13 @@ def test_status_follows_the_components_that_exist() -> None:
     status, detail = status_of(data, "training.decoding.temperature")
     assert status == "active" and "the server" in detail and "`expertserve eval`" in detail
     assert status_of(data, "routing.keywords")[0] == "active"
-    assert status_of(manifest(perf={"latency_ms_overhead": 1, "vram_mb_overhead": 1, "supported_batch_sizes": [1]}),
-                     "perf.vram_mb_overhead")[0] == "not applicable"
+    assert (
+        status_of(
+            manifest(perf={"latency_ms_overhead": 1, "vram_mb_overhead": 1, "supported_batch_sizes": [1]}),
+            "perf.vram_mb_overhead",
+        )[0]
+        == "not applicable"
+    )
 
 
 def test_best_checkpoint_metric_training_does_not_report_is_not_applicable() -> None:

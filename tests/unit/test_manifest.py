@@ -55,123 +55,261 @@ RULE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("capabilities empty", lambda d: d.update(capabilities=[]), "capabilities: list should have at least 1"),
     ("homepage not url", lambda d: d.update(homepage="example.com"), "homepage: string should match"),
     ("schema_version enum", lambda d: d.update(schema_version="3.0"), "schema_version: input should be"),
-    ("schema_version mismatch", lambda d: d.update(schema_version="1.0"), "schema_version: '1.0' does not match"),
+    (
+        "schema_version mismatch",
+        lambda d: d.update(schema_version="1.0"),
+        "schema_version: '1.0' does not match",
+    ),
     ("both base model forms", lambda d: d.update(base_model={"name": "x"}), "base_model: set base_model"),
     ("no base model", lambda d: d.pop("base_models"), "base_models: required"),
-    ("v1 needs adapters", lambda d: (d.pop("base_models"), d.update(base_model={"name": "m"})),
-     "adapters: required in schema 1.0"),
-    ("v2 forbids top adapters", lambda d: d.update(adapters=copy.deepcopy(d["base_models"][0]["adapters"])),
-     "adapters: top-level adapters is schema 1.0"),
-    ("quantization enum", lambda d: d["base_models"][0].update(quantization="int3"),
-     "base_models[0].quantization: input should be"),
-    ("prompt_template qwen3", lambda d: d["base_models"][0].update(prompt_template="qwen3"),
-     "base_models[0].prompt_template: input should be 'chatml'"),
-    ("rope object needs factor", lambda d: d["base_models"][0].update(rope_scaling={
-        "type": "yarn", "max_position_embeddings": 8, "original_max_position_embeddings": 4,
-        "fine_grained": False}), "base_models[0].rope_scaling.factor: required field is missing"),
-    ("two adapters", lambda d: d["base_models"][0]["adapters"].append(adapter(d)),
-     "base_models[0].adapters: list should have at most 1"),
+    (
+        "v1 needs adapters",
+        lambda d: (d.pop("base_models"), d.update(base_model={"name": "m"})),
+        "adapters: required in schema 1.0",
+    ),
+    (
+        "v2 forbids top adapters",
+        lambda d: d.update(adapters=copy.deepcopy(d["base_models"][0]["adapters"])),
+        "adapters: top-level adapters is schema 1.0",
+    ),
+    (
+        "quantization enum",
+        lambda d: d["base_models"][0].update(quantization="int3"),
+        "base_models[0].quantization: input should be",
+    ),
+    (
+        "prompt_template qwen3",
+        lambda d: d["base_models"][0].update(prompt_template="qwen3"),
+        "base_models[0].prompt_template: input should be 'chatml'",
+    ),
+    (
+        "rope object needs factor",
+        lambda d: d["base_models"][0].update(
+            rope_scaling={
+                "type": "yarn",
+                "max_position_embeddings": 8,
+                "original_max_position_embeddings": 4,
+                "fine_grained": False,
+            }
+        ),
+        "base_models[0].rope_scaling.factor: required field is missing",
+    ),
+    (
+        "two adapters",
+        lambda d: d["base_models"][0]["adapters"].append(adapter(d)),
+        "base_models[0].adapters: list should have at most 1",
+    ),
     ("adapter type enum", lambda d: adapter(d).update(type="prefix"), "base_models[0].adapters[0].type"),
-    ("target module enum", lambda d: adapter(d).update(target_modules=["lm_head"]),
-     "base_models[0].adapters[0].target_modules[0]: input should be"),
+    (
+        "target module enum",
+        lambda d: adapter(d).update(target_modules=["lm_head"]),
+        "base_models[0].adapters[0].target_modules[0]: input should be",
+    ),
     ("lora needs r", lambda d: adapter(d).pop("r"), "base_models[0].adapters[0].r: required for type 'lora'"),
     ("lora needs alpha", lambda d: adapter(d).pop("alpha"), "base_models[0].adapters[0].alpha: required"),
     ("r range", lambda d: adapter(d).update(r=512), "base_models[0].adapters[0].r: input should be less"),
-    ("ia3 has no rank", lambda d: (adapter(d).update(type="ia3"), config(d).update(adapter_type="ia3"),
-                                   config(d).pop("rank"), config(d).pop("alpha")),
-     "base_models[0].adapters[0].r: type 'ia3' has no rank or alpha"),
-    ("feedforward outside targets", lambda d: (adapter(d).update(type="ia3", feedforward_modules=["down_proj"]),
-                                               adapter(d).pop("r"), adapter(d).pop("alpha"),
-                                               config(d).update(adapter_type="ia3"), config(d).pop("rank"),
-                                               config(d).pop("alpha")),
-     "base_models[0].adapters[0].feedforward_modules: ['down_proj'] must also be in target_modules"),
+    (
+        "ia3 has no rank",
+        lambda d: (
+            adapter(d).update(type="ia3"),
+            config(d).update(adapter_type="ia3"),
+            config(d).pop("rank"),
+            config(d).pop("alpha"),
+        ),
+        "base_models[0].adapters[0].r: type 'ia3' has no rank or alpha",
+    ),
+    (
+        "feedforward outside targets",
+        lambda d: (
+            adapter(d).update(type="ia3", feedforward_modules=["down_proj"]),
+            adapter(d).pop("r"),
+            adapter(d).pop("alpha"),
+            config(d).update(adapter_type="ia3"),
+            config(d).pop("rank"),
+            config(d).pop("alpha"),
+        ),
+        "base_models[0].adapters[0].feedforward_modules: ['down_proj'] must also be in target_modules",
+    ),
     ("dropout range", lambda d: adapter(d).update(dropout=1.5), "base_models[0].adapters[0].dropout"),
     ("sha256 pattern", lambda d: adapter(d).update(sha256="xyz"), "base_models[0].adapters[0].sha256"),
-    ("adapter path escapes", lambda d: adapter(d).update(path="../other"),
-     "base_models[0].adapters[0].path: expected a path inside the expert directory"),
-    ("adapter path absolute", lambda d: adapter(d).update(path="/etc"),
-     "base_models[0].adapters[0].path: expected a path relative"),
-    ("dora with use_dora false", lambda d: (adapter(d).update(type="dora", use_dora=False),
-                                           config(d).update(adapter_type="dora")),
-     "base_models[0].adapters[0].use_dora: false contradicts type 'dora'"),
+    (
+        "adapter path escapes",
+        lambda d: adapter(d).update(path="../other"),
+        "base_models[0].adapters[0].path: expected a path inside the expert directory",
+    ),
+    (
+        "adapter path absolute",
+        lambda d: adapter(d).update(path="/etc"),
+        "base_models[0].adapters[0].path: expected a path relative",
+    ),
+    (
+        "dora with use_dora false",
+        lambda d: (adapter(d).update(type="dora", use_dora=False), config(d).update(adapter_type="dora")),
+        "base_models[0].adapters[0].use_dora: false contradicts type 'dora'",
+    ),
     ("soft prompt tokens min", lambda d: d["soft_prompts"][0].update(tokens=0), "soft_prompts[0].tokens"),
     ("soft prompt tokens max", lambda d: d["soft_prompts"][0].update(tokens=513), "soft_prompts[0].tokens"),
-    ("soft prompt init enum", lambda d: d["soft_prompts"][0].update(init_method="zeros"),
-     "soft_prompts[0].init_method: input should be 'random', 'text' or 'vocab_sample'"),
-    ("text init needs text", lambda d: d["soft_prompts"][0].update(init_method="text"),
-     "soft_prompts[0].init_text: required (non-empty) when init_method is 'text'"),
-    ("init_text only for text", lambda d: d["soft_prompts"][0].update(init_text="hi"),
-     "soft_prompts[0].init_text: applies to init_method 'text' only"),
-    ("soft prompt name unique", lambda d: d["soft_prompts"].append(dict(d["soft_prompts"][0])),
-     "soft_prompts: duplicate name(s) ['style']"),
+    (
+        "soft prompt init enum",
+        lambda d: d["soft_prompts"][0].update(init_method="zeros"),
+        "soft_prompts[0].init_method: input should be 'random', 'text' or 'vocab_sample'",
+    ),
+    (
+        "text init needs text",
+        lambda d: d["soft_prompts"][0].update(init_method="text"),
+        "soft_prompts[0].init_text: required (non-empty) when init_method is 'text'",
+    ),
+    (
+        "init_text only for text",
+        lambda d: d["soft_prompts"][0].update(init_text="hi"),
+        "soft_prompts[0].init_text: applies to init_method 'text' only",
+    ),
+    (
+        "soft prompt name unique",
+        lambda d: d["soft_prompts"].append(dict(d["soft_prompts"][0])),
+        "soft_prompts: duplicate name(s) ['style']",
+    ),
     ("temperature max", lambda d: decoding(d).update(temperature=2.5), "training.decoding.temperature"),
     ("temperature min", lambda d: decoding(d).update(temperature=-0.1), "training.decoding.temperature"),
-    ("temperature string", lambda d: decoding(d).update(temperature="0.1"),
-     "training.decoding.temperature: input should be a valid number, got '0.1'"),
+    (
+        "temperature string",
+        lambda d: decoding(d).update(temperature="0.1"),
+        "training.decoding.temperature: input should be a valid number, got '0.1'",
+    ),
     ("top_p zero", lambda d: decoding(d).update(top_p=0), "training.decoding.top_p: input should be greater"),
     ("top_p above 1", lambda d: decoding(d).update(top_p=1.2), "training.decoding.top_p"),
     ("top_k negative", lambda d: decoding(d).update(top_k=-1), "training.decoding.top_k"),
-    ("top_k float", lambda d: decoding(d).update(top_k=2.5), "training.decoding.top_k: input should be a valid"),
-    ("stop sequences type", lambda d: decoding(d).update(stop_sequences=";"), "training.decoding.stop_sequences"),
-    ("empty stop sequence", lambda d: decoding(d).update(stop_sequences=[""]),
-     "training.decoding.stop_sequences[0]"),
+    (
+        "top_k float",
+        lambda d: decoding(d).update(top_k=2.5),
+        "training.decoding.top_k: input should be a valid",
+    ),
+    (
+        "stop sequences type",
+        lambda d: decoding(d).update(stop_sequences=";"),
+        "training.decoding.stop_sequences",
+    ),
+    (
+        "empty stop sequence",
+        lambda d: decoding(d).update(stop_sequences=[""]),
+        "training.decoding.stop_sequences[0]",
+    ),
     ("grammar type enum", lambda d: decoding(d).update(grammar_type="xml"), "training.decoding.grammar_type"),
-    ("two output constraints", lambda d: decoding(d).update(json_schema={"type": "object"}),
-     "training.decoding.json_schema: grammar_file and json_schema are both set"),
-    ("grammar file escapes", lambda d: decoding(d).update(grammar_file="../g.gbnf"),
-     "training.decoding.grammar_file: expected a path inside"),
+    (
+        "two output constraints",
+        lambda d: decoding(d).update(json_schema={"type": "object"}),
+        "training.decoding.json_schema: grammar_file and json_schema are both set",
+    ),
+    (
+        "grammar file escapes",
+        lambda d: decoding(d).update(grammar_file="../g.gbnf"),
+        "training.decoding.grammar_file: expected a path inside",
+    ),
     ("use_grammar bool", lambda d: decoding(d).update(use_grammar=1), "training.decoding.use_grammar"),
     ("method enum", lambda d: config(d).update(method="ppo"), "training.config.method"),
     ("learning rate max", lambda d: config(d).update(learning_rate=2), "training.config.learning_rate"),
     ("batch size min", lambda d: config(d).update(batch_size=0), "training.config.batch_size"),
     ("epochs needed", lambda d: config(d).pop("epochs"), "training.config.epochs: required"),
-    ("epochs alias differs", lambda d: config(d).update(num_epochs=3),
-     "training.config.num_epochs: 3.0 differs from its alias epochs"),
-    ("fp16 and bf16", lambda d: config(d).update(fp16=True, bf16=True), "training.config.bf16: fp16 and bf16"),
-    ("config rank matches adapter", lambda d: config(d).update(rank=16),
-     "training.config.rank: 16 differs from base_models[0].adapters[0].r (4)"),
-    ("config type matches adapter", lambda d: config(d).update(adapter_type="dora"),
-     "training.config.adapter_type: 'dora' differs from base_models[0].adapters[0].type 'lora'"),
+    (
+        "epochs alias differs",
+        lambda d: config(d).update(num_epochs=3),
+        "training.config.num_epochs: 3.0 differs from its alias epochs",
+    ),
+    (
+        "fp16 and bf16",
+        lambda d: config(d).update(fp16=True, bf16=True),
+        "training.config.bf16: fp16 and bf16",
+    ),
+    (
+        "config rank matches adapter",
+        lambda d: config(d).update(rank=16),
+        "training.config.rank: 16 differs from base_models[0].adapters[0].r (4)",
+    ),
+    (
+        "config type matches adapter",
+        lambda d: config(d).update(adapter_type="dora"),
+        "training.config.adapter_type: 'dora' differs from base_models[0].adapters[0].type 'lora'",
+    ),
     ("optim enum", lambda d: config(d).update(optim="adafactor"), "training.config.optim"),
-    ("save_total_limit min", lambda d: config(d).update(save_total_limit=0), "training.config.save_total_limit"),
-    ("dataset format enum", lambda d: d["training"]["dataset"].update(format="xml"), "training.dataset.format"),
+    (
+        "save_total_limit min",
+        lambda d: config(d).update(save_total_limit=0),
+        "training.config.save_total_limit",
+    ),
+    (
+        "dataset format enum",
+        lambda d: d["training"]["dataset"].update(format="xml"),
+        "training.dataset.format",
+    ),
     ("trained_on date", lambda d: d["training"].update(trained_on="yesterday"), "training.trained_on"),
-    ("packaging checkpoint", lambda d: d["training"].update(packaging_checkpoint="best"),
-     "training.packaging_checkpoint"),
+    (
+        "packaging checkpoint",
+        lambda d: d["training"].update(packaging_checkpoint="best"),
+        "training.packaging_checkpoint",
+    ),
     ("routing keywords min", lambda d: d.update(routing={"keywords": []}), "routing.keywords"),
-    ("routing blank keyword", lambda d: d.update(routing={"keywords": ["sql", " "]}),
-     "routing.keywords: item 1 is empty"),
-    ("routing priority", lambda d: d.update(routing={"keywords": ["a"], "priority": 1.5}), "routing.priority"),
+    (
+        "routing blank keyword",
+        lambda d: d.update(routing={"keywords": ["sql", " "]}),
+        "routing.keywords: item 1 is empty",
+    ),
+    (
+        "routing priority",
+        lambda d: d.update(routing={"keywords": ["a"], "priority": 1.5}),
+        "routing.priority",
+    ),
     ("constraints load_order", lambda d: d.update(constraints={"load_order": -1}), "constraints.load_order"),
-    ("perf batch sizes", lambda d: d.update(perf={"latency_ms_overhead": 1, "vram_mb_overhead": 1,
-                                                  "supported_batch_sizes": [0]}), "perf.supported_batch_sizes[0]"),
-    ("runtime kernel enum", lambda d: d.update(runtime={"attention_kernel": "flash-v3"}), "runtime.attention_kernel"),
+    (
+        "perf batch sizes",
+        lambda d: d.update(
+            perf={"latency_ms_overhead": 1, "vram_mb_overhead": 1, "supported_batch_sizes": [0]}
+        ),
+        "perf.supported_batch_sizes[0]",
+    ),
+    (
+        "runtime kernel enum",
+        lambda d: d.update(runtime={"attention_kernel": "flash-v3"}),
+        "runtime.attention_kernel",
+    ),
     ("runtime bool", lambda d: d.update(runtime={"candle_compatible": "yes"}), "runtime.candle_compatible"),
-    ("integrity hex", lambda d: d.update(integrity={"timestamp": "2025-01-01T00:00:00Z", "public_key": "zz",
-                                                    "signature": "00"}), "integrity.public_key"),
-    ("quality extra type", lambda d: d.update(quality_metrics={"sql_valid": [1]}),
-     "quality_metrics.sql_valid: expected a number/string"),
+    (
+        "integrity hex",
+        lambda d: d.update(
+            integrity={"timestamp": "2025-01-01T00:00:00Z", "public_key": "zz", "signature": "00"}
+        ),
+        "integrity.public_key",
+    ),
+    (
+        "quality extra type",
+        lambda d: d.update(quality_metrics={"sql_valid": [1]}),
+        "quality_metrics.sql_valid: expected a number/string",
+    ),
     ("limitation object", lambda d: d.update(limitations=[{"pattern": "x"}]), "limitations[0]"),
     ("repository type", lambda d: d.update(repository={"type": "svn", "url": "u"}), "repository.type"),
 ]
 
 
-@pytest.mark.parametrize(("mutation", "expected"), [c[1:] for c in RULE_CASES], ids=[c[0] for c in RULE_CASES])
+@pytest.mark.parametrize(
+    ("mutation", "expected"), [c[1:] for c in RULE_CASES], ids=[c[0] for c in RULE_CASES]
+)
 def test_field_rule(mutation: Callable[[dict[str, Any]], None], expected: str) -> None:
     problems = problems_of(mutate(mutation))
     assert problems, "the manifest should be invalid"
     assert any(p.startswith(expected) for p in problems), problems
 
 
-@pytest.mark.parametrize("where", [
-    lambda d: d,
-    lambda d: d["base_models"][0],
-    lambda d: adapter(d),
-    lambda d: d["training"],
-    lambda d: config(d),
-    lambda d: decoding(d),
-    lambda d: d["soft_prompts"][0],
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda d: d,
+        lambda d: d["base_models"][0],
+        lambda d: adapter(d),
+        lambda d: d["training"],
+        lambda d: config(d),
+        lambda d: decoding(d),
+        lambda d: d["soft_prompts"][0],
+    ],
+)
 def test_unknown_key_is_an_error_with_its_path(where: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     data = manifest()
     where(data)["temprature"] = 0.2

@@ -61,8 +61,15 @@ def test_round_trip(expert: Path, tmp_path: Path) -> None:
     assert package.name == "expert-demo-0.1.0.expert"
     assert package.stat().st_mode & 0o777 == 0o644
     names = set(members_of(package))
-    assert names == {"manifest.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                     "soft_prompts/style.safetensors", "grammar.gbnf", "README.md", "CHECKSUMS.sha256"}
+    assert names == {
+        "manifest.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "soft_prompts/style.safetensors",
+        "grammar.gbnf",
+        "README.md",
+        "CHECKSUMS.sha256",
+    }
     info = archive.verify_package(package)
     assert (info.name, info.version, info.signer) == ("expert-demo", "0.1.0", None)
     for rel, digest in info.files.items():
@@ -109,7 +116,9 @@ def test_tampered_member_fails_verification(expert: Path, tmp_path: Path) -> Non
     package = archive.build_package(expert, tmp_path / "out")
 
     def tamper(tar: tarfile.TarFile, members: dict[str, bytes]) -> None:
-        members["adapter/adapter_model.safetensors"] = members["adapter/adapter_model.safetensors"][:-1] + b"\x02"
+        members["adapter/adapter_model.safetensors"] = (
+            members["adapter/adapter_model.safetensors"][:-1] + b"\x02"
+        )
 
     evil = rewrite(package, tamper)
     with pytest.raises(PackageError, match="adapter/adapter_model.safetensors does not match its SHA-256"):
@@ -173,10 +182,12 @@ UNSAFE_ENTRIES: list[tuple[str, Callable[[tarfile.TarFile], None], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("add", "message"), [c[1:] for c in UNSAFE_ENTRIES], ids=[c[0] for c in UNSAFE_ENTRIES])
-def test_unsafe_entries_are_rejected_and_nothing_is_written(expert: Path, tmp_path: Path,
-                                                            add: Callable[[tarfile.TarFile], None],
-                                                            message: str) -> None:
+@pytest.mark.parametrize(
+    ("add", "message"), [c[1:] for c in UNSAFE_ENTRIES], ids=[c[0] for c in UNSAFE_ENTRIES]
+)
+def test_unsafe_entries_are_rejected_and_nothing_is_written(
+    expert: Path, tmp_path: Path, add: Callable[[tarfile.TarFile], None], message: str
+) -> None:
     package = archive.build_package(expert, tmp_path / "out")
     evil = rewrite(package, lambda tar, members: add(tar))
     install = tmp_path / "sandbox" / "install"
@@ -224,8 +235,10 @@ def test_resigned_tampered_checksums_fail_the_signature(expert: Path, tmp_path: 
     def tamper(tar: tarfile.TarFile, members: dict[str, bytes]) -> None:
         members["grammar.gbnf"] = b'root ::= "DROP TABLE users"\n'
         digest = hashlib.sha256(members["grammar.gbnf"]).hexdigest()
-        lines = [f"{digest}  grammar.gbnf" if line.endswith("  grammar.gbnf") else line
-                 for line in members["CHECKSUMS.sha256"].decode().splitlines()]
+        lines = [
+            f"{digest}  grammar.gbnf" if line.endswith("  grammar.gbnf") else line
+            for line in members["CHECKSUMS.sha256"].decode().splitlines()
+        ]
         members["CHECKSUMS.sha256"] = ("\n".join(lines) + "\n").encode()
 
     with pytest.raises(SignatureError, match="signature does not match"):

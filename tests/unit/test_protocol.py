@@ -26,24 +26,37 @@ def test_minimal_chat_and_completion() -> None:
     assert CompletionRequest(model="m", prompt=["x"]).prompt_text() == "x"
 
 
-@pytest.mark.parametrize(("change", "where"), [
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"max_tokens": "10"}, "max_tokens"),
-    ({"temperature": 3}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"n": 0}, "n"),
-    ({"stop": [""]}, "stop"),
-    ({"temprature": 0.1}, "temprature"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
-    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-    ({"response_format": {"type": "json_object", "schema": {}}}, "response_format.schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}},
-     "response_format.json_schema.extra"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
-])
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"stop": [""]}, "stop"),
+        ({"temprature": 0.1}, "temprature"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_object", "schema": {}}}, "response_format.schema"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {}, "extra": 1},
+                }
+            },
+            "response_format.json_schema.extra",
+        ),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
+    ],
+)
 def test_bad_fields_are_named(change: dict[str, Any], where: str) -> None:
     found = errors({**CHAT, **change})
     assert found, "should be invalid"
@@ -57,20 +70,37 @@ def test_unsupported_openai_fields_are_refused_with_a_reason(field: str) -> None
 
 
 def test_vllm_extras_and_aliases() -> None:
-    r = ChatCompletionRequest.model_validate({**CHAT, "top_k": 5, "min_p": 0.1, "max_completion_tokens": 9,
-                                              "stop": ";"})
+    r = ChatCompletionRequest.model_validate(
+        {**CHAT, "top_k": 5, "min_p": 0.1, "max_completion_tokens": 9, "stop": ";"}
+    )
     assert r.max_tokens == 9 and r.stop_list() == [";"]
     sampling = r.sampling_request()
     assert (sampling["top_k"], sampling["min_p"], sampling["temperature"]) == (5, 0.1, None)
 
 
 def test_response_format_as_constraint_input() -> None:
-    r = ChatCompletionRequest.model_validate({**CHAT, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}})
-    assert r.response_format.as_dict() == {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+    r = ChatCompletionRequest.model_validate(
+        {
+            **CHAT,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "p", "schema": {"type": "object"}},
+            },
+        }
+    )
+    assert r.response_format.as_dict() == {
+        "type": "json_schema",
+        "json_schema": {"name": "p", "schema": {"type": "object"}},
+    }
 
 
 def test_text_parts_are_joined() -> None:
-    r = ChatCompletionRequest.model_validate({**CHAT, "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    r = ChatCompletionRequest.model_validate(
+        {
+            **CHAT,
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+            ],
+        }
+    )
     assert r.messages[0].text() == "ab"

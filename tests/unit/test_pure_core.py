@@ -22,21 +22,30 @@ PURE_MODULES = [
     "expertserve.datasets.typescript",
     "expertserve.eval.scorers",
     "expertserve.train.plan",
-    "expertserve.train.cli",
-    "expertserve.eval.cli",
+    "expertserve.cli.train",
+    "expertserve.cli.eval",
     "expertserve.routing.lexical",
     "expertserve.routing.router",
     "expertserve.routing.evaluate",
-    "expertserve.routing.cli",
+    "expertserve.cli.route",
     "expertserve.serve.protocol",
     "expertserve.serve.config",
     "expertserve.serve.errors",
+    "expertserve.serve.responses",
+    "expertserve.engine.request",
+    "expertserve.engine.protocol",
+    "expertserve.engine.config",
+    "expertserve.engine.args",
+    "expertserve.stats",
+    "expertserve.bench.stats",
 ]
 HEAVY = ("torch", "ray", "vllm", "transformers", "peft")
 
 
 def test_pure_modules_import_no_heavy_library() -> None:
-    code = (f"import sys\nfor m in {PURE_MODULES!r}: __import__(m)\n"
-            f"print(sorted(h for h in {HEAVY!r} if h in sys.modules))")
+    code = (
+        f"import sys\nfor m in {PURE_MODULES!r}: __import__(m)\n"
+        f"print(sorted(h for h in {HEAVY!r} if h in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -16,7 +16,9 @@ BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def test_finds_repository_experts_and_installed_versions(tmp_path: Path) -> None:
     make_expert(tmp_path / "experts" / "expert-demo")
     make_expert(tmp_path / "install" / "expert-demo" / "0.2.0", manifest(version="0.2.0"))
-    make_expert(tmp_path / "install" / "expert-other" / "1.0.0", manifest(name="expert-other", version="1.0.0"))
+    make_expert(
+        tmp_path / "install" / "expert-other" / "1.0.0", manifest(name="expert-other", version="1.0.0")
+    )
     registry = Registry.scan([tmp_path / "experts", tmp_path / "install", tmp_path / "missing"])
     assert registry.problems == []
     assert registry.names() == ["expert-demo", "expert-other"]

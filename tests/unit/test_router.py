@@ -29,10 +29,22 @@ def router(root: Path, **config: Any) -> Router:
 
 @pytest.fixture
 def two(tmp_path: Path) -> Path:
-    expert(tmp_path, "expert-sql", {"keywords": ["group by", "sql"], "exclude_keywords": ["what is sql"],
-                                    "examples": ["write a sql query over the orders table"]}, "sql queries")
-    expert(tmp_path, "expert-json", {"keywords": ["json"], "examples": ["extract fields into a json object"]},
-           "json extraction")
+    expert(
+        tmp_path,
+        "expert-sql",
+        {
+            "keywords": ["group by", "sql"],
+            "exclude_keywords": ["what is sql"],
+            "examples": ["write a sql query over the orders table"],
+        },
+        "sql queries",
+    )
+    expert(
+        tmp_path,
+        "expert-json",
+        {"keywords": ["json"], "examples": ["extract fields into a json object"]},
+        "json extraction",
+    )
     return tmp_path
 
 
@@ -41,7 +53,10 @@ def test_multi_word_keywords_match_as_phrases(two: Path) -> None:
     decision = r.route("count orders per customer using GROUP   BY")
     sql = next(c for c in decision.candidates if c.expert == "expert-sql")
     assert sql.keywords == ["group by"] and decision.expert == "expert-sql"
-    assert next(c for c in r.route("group the rows by day").candidates if c.expert == "expert-sql").keywords == []
+    assert (
+        next(c for c in r.route("group the rows by day").candidates if c.expert == "expert-sql").keywords
+        == []
+    )
 
 
 def test_exclude_keywords_rule_an_expert_out(two: Path) -> None:
@@ -52,8 +67,12 @@ def test_exclude_keywords_rule_an_expert_out(two: Path) -> None:
 
 def test_priority_breaks_ties(tmp_path: Path) -> None:
     for name, priority in (("expert-a", 0.2), ("expert-b", 0.9)):
-        expert(tmp_path, name, {"keywords": ["report"], "priority": priority, "examples": ["make a sales report"]},
-               "reports")
+        expert(
+            tmp_path,
+            name,
+            {"keywords": ["report"], "priority": priority, "examples": ["make a sales report"]},
+            "reports",
+        )
     decision = router(tmp_path, base_score=0.1, min_confidence=0.0).route("make a sales report")
     assert decision.expert == "expert-b"
     assert [c.expert for c in decision.candidates] == ["expert-b", "expert-a"]
@@ -89,14 +108,18 @@ def test_conversations_stay_with_their_expert_unless_another_is_clearly_better(t
     r = router(two, base_score=0.2, stickiness=0.5)
     first = {"role": "user", "content": "write a sql query over the orders table"}
     follow = {"role": "user", "content": "and now as a json object please"}
-    assert r.route_messages([first, {"role": "assistant", "content": "SELECT 1"}, follow]).expert == "expert-sql"
+    assert (
+        r.route_messages([first, {"role": "assistant", "content": "SELECT 1"}, follow]).expert == "expert-sql"
+    )
     assert router(two, base_score=0.2, stickiness=0.0).route_messages([first, follow]).expert == "expert-json"
 
 
 def test_new_experts_take_part_without_retraining(two: Path) -> None:
     r = router(two, base_score=0.2)
     assert r.route("translate poems into french").expert is None
-    expert(two, "expert-translate", {"keywords": ["translate"], "examples": ["translate poems into french"]}, "t")
+    expert(
+        two, "expert-translate", {"keywords": ["translate"], "examples": ["translate poems into french"]}, "t"
+    )
     r.add(Registry.scan([two]).get("expert-translate"))
     assert r.route("translate poems into french").expert == "expert-translate"
     r.remove("expert-translate")
@@ -105,8 +128,12 @@ def test_new_experts_take_part_without_retraining(two: Path) -> None:
 
 def test_one_hundred_synthetic_experts(tmp_path: Path) -> None:
     for i in range(100):
-        expert(tmp_path, f"expert-topic{i}", {"keywords": [f"topic{i}"], "examples": [f"questions about topic{i}"]},
-               f"topic{i} expert")
+        expert(
+            tmp_path,
+            f"expert-topic{i}",
+            {"keywords": [f"topic{i}"], "examples": [f"questions about topic{i}"]},
+            f"topic{i} expert",
+        )
     r = router(tmp_path, base_score=0.2)
     assert len(r.profiles) == 100
     for i in (0, 42, 99):

@@ -15,15 +15,18 @@ from tests.helpers import REPO
 SQL_DATA = REPO / "experts" / "expert-sql" / "data"
 
 
-@pytest.mark.parametrize(("prediction", "ok"), [
-    ("SELECT COUNT(*) FROM iris", True),
-    ("select count(*) from iris;", True),
-    ("```sql\nSELECT COUNT(*) FROM iris\n```", True),
-    ("SELECT COUNT(*) FROM cars", False),
-    ("SELECT COUNT(* FROM iris", False),
-    ("The answer is 150.", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    ("prediction", "ok"),
+    [
+        ("SELECT COUNT(*) FROM iris", True),
+        ("select count(*) from iris;", True),
+        ("```sql\nSELECT COUNT(*) FROM iris\n```", True),
+        ("SELECT COUNT(*) FROM cars", False),
+        ("SELECT COUNT(* FROM iris", False),
+        ("The answer is 150.", False),
+        ("", False),
+    ],
+)
 def test_sql_execution_accuracy(prediction: str, ok: bool) -> None:
     assert sql.score(prediction, {"gold": "SELECT COUNT(*) FROM iris"}, SQL_DATA) is ok
 
@@ -44,16 +47,19 @@ def test_sql_database_is_read_only_and_runaway_queries_stop(tmp_path: Path) -> N
     assert not sql.score(huge, {"gold": "SELECT 1"}, tmp_path)
 
 
-@pytest.mark.parametrize(("prediction", "ok"), [
-    ('{"name": "Ana", "age": 30}', True),
-    ('{"age": 30.0, "name": "Ana"}', True),
-    ('```json\n{"name": "Ana", "age": 30}\n```', True),
-    ('{"name": "Ana", "age": "30"}', False),
-    ('{"name": "Ana"}', False),
-    ('{"name": "Ana", "age": 30, "x": 1}', False),
-    ("name: Ana", False),
-    ("[1, 2]", False),
-])
+@pytest.mark.parametrize(
+    ("prediction", "ok"),
+    [
+        ('{"name": "Ana", "age": 30}', True),
+        ('{"age": 30.0, "name": "Ana"}', True),
+        ('```json\n{"name": "Ana", "age": 30}\n```', True),
+        ('{"name": "Ana", "age": "30"}', False),
+        ('{"name": "Ana"}', False),
+        ('{"name": "Ana", "age": 30, "x": 1}', False),
+        ("name: Ana", False),
+        ("[1, 2]", False),
+    ],
+)
 def test_json_exact_match(prediction: str, ok: bool) -> None:
     assert json_extract.score(prediction, {"gold": {"name": "Ana", "age": 30}}) is ok
 
@@ -99,7 +105,9 @@ def test_generators_are_deterministic_and_their_answers_score() -> None:
 
 def test_read_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
     f = tmp_path / "d.jsonl"
-    f.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\nnot json\n')
+    f.write_text(
+        '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\nnot json\n'
+    )
     with pytest.raises(DatasetError, match=r"d.jsonl:2: not valid JSON"):
         read_jsonl(f)
     f.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')

@@ -17,15 +17,21 @@ def run(args: Any) -> int:
     if not expert_dir.is_dir():
         raise UsageError(f"{expert_dir}: not a directory (expected an expert directory with manifest.json)")
     out = claim_stdout()
-    report = evaluate(expert_dir, limit=args.limit, write=not args.no_write,
-                      base_model_dir=Path(args.base_model) if args.base_model else None,
-                      base_model_id=args.base_model_id)
+    report = evaluate(
+        expert_dir,
+        limit=args.limit,
+        write=not args.no_write,
+        base_model_dir=Path(args.base_model) if args.base_model else None,
+        base_model_id=args.base_model_id,
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2), file=out)
         return EXIT_OK
-    lines = [f"{report.expert}: {report.metric} on {report.n} held-out examples ({report.seconds:.0f} s)",
-             f"  base model  {report.base_score:6.1%}",
-             f"  expert      {report.expert_score:6.1%}   ({100 * report.improvement:+.1f} points)"]
+    lines = [
+        f"{report.expert}: {report.metric} on {report.n} held-out examples ({report.seconds:.0f} s)",
+        f"  base model  {report.base_score:6.1%}",
+        f"  expert      {report.expert_score:6.1%}   ({100 * report.improvement:+.1f} points)",
+    ]
     lines += [f"  {name:<11} {score:6.1%}" for name, score in report.ablation.items()]
     lines.append(f"  decoding: {report.decoding}")
     if not args.no_write:

@@ -14,10 +14,9 @@ def build_router(experts_dirs: list[str] | None, base_model: str) -> Any:
     from expertserve.registry import Registry
     from expertserve.routing.embedder import Embedder
     from expertserve.routing.router import Router
-    from expertserve.settings import install_dir, repo_experts_dir
+    from expertserve.settings import default_expert_roots
 
-    roots = experts_dirs or [str(repo_experts_dir()), str(install_dir())]
-    return Router(Registry.scan(roots), Embedder(), base_model=base_model)
+    return Router(Registry.scan(experts_dirs or default_expert_roots()), Embedder(), base_model=base_model)
 
 
 def run(args: Any) -> int:
@@ -35,17 +34,25 @@ def run(args: Any) -> int:
         if args.json:
             print(json.dumps(decision.to_dict(), indent=2))
         else:
-            print(f"{decision.expert or 'base model'} (confidence {decision.confidence:.2f}, {decision.method})")
+            print(
+                f"{decision.expert or 'base model'} (confidence {decision.confidence:.2f}, {decision.method})"
+            )
             for c in decision.candidates:
-                extra = f" excluded by {c.excluded}" if c.excluded else (f" keywords {c.keywords}" if c.keywords else "")
+                extra = (
+                    f" excluded by {c.excluded}"
+                    if c.excluded
+                    else (f" keywords {c.keywords}" if c.keywords else "")
+                )
                 print(f"  {c.expert:<24} score {c.score:6.3f}  semantic {c.semantic:5.3f}{extra}")
         return EXIT_OK
     report = evaluate(router, rows)
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
-    print(f"{report['n']} prompts: in-domain accuracy {report['in_domain_accuracy']:.1%}, "
-          f"off-domain accuracy {report['off_domain_accuracy']:.1%}")
+    print(
+        f"{report['n']} prompts: in-domain accuracy {report['in_domain_accuracy']:.1%}, "
+        f"off-domain accuracy {report['off_domain_accuracy']:.1%}"
+    )
     for name, recall in report["per_expert_recall"].items():
         print(f"  recall {name:<24} {recall:.1%}")
     names = sorted(report["confusion"])
@@ -61,18 +68,21 @@ def _bench(args: Any) -> int:
     from expertserve.routing.bench import run_bench
     from expertserve.routing.embedder import Embedder
     from expertserve.routing.evaluate import read_labelled
-    from expertserve.settings import install_dir, repo_experts_dir
+    from expertserve.settings import default_expert_roots
 
-    roots = args.experts_dir or [str(repo_experts_dir()), str(install_dir())]
+    roots = args.experts_dir or default_expert_roots()
     heldout = Path(__file__).resolve().parents[2] / "configs" / "routing" / "heldout.jsonl"
     prompts = [r["prompt"] for r in read_labelled(heldout) if r.get("prompt", "").strip()]
-    results = run_bench(Embedder(), Registry.scan(roots), args.base_model, prompts, n=args.bench_n,
-                        synthetic=args.synthetic)
+    results = run_bench(
+        Embedder(), Registry.scan(roots), args.base_model, prompts, n=args.bench_n, synthetic=args.synthetic
+    )
     if args.json:
         print(json.dumps(results, indent=2))
         return EXIT_OK
     print(f"{'registry':<12}{'experts':>8}{'p50 ms':>9}{'p99 ms':>9}{'target p99':>12}  result")
     for key, r in results.items():
-        print(f"{key:<12}{r['experts']:>8}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['target_p99_ms']:>12}  "
-              f"{'pass' if r['pass'] else 'FAIL'}")
+        print(
+            f"{key:<12}{r['experts']:>8}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['target_p99_ms']:>12}  "
+            f"{'pass' if r['pass'] else 'FAIL'}"
+        )
     return EXIT_OK

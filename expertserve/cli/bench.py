@@ -49,8 +49,10 @@ def run(args: Any) -> int:
     tmp.replace(json_path)  # never a half-written file
     plot(results, png_path)
 
-    print(f"machine: {results['machine']['cores']} cores, {results['machine']['memory_gib']} GiB, "
-          f"{results['machine']['device']}; size {size}; {results['elapsed_s']:.0f} s")
+    print(
+        f"machine: {results['machine']['cores']} cores, {results['machine']['memory_gib']} GiB, "
+        f"{results['machine']['device']}; size {size}; {results['elapsed_s']:.0f} s"
+    )
     print(table(results))
     print(f"json: {json_path}\nplot: {png_path}")
     if results["errors"]:

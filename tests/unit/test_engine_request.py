@@ -1,0 +1,124 @@
+"""The typed engine boundary (pure): what crosses Ray, how sampling keeps its sources, the expert spec."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+
+import pytest
+
+from expertserve.decoding import PARAMETERS, Constraint, Resolved, resolve
+from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, Extras, Message, Sampling
+from expertserve.errors import ExpertLoadError, ExpertNotServable, InvalidSampling, PromptTooLong
+from expertserve.manifest.model import Decoding
+from expertserve.registry import Registry
+from expertserve.serve.errors import RequestError, client_error
+from tests.helpers import make_expert, manifest
+
+NONE = Constraint("none", None, None)
+
+
+def test_sampling_has_exactly_the_resolved_parameters() -> None:
+    assert [f.name for f in dataclasses.fields(Sampling)] == list(PARAMETERS)
+    resolved = resolve({"max_tokens": 5}, Decoding(temperature=0.1), {"top_p": 1.0, "temperature": 0.7})
+    sampling = Sampling.of(resolved)
+    assert dict(sampling.items()) == resolved  # sources kept, nothing rebuilt
+    assert sampling.values() == {"temperature": 0.1, "top_p": 1.0, "max_tokens": 5}
+    with pytest.raises(KeyError):
+        Sampling.of({"temprature": Resolved(1, "request")})
+
+
+def test_max_tokens_lowered_to_fit_keeps_its_source() -> None:
+    sampling = Sampling(max_tokens=Resolved(256, "default"), temperature=Resolved(0.0, "manifest"))
+    lowered = sampling.with_max_tokens(10)
+    assert lowered.max_tokens == Resolved(10, "default") and lowered.temperature == sampling.temperature
+    assert Sampling().with_max_tokens(3).max_tokens == Resolved(3, "default")
+
+
+def test_requests_are_frozen_and_checked() -> None:
+    request = EngineRequest("chat", "r1", Sampling(), NONE, messages=(Message("user", "hi"),))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.kind = "completion"  # type: ignore[misc]
+    assert request.prompt_param == "messages" and request.extras == Extras()
+    with pytest.raises(ValueError):
+        EngineRequest("chat", "r2", Sampling(), NONE, prompt="hi")
+    with pytest.raises(ValueError):
+        EngineRequest("completion", "r3", Sampling(), NONE, messages=(Message("user", "hi"),))
+    assert EngineRequest("completion", "r4", Sampling(), NONE, prompt="hi").prompt_param == "prompt"
+
+
+def test_everything_that_crosses_ray_pickles_unchanged() -> None:
+    spec = ExpertSpec("expert-a", "1.0.0", "f" * 64, "/x/adapter", ("/x/soft.safetensors",))
+    request = EngineRequest(
+        "completion",
+        "r",
+        Sampling(top_k=Resolved(5, "manifest")),
+        Constraint("grammar", 'root ::= "a"', "manifest"),
+        spec,
+        prompt="p",
+        extras=Extras(n=2, seed=3, ignore_eos=True, min_tokens=1),
+    )
+    chunk = Chunk(0, "a", (1, 2), "stop", 3, 2, 0.5)
+    for value in (spec, request, chunk):
+        assert pickle.loads(pickle.dumps(value)) == value
+
+
+def test_expert_spec_from_the_registry(tmp_path: Path) -> None:
+    make_expert(tmp_path / "expert-demo", manifest())
+    record = Registry.scan([tmp_path]).get("expert-demo")
+    spec = record.engine_spec("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert (spec.name, spec.version, spec.adapter_dir) == (
+        "expert-demo",
+        "0.1.0",
+        str(tmp_path / "expert-demo" / "adapter"),
+    )
+    assert spec.soft_prompt_files == (str(tmp_path / "expert-demo" / "soft_prompts" / "style.safetensors"),)
+    assert spec.key.startswith("expert-demo@0.1.0+") and spec.content_id == record.content_id
+    with pytest.raises(ExpertNotServable):
+        record.engine_spec("another/base-model")
+
+
+def test_a_rewritten_adapter_is_a_different_expert_to_the_engine(tmp_path: Path) -> None:
+    expert = make_expert(tmp_path / "expert-demo", manifest())
+    before = Registry.scan([tmp_path]).get("expert-demo").content_id
+    assert Registry.scan([tmp_path]).get("expert-demo").content_id == before  # stable across scans
+    (expert / "adapter" / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert Registry.scan([tmp_path]).get("expert-demo").content_id != before
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "param", "code"),
+    [
+        (PromptTooLong(300, 256, "prompt"), 400, "prompt", "context_length_exceeded"),
+        (InvalidSampling("n: must be 1 with temperature 0", "n"), 400, "n", None),
+        (ExpertNotServable("expert-a", "DORA"), 400, "model", "expert_not_servable"),
+        (ExpertLoadError("expert-a", "no adapter_config.json"), 500, "model", "expert_load_failed"),
+    ],
+)
+def test_domain_errors_map_to_http_once_even_after_pickling(
+    error: Exception, status: int, param: str, code: str | None
+) -> None:
+    wrapped = RuntimeError("ray task failed")
+    wrapped.cause = pickle.loads(pickle.dumps(error))  # type: ignore[attr-defined]  # how Ray delivers it
+    for e in (error, wrapped):
+        mapped = client_error(e)
+        assert mapped is not None and (mapped.status, mapped.param, mapped.code) == (status, param, code)
+        assert mapped.message == str(error) and mapped.body()["error"]["type"]
+
+
+def test_bugs_stay_500_and_request_errors_pass_through() -> None:
+    assert client_error(KeyError("x")) is None
+    error = RequestError(413, "too big")
+    assert client_error(error) is error
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "code"),
+    [("BackPressureError", 503, "overloaded"), ("ActorDiedError", 503, "engine_unavailable")],
+)
+def test_ray_errors_by_name_without_importing_ray(name: str, status: int, code: str) -> None:
+    ray_error = type(name, (Exception,), {"__module__": "ray.exceptions"})("gone")
+    mapped = client_error(ray_error)
+    assert mapped is not None and (mapped.status, mapped.code) == (status, code) and mapped.retry_after
+    assert client_error(type(name, (Exception,), {})("not ray's")) is None
