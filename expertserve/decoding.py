@@ -121,12 +121,24 @@ def resolve_constraint(
     return Constraint("none", None, None)
 
 
-def describe(resolved: dict[str, Resolved], constraint: Constraint | None = None) -> str:
-    """`temperature=0.1 (manifest), top_p=1.0 (default), ...`: the header and log line."""
-    parts = [
-        f"{k}={json.dumps(v.value) if not isinstance(v.value, (int, float)) else v.value} ({v.source})"
-        for k, v in resolved.items()
-    ]
+def describe(
+    resolved: dict[str, Resolved], constraint: Constraint | None = None, *, max_value_chars: int | None = None
+) -> str:
+    """`temperature=0.1 (manifest), top_p=1.0 (default), ...`: the header and log line.
+
+    Args:
+        resolved: The resolved parameters.
+        constraint: The output constraint.
+        max_value_chars: Shorten each value to about this many characters (`..." (+N chars)`): response headers
+            stay small whatever a client sends; logs keep the whole value.
+    """
+    parts = []
+    for k, v in resolved.items():
+        # ASCII (json.dumps escapes the rest): a header value must be, and a log line stays one line.
+        text = json.dumps(v.value) if not isinstance(v.value, (int, float)) else str(v.value)
+        if max_value_chars is not None and len(text) > max_value_chars:
+            text = f"{text[:max_value_chars]}...(+{len(text) - max_value_chars} chars)"
+        parts.append(f"{k}={text} ({v.source})")
     if constraint is not None and constraint.kind != "none":
         parts.append(f"constraint={constraint.kind} ({constraint.source})")
     return ", ".join(parts)

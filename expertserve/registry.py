@@ -8,8 +8,8 @@ installed versions (`<root>/<name>/<version>/manifest.json`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -30,10 +30,18 @@ def version_key(version: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class ExpertRecord:
-    """One version of one expert, as found on disk."""
+    """One version of one expert, as found on disk.
+
+    Attributes:
+        loaded: The validated manifest and its file.
+        origin: The expert root it was found in.
+        broken: Why its files cannot be served (a missing adapter, a soft prompt of the wrong shape, a grammar that
+            does not compile...), found by the checks a server runs on every scan; None when they pass.
+    """
 
     loaded: LoadedManifest
     origin: str
+    broken: str | None = None
 
     @property
     def manifest(self) -> ExpertManifest:
@@ -77,6 +85,8 @@ class ExpertRecord:
 
     def unservable_reason(self, base_model: str, aliases: Iterable[str] = ()) -> str | None:
         """Why a vLLM server running `base_model` cannot serve this expert, or None when it can."""
+        if self.broken:
+            return self.broken
         found = self.adapter_for(base_model, aliases)
         if found is None:
             trained = ", ".join(b.name for b in self.manifest.base_model_entries)
@@ -142,27 +152,57 @@ class Registry:
     problems: list[str] = field(default_factory=list)
 
     @classmethod
-    def scan(cls, roots: Sequence[str | Path], *, strict: bool = False) -> Registry:
+    def scan(
+        cls,
+        roots: Sequence[str | Path],
+        *,
+        strict: bool = False,
+        previous: Registry | None = None,
+        check: Callable[[ExpertRecord], list[str]] | None = None,
+    ) -> Registry:
         """Builds a registry from expert roots, searched in order. Missing roots are skipped.
 
         Args:
             roots: Directories holding experts.
             strict: Raise on the first problem instead of recording it.
+            previous: The registry being replaced (a reload): an expert whose manifest no longer validates keeps
+                the version it had there, so one bad edit never takes a good expert down.
+            check: Problems with a record's files for the server at hand; a record with any is registered but
+                `broken` (not servable, and says why).
 
         Raises:
             RegistryError: With strict=True, on an invalid manifest or a clash.
         """
         registry = cls()
+        kept = {r.loaded.path.resolve(): r for r in previous.all_records()} if previous else {}
         for root in roots:
             for manifest_file in _manifest_files(Path(root)):
                 try:
-                    loaded = load_manifest(manifest_file)
-                    registry.add(ExpertRecord(loaded, origin=str(root)))
+                    record = ExpertRecord(load_manifest(manifest_file), origin=str(root))
+                    problems = check(record) if check else []
+                    if problems:
+                        record = replace(record, broken="; ".join(problems))
+                        registry.problems.append(
+                            f"{manifest_file}: {record.name} {record.version} is not "
+                            f"servable: {record.broken}"
+                        )
+                    registry.add(record)
                 except (ManifestError, RegistryError) as e:
                     if strict:
                         raise RegistryError(str(e)) from None
-                    registry.problems.append(str(e))
+                    last = kept.get(manifest_file.resolve())
+                    if last is not None and last.version not in registry._by_name.get(last.name, {}):
+                        registry._by_name.setdefault(last.name, {})[last.version] = last
+                        registry.problems.append(
+                            f"{e} (still serving {last.name} {last.version}, its last valid version)"
+                        )
+                    else:
+                        registry.problems.append(str(e))
         return registry
+
+    def all_records(self) -> Iterator[ExpertRecord]:
+        """Every registered version of every expert."""
+        return (record for versions in self._by_name.values() for record in versions.values())
 
     def add(self, record: ExpertRecord) -> None:
         """Registers one expert version.
@@ -196,7 +236,7 @@ class Registry:
                 del self._by_name[name]
 
     def get(self, name: str, version: str | None = None) -> ExpertRecord:
-        """An expert by name: the given version, or the latest.
+        """An expert by name: the given version, or the latest (the latest whose files are not broken, if any).
 
         Raises:
             ExpertNotFound: No such expert or version.
@@ -205,8 +245,9 @@ class Registry:
         if not versions:
             known = ", ".join(sorted(self._by_name)) or "none"
             raise ExpertNotFound(f"no expert named {name!r} (registered: {known})")
-        if version is None:
-            return versions[max(versions, key=version_key)]
+        if version is None:  # the latest servable version answers; a broken newer one does not take it down
+            good = [v for v, record in versions.items() if record.broken is None]
+            return versions[max(good or versions, key=version_key)]
         if version not in versions:
             raise ExpertNotFound(f"{name} has no version {version} (have: {', '.join(self.versions(name))})")
         return versions[version]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import hashlib
 import os
 import re
@@ -27,9 +28,9 @@ class FakeEngine(ExpertEngine):
 
     The bracket names the expert and version it applied (`base` for the base model), the replica that answered
     and how often that replica loaded the expert, and the temperature it was given, so tests over HTTP can see
-    what reached the engine. A prompt is one token per whitespace-separated word (plus one per soft-prompt file);
-    the context is `engine.max_model_len` or 256. An expert whose adapter directory has no adapter_config.json
-    fails to load, as a broken adapter does in vLLM.
+    what reached the engine. A prompt word `slow:S` makes every token take S seconds. A prompt is one token per whitespace-separated word (plus one per soft-prompt file);
+    the context is `engine.max_model_len` or 256. An expert whose adapter_config.json is missing or holds
+    `"fake_fail_load": true` fails to load, as a broken adapter does in vLLM.
     """
 
     def __init__(self, settings: EngineSettings) -> None:
@@ -43,8 +44,9 @@ class FakeEngine(ExpertEngine):
         await asyncio.sleep(0)
 
     async def load_expert(self, spec: ExpertSpec) -> LoadedExpert:
-        if spec.adapter_dir is None or not (Path(spec.adapter_dir) / "adapter_config.json").is_file():
-            raise ExpertLoadError(spec.name, f"{spec.adapter_dir}: no adapter_config.json")
+        config = Path(spec.adapter_dir or "") / "adapter_config.json"
+        if not config.is_file() or json.loads(config.read_text()).get("fake_fail_load"):
+            raise ExpertLoadError(spec.name, f"{config}: the engine could not load it")
         self.loads[spec.key] += 1
         return LoadedExpert(spec, load_seconds=0.001, soft_prompt_tokens=len(spec.soft_prompt_files))
 
@@ -55,19 +57,25 @@ class FakeEngine(ExpertEngine):
         else:
             prompt_words = words = (request.prompt or "").split()
         prompt_tokens = len(prompt_words) + (expert.soft_prompt_tokens if expert else 0)
+        if "fake:crash" in words:  # a bug in the engine, for tests of what a client sees then
+            raise RuntimeError("FakeEngine crashed as asked")
         if prompt_tokens + 1 > self.context:
             raise PromptTooLong(prompt_tokens, self.context, request.prompt_param)
         name = f"{expert.spec.name}@{expert.spec.version}" if expert else "base"
         temperature = request.sampling.temperature.value if request.sampling.temperature else None
         loads = self.loads[expert.spec.key] if expert else 0
         reply = [f"[{name}", f"replica={self.replica}", f"loads={loads}", f"t={temperature}]", *words]
+        # `slow:S` in the prompt: S seconds per token, to keep the engine busy.
+        delay = next(
+            (float(w[5:]) for w in words if w.startswith("slow:") and w[5:].replace(".", "").isdigit()), 0
+        )
         limit = (
             request.sampling.max_tokens.value if request.sampling.max_tokens else self.context - prompt_tokens
         )
         for index in range(request.extras.n):
             out = reply[:limit]
             for i, word in enumerate(out):
-                await asyncio.sleep(0)
+                await asyncio.sleep(delay)
                 last = i == len(out) - 1
                 yield Chunk(
                     index,

@@ -172,9 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that start engine or Ray processes: a watchdog ends them if the command dies (expertserve/watchdog.py).
+WATCHED = {"serve", "eval", "bench", "train"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit code."""
-    return run_handler(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if argv is None and args.command in WATCHED:  # a real command line, not a call from code or a test
+        from expertserve import watchdog
+
+        watchdog.start()
+    return run_handler(args)
 
 
 def run_handler(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from expertserve.decoding import PARAMETERS, Constraint, Resolved
+from expertserve.errors import InvalidSampling
 
 Kind = Literal["chat", "completion"]
 Role = Literal["system", "user", "assistant"]
@@ -102,6 +103,32 @@ class Extras:
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int | None = None
+
+
+# vLLM treats a temperature below this as greedy decoding (vllm/sampling_params.py, _SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
+
+
+def check_sampling(sampling: Sampling, extras: Extras) -> None:
+    """What vLLM refuses about a combination of resolved values, refused before the request reaches it, with the
+    parameter named and where each value came from (vLLM's own messages name no parameter).
+
+    Raises:
+        InvalidSampling: n > 1 with greedy decoding, or min_tokens above max_tokens.
+    """
+    temperature = sampling.temperature
+    if extras.n > 1 and temperature is not None and temperature.value < GREEDY_BELOW:
+        raise InvalidSampling(
+            f"n: {extras.n} choices need sampling, but temperature is {temperature.value} "
+            f"({temperature.source}), which is greedy decoding; send a temperature above 0 or n=1",
+            param="n",
+        )
+    limit = sampling.max_tokens
+    if extras.min_tokens is not None and limit is not None and extras.min_tokens > limit.value:
+        raise InvalidSampling(
+            f"min_tokens: {extras.min_tokens} is above max_tokens={limit.value} ({limit.source})",
+            param="min_tokens",
+        )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ with the last adapter slot (see `EngineConfig.zero_adapter_for_base`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import tempfile
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from expertserve.decoding import PARAMETERS, Resolved
 from expertserve.engine.args import engine_environment, engine_kwargs
 from expertserve.engine.config import EngineSettings
 from expertserve.engine.protocol import ExpertEngine, LoadedExpert
-from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, Sampling
+from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, Extras, Sampling
 from expertserve.errors import ExpertLoadError, InvalidSampling, PromptTooLong
 
 ZERO_ADAPTER = "expertserve-zero-adapter"
@@ -67,6 +69,7 @@ class VLLMExpertEngine(ExpertEngine):
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = self.llm.model_config.max_model_len
+        self.vocab_size = self.llm.model_config.get_vocab_size()
         self.embedder = PromptEmbedder(load_input_embeddings(self.model_dir), self.llm.model_config.dtype)
         self.zero_lora = self._make_zero_adapter() if use_zero else None
 
@@ -148,15 +151,12 @@ class VLLMExpertEngine(ExpertEngine):
                     )
         except (ValueError, RuntimeError, VLLMClientError) as e:
             # vLLM rejects a grammar or schema that does not compile at admission (VLLMValidationError).
-            message = str(e).splitlines()[0][:500]
-            raise InvalidSampling(
-                f"the request's output constraint or parameters were rejected: {message}",
-                param="response_format" if request.constraint.kind != "none" else None,
-            ) from None
+            raise _rejected(e, request) from None
 
     def _sampling_params(self, request: EngineRequest, prompt_tokens: int) -> Any:
         """vLLM SamplingParams; max_tokens is what the request resolved, lowered to fit the context (or, when
         nothing set it, the whole remaining context, as vLLM's own server does)."""
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         from expertserve.engine.sampling import sampling_params
@@ -168,6 +168,9 @@ class VLLMExpertEngine(ExpertEngine):
         if sampling.max_tokens is None or sampling.max_tokens.value > room:
             sampling = sampling.with_max_tokens(room)
         extras = request.extras
+        top_k = sampling.top_k
+        if top_k is not None and top_k.value > self.vocab_size:  # every token: the same as no limit
+            sampling = dataclasses.replace(sampling, top_k=Resolved(-1, top_k.source))
         try:
             return sampling_params(
                 sampling.values(),
@@ -178,8 +181,8 @@ class VLLMExpertEngine(ExpertEngine):
                 output_kind=RequestOutputKind.DELTA,
                 **({"min_tokens": extras.min_tokens} if extras.min_tokens is not None else {}),
             )
-        except ValueError as e:
-            raise InvalidSampling(f"invalid sampling parameters: {e}") from None
+        except (ValueError, VLLMClientError) as e:
+            raise _rejected(e, request) from None
 
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
         from expertserve.engine.embeddings import chat_token_ids
@@ -196,3 +199,18 @@ class VLLMExpertEngine(ExpertEngine):
     async def check_health(self) -> None:
         """Raises when vLLM's engine core is dead."""
         await self.llm.check_health()
+
+
+# Request fields vLLM's validation messages start with ("min_tokens must be ...") when they name no parameter.
+_FIELDS = {*PARAMETERS, *(f.name for f in dataclasses.fields(Extras))}
+
+
+def _rejected(error: Exception, request: EngineRequest) -> InvalidSampling:
+    """vLLM's refusal as a domain error naming the request field: vLLM's `parameter` when it gives one, else the
+    field its message starts with, else the output constraint when the request has one."""
+    message = str(error).splitlines()[0][:500]
+    first = message.split(" ", 1)[0].strip("`'\":")
+    param = getattr(error, "parameter", None) or (first if first in _FIELDS else None)
+    if param is None and request.constraint.kind != "none":
+        param = "response_format"
+    return InvalidSampling(f"the engine refused the request: {message}", param=param)

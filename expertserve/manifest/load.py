@@ -124,7 +124,7 @@ def json_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _UNION_TAGS or "[" in part or part.startswith("function-"):
+        elif part in _UNION_TAGS or "[" in part or part.startswith(("function-", "constrained-")):
             continue
         else:
             out += f".{part}" if out else part

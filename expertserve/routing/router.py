@@ -113,8 +113,16 @@ class Router:
         self.embedder = embedder
         self.config = config or RouterConfig()
         self.profiles: list[_Profile] = []
+        # Experts left without a routing profile, with why (they still serve by name).
+        self.problems: list[str] = []
         for record in registry.servable(base_model):
-            self.add(record)
+            try:
+                self.add(record)
+            except (
+                OSError,
+                UnicodeDecodeError,
+            ) as e:  # a bad data file costs the expert its profile, not the rest
+                self.problems.append(f"{record.name}: not routed to: its training data cannot be read ({e})")
 
     def add(self, record: ExpertRecord) -> None:
         """Registers (or replaces) an expert's profile."""

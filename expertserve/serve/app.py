@@ -9,6 +9,9 @@ from typing import Any
 from expertserve.engine.config import EngineSettings
 from expertserve.serve.config import ServeConfig
 
+# Requests the ingress admits beyond what the engines can run or queue (see build_app_from_config).
+INGRESS_HEADROOM = 1024
+
 
 def resolve_settings(config: ServeConfig) -> tuple[EngineSettings, list[str]]:
     """The engine settings (model dir, LoRA rank from the registry, prefix caching) and the expert roots."""
@@ -52,6 +55,7 @@ def build_app_from_config(
     """
     from ray import serve
 
+    from expertserve.serve.health import ENGINE_DEPLOYMENT
     from expertserve.serve.ingress import Ingress, app
     from expertserve.serve.replica import EngineReplica
 
@@ -70,7 +74,7 @@ def build_app_from_config(
     )
     engine = serve.deployment(
         EngineReplica,
-        name="ExpertEngine",
+        name=ENGINE_DEPLOYMENT,
         max_ongoing_requests=rep.max_ongoing_requests,
         max_queued_requests=rep.max_queued_requests,
         health_check_period_s=10,
@@ -80,12 +84,13 @@ def build_app_from_config(
     ingress_cls = serve.ingress(app)(Ingress)
     # The ingress only parses, routes and streams: it must admit everything the engines can run or queue, so that
     # the engines' limits decide (and answer 503 beyond them). Serve's default (5 at a time) capped every batch at
-    # 5 sequences: 0.67x vLLM's own server in `expertserve bench`.
+    # 5 sequences: 0.67x vLLM's own server in `expertserve bench`. Beyond that, headroom: probes, /metrics and the
+    # fast 503s past the engines' queues are answered at once instead of waiting in the proxy behind inference.
     engines = rep.max_replicas if rep.autoscaling else rep.num_replicas
     return serve.deployment(
         ingress_cls,
         name="Ingress",
         num_replicas=1,
-        max_ongoing_requests=engines * rep.max_ongoing_requests + rep.max_queued_requests,
+        max_ongoing_requests=engines * rep.max_ongoing_requests + rep.max_queued_requests + INGRESS_HEADROOM,
         ray_actor_options={"num_cpus": 0},
-    ).bind(engine, config, roots, embedder_cls=embedder_cls)
+    ).bind(engine, config, roots, settings=settings, embedder_cls=embedder_cls)

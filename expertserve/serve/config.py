@@ -30,6 +30,12 @@ class ReplicaConfig(StrictModel):
     )
     num_cpus: float = Field(default=1, gt=0, description="CPUs Ray reserves per engine replica.")
     num_gpus: float = Field(default=0, ge=0, description="GPUs per engine replica.")
+    engine_retry_s: float = Field(
+        default=120,
+        ge=0,
+        description="How long a request whose engine replica died before it produced output waits for a restarted "
+        "or another replica (retried with backoff) before it gets 503 + Retry-After.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ReplicaConfig:

@@ -87,7 +87,8 @@ def _mapped(error: BaseException) -> RequestError | None:
     names = {cls.__name__ for cls in type(error).__mro__ if cls.__module__.startswith("ray.")}
     if "BackPressureError" in names:
         return RequestError(503, "the server is overloaded; retry shortly", retry_after=1, code="overloaded")
-    if names & set(_ENGINE_UNAVAILABLE):
+    vllm = {cls.__name__ for cls in type(error).__mro__ if cls.__module__.startswith("vllm.")}
+    if names & set(_ENGINE_UNAVAILABLE) or "EngineDeadError" in vllm:
         return RequestError(
             503, "the engine is restarting; retry shortly", retry_after=5, code="engine_unavailable"
         )

@@ -9,7 +9,6 @@ expert (Serve model multiplexing). Every client mistake becomes an OpenAI error 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -21,14 +20,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertserve.decoding import Constraint, describe, load_defaults, resolve, resolve_constraint
-from expertserve.engine.request import Chunk, EngineRequest, Extras, Kind, Message, Sampling
+from expertserve.engine.config import EngineSettings
+from expertserve.engine.request import Chunk, EngineRequest, Extras, Kind, Message, Sampling, check_sampling
 from expertserve.errors import ExpertNotFound, ExpertNotServable, ExpertserveError
 from expertserve.manifest.status import RuntimeContext, field_statuses
 from expertserve.registry import ExpertRecord, Registry
+from expertserve.serve.body import parse_body
 from expertserve.serve.config import ServeConfig
 from expertserve.serve.errors import RequestError, client_error
+from expertserve.serve.expert_checks import ServingContext, expert_problems, xgrammar_compiler
+from expertserve.serve.health import EngineHealth
 from expertserve.serve.metrics import Metrics, RequestTracker
 from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from expertserve.serve.responses import (
@@ -47,6 +51,9 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="expertserve", docs_url=None, redoc_url=None)
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
 AnyRequest = ChatCompletionRequest | CompletionRequest
+# Response headers stay small whatever a client sends (16 stop strings of 60 KB once stalled the response);
+# the full values go to the log line and GET /v1/experts.
+HEADER_VALUE_CHARS = 48
 
 
 @dataclass(frozen=True)
@@ -73,15 +80,33 @@ class Ingress:
         engine: Handle of the engine deployment.
         config: The server config.
         roots: Expert roots, scanned on start and on reload.
+        settings: What the engines were started with (their limits decide which experts are servable).
         embedder_cls: The router's text embedder (default: the offline MiniLM); tests pass a fake.
+        compile_grammars: Compile every expert's grammar with the engine's backend on each scan.
     """
 
-    def __init__(self, engine: Any, config: ServeConfig, roots: list[str], *, embedder_cls: Any = None):
+    def __init__(
+        self,
+        engine: Any,
+        config: ServeConfig,
+        roots: list[str],
+        *,
+        settings: EngineSettings | None = None,
+        embedder_cls: Any = None,
+        compile_grammars: bool = True,
+    ):
         self.engine = engine
         self.config = config
         self.roots = roots
+        self.serving = (
+            ServingContext.of(Path(settings.model_dir), config.model_id, settings.max_lora_rank)
+            if settings is not None
+            else ServingContext(config.model_id, max_lora_rank=2**31)
+        )
+        self.compile_grammars = compile_grammars
         self.defaults = load_defaults(Path(config.decoding_defaults) if config.decoding_defaults else None)
         self.metrics = Metrics()
+        self.health = EngineHealth(_app_name())
         self.experts = Experts(Registry(), None)
         self.embedder = None
         if config.routing.enabled:
@@ -97,18 +122,26 @@ class Ingress:
 
     # ---- routes (Serve binds these methods to the replica) -------------------------------------------------
 
+    @app.get("/livez")
+    async def route_livez(self) -> Response:
+        """Liveness: this ingress answers (nothing else is asked)."""
+        return JSONResponse({"status": "ok"})
+
     @app.get("/healthz")
-    async def route_healthz(self) -> Response:
-        try:
-            await self.engine.ping.remote()
-        except Exception as e:  # the engine is starting, restarting or broken
-            logger.warning("health check: engine unavailable: %s", str(e).splitlines()[0][:200])
-            return JSONResponse(
-                {"status": "unavailable", "engine": "not ready"},
-                status_code=503,
-                headers={"Retry-After": "5"},
-            )
-        return JSONResponse({"status": "ok", "experts": len(self.registry)})
+    @app.get("/readyz")
+    async def route_readyz(self) -> Response:
+        """Readiness: an engine replica can take work (from Serve's controller, never queued behind inference)."""
+        readiness = await self.health.readiness()
+        body = {
+            "status": "ok" if readiness.ready else "unavailable",
+            "engine": readiness.detail,
+            "engine_replicas": readiness.running,
+            "experts": len(self.registry),
+        }
+        if not readiness.ready:
+            logger.warning("readiness: engine unavailable: %s", readiness.detail)
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(body)
 
     @app.get("/v1/models")
     async def route_models(self, request: Request) -> dict[str, Any]:
@@ -180,10 +213,15 @@ class Ingress:
     # ---- experts -------------------------------------------------------------------------------------------
 
     def reload(self) -> dict[str, list[str]]:
-        """Rescans the expert roots; new experts serve at once, removed ones stop taking requests."""
-        fresh = Registry.scan(self.roots)
-        before = {r.name: r.version for r in self.registry}
-        after = {r.name: r.version for r in fresh}
+        """Rescans the expert roots, all or nothing: the new registry and router replace the old ones together.
+
+        New experts serve at once and removed ones stop taking requests; an expert whose new manifest is invalid
+        keeps its last valid version; one whose files this server cannot serve is listed as broken, with why. The
+        answer lists every problem (`problems`)."""
+        previous = self.registry
+        fresh = Registry.scan(self.roots, previous=previous, check=self._check)
+        before = {r.name: (r.version, r.content_id) for r in previous}
+        after = {r.name: (r.version, r.content_id) for r in fresh}
         router = None
         if self.embedder is not None:
             from expertserve.routing.router import Router, RouterConfig
@@ -198,19 +236,38 @@ class Ingress:
             "added": sorted(set(after) - set(before)),
             "removed": sorted(set(before) - set(after)),
             "updated": sorted(n for n in after if n in before and after[n] != before[n]),
+            "problems": [*fresh.problems, *(router.problems if router else [])],
         }
 
-    def _log_changes(self, fresh: Registry, before: dict[str, str]) -> None:
-        """Problems, unservable experts and hints that do not apply, once per new expert version."""
+    def _check(self, record: ExpertRecord) -> list[str]:
+        """This server's checks of an expert's files (engine limits, grammars); see serve/expert_checks.py."""
+        return expert_problems(record, self.serving, xgrammar_compiler if self.compile_grammars else None)
+
+    def _log_changes(self, fresh: Registry, before: dict[str, tuple[str, str]]) -> None:
+        """The lifecycle transitions of a scan, logged and counted (`expertserve_expert_lifecycle_total`):
+        discovered (a new name, version or content), then servable or broken; invalid manifests, kept last valid
+        versions, removed experts."""
+        count = self.metrics.lifecycle.labels
         for problem in fresh.problems:
-            logger.warning("expert not registered: %s", problem)
+            if "is not servable" not in problem:  # broken experts are counted below, with their record
+                count("kept" if "still serving" in problem else "invalid").inc()
+            logger.warning("expert problem: %s", problem)
+        for name in sorted(set(before) - {r.name for r in fresh}):
+            count("removed").inc()
+            logger.info("expert %s removed", name)
         ctx = RuntimeContext.detect()
         for record in fresh:
-            if before.get(record.name) == record.version:
+            if before.get(record.name) == (record.version, record.content_id):
                 continue
+            count("discovered").inc()
             reason = record.unservable_reason(self.config.model_id)
+            count("broken" if record.broken else "servable" if reason is None else "not_servable").inc()
             if reason:
                 logger.warning("expert %s %s is not servable here: %s", record.name, record.version, reason)
+            else:
+                logger.info(
+                    "expert %s %s servable (content %s)", record.name, record.version, record.content_id[:12]
+                )
             for status in field_statuses(record.manifest, ctx):
                 if status.path.startswith("runtime.") and status.status == "not applicable":
                     logger.info(
@@ -255,21 +312,29 @@ class Ingress:
         req = parse_request(kind, await self._body(request))
         choice = await self._choose(req, kind)
         engine_request = self._engine_request(kind, req, choice.record)
+        headers = self._headers(choice, engine_request)
+        logger.info(
+            "request %s model=%s expert=%s decoding: %s",
+            engine_request.request_id,
+            req.model,
+            headers["x-expertserve-expert"],
+            describe(dict(engine_request.sampling.items()), engine_request.constraint),
+        )
+        return await self._respond(req, engine_request, headers)
+
+    def _headers(self, choice: Choice, engine_request: EngineRequest) -> dict[str, str]:
+        """Who answered and with which decoding (values shortened; the log line has them whole)."""
+        resolved = dict(engine_request.sampling.items())
         headers = {
             "x-expertserve-expert": choice.record.name if choice.record else self.config.model_id,
             "x-expertserve-decoding": describe(
-                dict(engine_request.sampling.items()), engine_request.constraint
+                resolved, engine_request.constraint, max_value_chars=HEADER_VALUE_CHARS
             ),
+            "x-expertserve-request-id": engine_request.request_id,
         }
         if choice.route:
             headers["x-expertserve-route"] = choice.route
-        logger.info(
-            "request model=%s expert=%s decoding: %s",
-            req.model,
-            headers["x-expertserve-expert"],
-            headers["x-expertserve-decoding"],
-        )
-        return await self._respond(req, engine_request, headers)
+        return headers
 
     async def _choose(self, req: AnyRequest, kind: Kind) -> Choice:
         """The router's choice for a routed model name; otherwise the expert (or base model) named."""
@@ -330,6 +395,7 @@ class Ingress:
             ignore_manifest=ignore,
         )
         extras = Extras(n=req.n, seed=req.seed, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
+        check_sampling(sampling, extras)
         spec = record.engine_spec(self.config.model_id) if record else None
         if isinstance(req, ChatCompletionRequest):
             messages = tuple(
@@ -352,13 +418,10 @@ class Ingress:
         self, req: AnyRequest, engine_request: EngineRequest, headers: dict[str, str]
     ) -> Response:
         """Sends the request to the engine; streams the chunks as SSE, or answers with the whole body."""
-        expert = engine_request.expert
         tracker = self.metrics.track(headers["x-expertserve-expert"])
-        handle = self.engine.options(stream=True, multiplexed_model_id=expert.key if expert else "")
-        stream = handle.generate.remote(engine_request)
         meta = ResponseMeta.new(engine_request.kind, engine_request.request_id, int(time.time()), req.model)
         try:
-            first = await anext(stream, None)
+            stream, first = await self._start(engine_request)
             tracker.first(first)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -374,6 +437,35 @@ class Ingress:
         payload = full_response(meta, req.n, chunks, req.return_token_ids)
         tracker.done(payload["usage"])
         return JSONResponse(payload, headers=headers)
+
+    async def _start(self, engine_request: EngineRequest) -> tuple[Any, Chunk | None]:
+        """The engine's stream and its first chunk. A request whose replica died before it produced anything is
+        sent again (nothing reached the client yet), with backoff, until `replicas.engine_retry_s` runs out."""
+        expert = engine_request.expert
+        handle = self.engine.options(stream=True, multiplexed_model_id=expert.key if expert else "")
+        deadline = time.monotonic() + self.config.replicas.engine_retry_s
+        delay = 0.25
+        while True:
+            stream = handle.generate.remote(engine_request)
+            try:
+                return stream, await anext(stream, None)
+            except Exception as e:
+                mapped = client_error(e)
+                if (
+                    mapped is None
+                    or mapped.code != "engine_unavailable"
+                    or time.monotonic() + delay > deadline
+                ):
+                    raise
+                self.metrics.engine_lost.inc()
+                logger.warning(
+                    "request %s: engine replica lost before any output (%s); sending it again in %.2f s",
+                    engine_request.request_id,
+                    type(e).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     async def _sse(
         self,
@@ -431,13 +523,7 @@ class Ingress:
         raw = await request.body()
         if len(raw) > limit:
             raise RequestError(413, f"request body is {len(raw)} bytes; the limit is {limit}")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the body must be a JSON object")
-        return body
+        return parse_body(raw)
 
 
 def _same_key(token: str | None, key: str) -> bool:
@@ -456,6 +542,16 @@ def _failed(tracker: RequestTracker, error: BaseException) -> BaseException:
     mapped = client_error(error)
     tracker.failed(mapped.status if mapped else 500)
     return mapped or error
+
+
+def _app_name() -> str | None:
+    """The Serve application this replica belongs to (None outside Serve)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # not in a replica (unit tests build the class directly)
+        return None
 
 
 def _timed(func: Any, *args: Any) -> tuple[Any, float]:
@@ -478,17 +574,28 @@ async def _domain_error(request: Request, error: ExpertserveError) -> JSONRespon
     return await _internal_error(request, error)
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths and wrong methods, as OpenAI error bodies (FastAPI's own are `{"detail": ...}`)."""
+    if error.status_code == 404:
+        message = f"no such endpoint: {request.method} {request.url.path}"
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(error.detail)
+    body = RequestError(
+        error.status_code, message, code="not_found" if error.status_code == 404 else None
+    ).body()
+    return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("internal error on %s", request.url.path)
-    return JSONResponse(
-        {
-            "error": {
-                "message": f"internal error: {type(error).__name__}",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-        },
-        status_code=500,
+    """Our own bugs: the body carries an id the log line has too, so a report can be traced."""
+    incident = uuid.uuid4().hex[:16]
+    logger.exception("internal error %s on %s", incident, request.url.path)
+    message = (
+        f"internal error {incident}: {type(error).__name__} (the server log has the details under this id)"
     )
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": "internal_error"}}
+    return JSONResponse(body, status_code=500, headers={"x-expertserve-request-id": incident})

@@ -39,6 +39,18 @@ class Metrics:
             "expertserve_requests_in_flight", "Requests being processed (queue depth)", registry=r
         )
         self.errors = Counter("expertserve_errors", "Requests refused or failed", ["status"], registry=r)
+        self.lifecycle = Counter(
+            "expertserve_expert_lifecycle",
+            "Expert lifecycle events: discovered, invalid, kept (last valid version), broken, servable, "
+            "not_servable, removed, loaded (on an engine replica)",
+            ["event"],
+            registry=r,
+        )
+        self.engine_lost = Counter(
+            "expertserve_engine_lost",
+            "Times a request found its engine replica dead or restarting before any output (then sent again)",
+            registry=r,
+        )
         self.routed = Counter(
             "expertserve_routed",
             "Routed requests by chosen expert ('base' on fallback)",
@@ -79,6 +91,7 @@ class RequestTracker:
         self._metrics.ttft.labels(self.expert).observe(time.monotonic() - self.started)
         if chunk is not None and chunk.load_seconds:
             self._metrics.adapter_load.labels(self.expert).set(chunk.load_seconds)
+            self._metrics.lifecycle.labels("loaded").inc()
 
     def done(self, usage: dict[str, int]) -> None:
         """The request finished normally."""

@@ -98,23 +98,32 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content)
 
 
-Stop = Str | Annotated[list[Annotated[Str, Field(min_length=1)]], Field(max_length=16)]
+StopString = Annotated[Str, Field(min_length=1)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=16)]
+# Integers the engine takes: vLLM keeps token counts in 32-bit and seeds in torch's int64; beyond these it fails
+# with an internal error instead of refusing the value.
+MAX_INT32 = 2**31 - 1
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class SamplingFields(_Strict):
     """Fields shared by chat and completions. None means "not given" (manifest or default applies)."""
 
     model: Str = Field(min_length=1, description="Expert name, base model id, or 'auto'.")
-    max_tokens: Int | None = Field(default=None, ge=1, description="Most tokens to generate.")
+    max_tokens: Int | None = Field(default=None, ge=1, le=MAX_INT32, description="Most tokens to generate.")
     temperature: Num | None = Field(default=None, ge=0, le=2, description="Sampling temperature.")
     top_p: Num | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: Int | None = Field(default=None, ge=-1, description="Top-k (vLLM extra; 0 or -1: no limit).")
+    top_k: Int | None = Field(
+        default=None, ge=-1, le=MAX_INT32, description="Top-k (vLLM extra; 0 or -1: no limit)."
+    )
     min_p: Num | None = Field(default=None, ge=0, le=1, description="Min-p (vLLM extra).")
     repetition_penalty: Num | None = Field(default=None, gt=0, le=2, description="Repetition penalty (vLLM).")
     presence_penalty: Num | None = Field(default=None, ge=-2, le=2, description="Presence penalty.")
     frequency_penalty: Num | None = Field(default=None, ge=-2, le=2, description="Frequency penalty.")
     stop: Stop | None = Field(default=None, description="Stop string(s).")
-    seed: Int | None = Field(default=None, description="Sampling seed (reproducible per request).")
+    seed: Int | None = Field(
+        default=None, ge=INT64[0], le=INT64[1], description="Sampling seed (reproducible per request)."
+    )
     n: Int = Field(default=1, ge=1, le=8, description="Choices to generate.")
     stream: Bool = Field(default=False, description="Server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
@@ -125,7 +134,7 @@ class SamplingFields(_Strict):
         default=False, description="vLLM extra: go on past end-of-sequence (fixed-length benchmarks)."
     )
     min_tokens: Int | None = Field(
-        default=None, ge=0, description="vLLM extra: generate at least this many tokens."
+        default=None, ge=0, le=MAX_INT32, description="vLLM extra: generate at least this many tokens."
     )
 
     @model_validator(mode="before")
@@ -172,7 +181,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation.")
     response_format: ResponseFormat | None = Field(default=None, description="Output format constraint.")
     max_completion_tokens: Int | None = Field(
-        default=None, ge=1, description="Alias of max_tokens (newer clients)."
+        default=None, ge=1, le=MAX_INT32, description="Alias of max_tokens (newer clients)."
     )
 
     @model_validator(mode="after")

@@ -8,6 +8,8 @@ The engine class is a keyword argument (`engine_cls=`): vLLM in production, a fa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -16,8 +18,27 @@ from expertserve.engine.config import EngineSettings
 from expertserve.engine.protocol import ExpertEngine, LoadedExpert
 from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec
 
+logger = logging.getLogger("ray.serve")
 # Experts a replica keeps loaded; Serve routes an expert's requests to replicas that already hold it.
 MAX_EXPERTS_PER_REPLICA = 16
+
+
+class Resident:
+    """An expert held by this replica, as Serve's multiplexing keeps it (Serve calls `__del__` when it evicts)."""
+
+    def __init__(self, loaded: LoadedExpert):
+        self.loaded = loaded
+        self._reported = False
+
+    def take_load_seconds(self) -> float:
+        """The load time, the first time it is asked; 0 after."""
+        if self._reported:
+            return 0.0
+        self._reported = True
+        return self.loaded.load_seconds
+
+    def __del__(self) -> None:  # Serve calls it on eviction; vLLM's own adapter LRU frees the weights
+        logger.info("expert %s released by this replica (evicted, least recently used)", self.loaded.spec.key)
 
 
 class EngineReplica:
@@ -37,26 +58,27 @@ class EngineReplica:
         self._specs: dict[str, ExpertSpec] = {}
 
     @serve.multiplexed(max_num_models_per_replica=MAX_EXPERTS_PER_REPLICA)
-    async def _expert(self, key: str) -> LoadedExpert:
-        return await self.engine.load_expert(self._specs[key])
+    async def _expert(self, key: str) -> Resident:
+        spec = self._specs[key]
+        resident = Resident(await self.engine.load_expert(spec))
+        logger.info("expert %s loaded on this replica in %.3f s", key, resident.loaded.load_seconds)
+        return resident
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Chunk]:
-        """Streams the request's chunks, its expert loaded first (once per replica)."""
-        expert = None
+        """Streams the request's chunks, its expert loaded first (once per replica). The first chunk after a load
+        carries the load time (`load_seconds`), so the ingress sees each load once."""
+        resident = None
         if request.expert is not None:
             self._specs[request.expert.key] = request.expert
-            expert = await self._expert(request.expert.key)
+            resident = await self._expert(request.expert.key)
+        load_seconds = resident.take_load_seconds() if resident else 0.0
         try:
-            async for chunk in self.engine.generate(request, expert):
-                yield chunk
+            async for chunk in self.engine.generate(request, resident.loaded if resident else None):
+                yield dataclasses.replace(chunk, load_seconds=load_seconds)
+                load_seconds = 0.0
         except asyncio.CancelledError:  # the client went away
             await self.engine.abort(request.request_id)
             raise
-
-    async def ping(self) -> bool:
-        """The ingress's /healthz probe."""
-        await self.engine.check_health()
-        return True
 
     async def check_health(self) -> None:
         """Serve's health check: the engine must be alive."""

@@ -157,3 +157,68 @@ def test_seeded_sampling_with_chunked_prefill_keeps_the_engine_alive(engine: Any
         [GenerationRequest([{"role": "user", "content": f"{prompt}{i}"}], sampling) for i in range(60)]
     )
     assert len(outputs) == 60
+
+
+def test_a_killed_eval_leaves_no_engine_processes(tiny_expert: tuple[Path, Path], tmp_path: Path) -> None:
+    """SIGKILL of `expertserve eval` while its vLLM engine runs: the watchdog ends the engine's processes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    expert, base = tiny_expert
+    env = {k: v for k, v in os.environ.items() if k != "EXPERTSERVE_WATCHDOG"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "expertserve",
+        "eval",
+        str(expert),
+        "--base-model",
+        str(base),
+        "--base-model-id",
+        TINY_ID,
+        "--no-write",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            seen.update({c.pid: c for c in children})
+            if any("VLLM" in _name(c) for c in children):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "eval ended before its engine could be seen; nothing was tested"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        engines = [p for p in seen.values() if "VLLM" in _name(p) or "python" in _name(p)]
+        assert engines, "no engine process was seen"
+        gone_by = time.monotonic() + 15
+        while time.monotonic() < gone_by and any(_running(p) for p in seen.values()):
+            time.sleep(0.2)
+        assert not [p.pid for p in seen.values() if _running(p)], "engine processes outlived the killed eval"
+    finally:
+        for p in seen.values():
+            if _running(p):
+                p.kill()
+
+
+def _name(process: Any) -> str:
+    try:
+        return process.name() + " " + " ".join(process.cmdline()[:2])
+    except Exception:
+        return ""
+
+
+def _running(process: Any) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,6 +1,6 @@
 """The real Ray Serve app (proxy, ingress, two engine replicas, multiplexing) with `FakeEngine` on CPU: protocol,
-streaming, errors, routing and placement tested in seconds, without vLLM. The same app on vLLM is tested in
-tests/e2e."""
+streaming, errors, routing, placement, health under load and property-based fuzzing, tested in seconds without
+vLLM. The same app on vLLM is tested in tests/e2e."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from tests.fakes import FakeEmbedder, FakeEngine
+from tests.fuzz import FAKE_EXAMPLES, HEADERS, bodies, check_response, seed_corpus, send
 from tests.helpers import REPO, make_expert, manifest
 
 pytestmark = pytest.mark.slow
@@ -23,14 +25,17 @@ BASE = "fake-base"
 HELLO = [{"role": "user", "content": "hello world"}]
 
 
-def _expert(root: Path, name: str, routing: dict[str, Any], *, broken: bool = False) -> None:
+def _expert(
+    root: Path, name: str, routing: dict[str, Any], *, broken: bool = False, temperature: float = 0.1
+) -> None:
     data = manifest(name=name, description=f"{name} answers")
     data["base_models"][0]["name"] = BASE
     data["routing"] = routing
-    data["training"]["decoding"] = {"temperature": 0.1, "max_tokens": 12}
+    data["training"]["decoding"] = {"temperature": temperature, "max_tokens": 12}
     expert = make_expert(root / name, data)
-    if broken:
-        (expert / "adapter" / "adapter_config.json").unlink()
+    if broken:  # files that pass every check, an adapter the engine cannot load
+        (expert / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
+                                                                            "fake_fail_load": True}))
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +54,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     _expert(experts, "expert-json", {"keywords": ["json"], "examples": ["extract the fields into json"]})
     _expert(experts, "expert-broken", {"keywords": ["broken"]}, broken=True)
+    _expert(experts, "expert-greedy", {"keywords": ["greedy"]}, temperature=0.0)
     port = free_port()
     config = ServeConfig.model_validate(
         {
@@ -57,7 +63,12 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "experts_dirs": [str(experts)],
             "port": port,
             "engine": {"max_model_len": 64},
-            "replicas": {"num_replicas": 2, "num_cpus": 0.1, "max_queued_requests": 16},
+            "replicas": {
+                "num_replicas": 2,
+                "num_cpus": 0.1,
+                "max_ongoing_requests": 4,
+                "max_queued_requests": 4,
+            },
             "routing": {"base_score": 0.3, "min_confidence": 0.0},
         }
     )
@@ -93,13 +104,17 @@ def _chat(url: str, **body: Any) -> httpx.Response:
 
 
 def test_health_and_models(url: str, client: openai.OpenAI) -> None:
-    assert httpx.get(f"{url}/healthz").json() == {"status": "ok", "experts": 3}
+    health = httpx.get(f"{url}/healthz").json()
+    assert health["status"] == "ok" and health["experts"] == 4 and health["engine_replicas"] == 2
+    assert httpx.get(f"{url}/readyz").json()["status"] == "ok"
+    assert httpx.get(f"{url}/livez").json() == {"status": "ok"}
     assert {m.id for m in client.models.list()} == {
         BASE,
         "auto",
         "expert-sql",
         "expert-json",
         "expert-broken",
+        "expert-greedy",
     }
 
 
@@ -219,3 +234,115 @@ def test_metrics_settle_after_requests(url: str) -> None:
     assert "expertserve_requests_in_flight 0.0" in text
     assert 'expertserve_requests_total{expert="expert-sql",outcome="ok"}' in text
     assert 'expertserve_errors_total{status="500"}' in text  # the broken expert's load failures
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "expert-greedy", "n": 2}, "n"),
+        ({"model": "expert-sql", "temperature": 0, "n": 3}, "n"),
+        ({"model": "expert-sql", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+        ({"model": "expert-sql", "min_tokens": 13}, "min_tokens"),  # above the manifest's max_tokens (12)
+        ({"model": "expert-sql", "stop": ""}, "stop"),
+        ({"model": "expert-sql", "seed": 2**64}, "seed"),
+        ({"model": "expert-sql", "top_k": 2**64}, "top_k"),
+        ({"model": "expert-sql", "messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+        ({"model": "auto", "messages": [{"role": "user", "content": "sql \udfff"}]}, "messages[0].content"),
+    ],
+)
+def test_client_mistakes_that_once_were_500_are_400_naming_the_parameter(
+    url: str, body: dict[str, Any], param: str
+) -> None:
+    r = send(httpx.Client(base_url=url, timeout=30), "/v1/chat/completions", {"messages": HELLO, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_bodies_too_deep_or_not_numbers_and_prompts_that_cannot_be_encoded(url: str) -> None:
+    client = httpx.Client(base_url=url, timeout=30)
+    deep = b'{"model": "expert-sql", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert "deeper than" in send(client, "/v1/chat/completions", deep).json()["error"]["message"]
+    r = send(
+        client,
+        "/v1/chat/completions",
+        {"model": "expert-sql", "messages": HELLO, "temperature": float("nan")},
+    )
+    assert r.status_code == 400 and "NaN" in r.json()["error"]["message"]
+    r = send(client, "/v1/completions", {"model": "expert-sql", "prompt": "a\ud800b"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_response_headers_stay_small_whatever_the_request(url: str) -> None:
+    r = _chat(url, model="expert-sql", max_tokens=2, stop=["x" * 20000] * 16)
+    assert r.status_code == 200, r.text
+    assert len(r.headers["x-expertserve-decoding"]) < 1500 and "chars)" in r.headers["x-expertserve-decoding"]
+
+
+def test_unknown_paths_and_methods_get_openai_errors(url: str) -> None:
+    r = httpx.get(f"{url}/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(f"{url}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"].startswith("GET is not allowed")
+
+
+def test_a_bug_is_a_500_with_an_id_and_the_server_goes_on(url: str) -> None:
+    r = _chat(url, model="expert-sql", messages=[{"role": "user", "content": "fake:crash"}])
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert r.headers["x-expertserve-request-id"] in r.json()["error"]["message"]
+    assert _chat(url, model="expert-sql").status_code == 200
+
+
+def test_readiness_answers_at_once_while_the_engines_are_saturated(url: str) -> None:
+    import concurrent.futures
+
+    slow = {
+        "model": "expert-sql",
+        "messages": [{"role": "user", "content": "slow:0.3 " * 6}],
+        "max_tokens": 12,
+    }
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        busy = [
+            pool.submit(httpx.post, f"{url}/v1/chat/completions", json=slow, timeout=60) for _ in range(24)
+        ]
+        time.sleep(1.0)  # the engines are running and queueing
+        started = time.monotonic()
+        ready = httpx.get(f"{url}/healthz", timeout=10)
+        took = time.monotonic() - started
+        statuses = [f.result().status_code for f in busy]
+    assert ready.status_code == 200 and took < 1.0, took
+    assert 200 in statuses and 503 in statuses, statuses  # saturated: some ran, the rest were told to retry
+
+
+def test_seed_corpus_of_inputs_that_once_answered_500(url: str) -> None:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for path, body, status in seed_corpus("expert-sql", "expert-greedy"):
+            response = send(client, path, body)
+            check_response(response)
+            assert response.status_code == status, response.text[:300]
+
+
+@pytest.fixture(scope="module")
+def http(url: str) -> Any:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+@settings(
+    max_examples=FAKE_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    request=bodies(["expert-sql", "expert-json", "expert-greedy", BASE, "auto", "expert-broken"]),
+    headers=HEADERS,
+)
+def test_generated_requests_never_get_a_5xx(
+    http: httpx.Client, request: tuple[str, Any], headers: dict[str, bytes]
+) -> None:
+    check_response(send(http, *request, headers=headers))
+
+
+def test_the_server_serves_after_the_fuzzing(url: str) -> None:
+    assert _chat(url, model="expert-sql").status_code == 200

@@ -45,3 +45,21 @@ def test_admin_key_is_separate() -> None:
     with pytest.raises(RequestError) as info:
         server._auth(request("k1"), admin=True)
     assert info.value.status == 401
+
+
+def test_non_ascii_and_odd_bytes_in_the_key_are_refused_not_crashed() -> None:
+    server = ingress(api_keys=["k1", "clé"], admin_key="adm")
+    for raw in (b"Bearer k\xe9", b"Bearer \xff\xfe", b"bearer k1 ", "Bearer clé".encode()):
+        scope = {
+            "type": "http",
+            "headers": [(b"authorization", raw)],
+            "client": ("127.0.0.1", 1),
+            "method": "GET",
+            "path": "/",
+        }
+        try:
+            server._auth(Request(scope), admin=False)
+        except RequestError as e:
+            assert e.status == 401
+        else:
+            assert raw == "Bearer clé".encode(), raw  # a UTF-8 key sent as UTF-8 bytes matches

@@ -1,0 +1,135 @@
+"""What a running server checks on every expert it scans, so an expert it cannot serve is never listed as servable.
+
+Beyond the manifest (validated on load) and its files (`validate --strict`'s checks), the running engine sets
+limits: the LoRA rank it was started with, the modules the base model has, the base model's hidden size, and the
+grammars its structured-output backend can compile. An expert that breaks any of them is registered as broken:
+not in `/v1/models`, with the reason in `/v1/experts` and in the reload response.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from expertserve.engine.args import lora_rank_slot
+from expertserve.manifest.files import ADAPTER_CONFIG, read_safetensors_header, soft_prompt_shape
+from expertserve.registry import ExpertRecord
+
+GrammarCompiler = Callable[[str, str], str | None]  # (kind, text) -> problem or None
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """The limits of the engine a server runs.
+
+    Attributes:
+        base_model: The served base model id.
+        max_lora_rank: The largest adapter rank the engine holds.
+        hidden_size: The base model's hidden size (the width every soft prompt must have); None when unknown.
+        modules: Names of the base model's weight-carrying modules (`q_proj`, ...), the targets an adapter may
+            name; empty when unknown.
+    """
+
+    base_model: str
+    max_lora_rank: int
+    hidden_size: int | None = None
+    modules: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, model_dir: Path, base_model: str, max_lora_rank: int) -> ServingContext:
+        """Read from the base model's config.json and safetensors headers (no weights are loaded)."""
+        hidden = None
+        config = model_dir / "config.json"
+        if config.is_file():
+            hidden = json.loads(config.read_text(encoding="utf-8")).get("hidden_size")
+        modules: set[str] = set()
+        for weights in sorted(model_dir.glob("*.safetensors")):
+            for key in read_safetensors_header(weights):
+                parts = key.split(".")
+                if len(parts) >= 2 and parts[-1] in ("weight", "bias"):
+                    modules.add(parts[-2])
+        return cls(base_model, lora_rank_slot(max_lora_rank), hidden, frozenset(modules))
+
+
+def expert_problems(
+    record: ExpertRecord, ctx: ServingContext, compile_grammar: GrammarCompiler | None = None
+) -> list[str]:
+    """Why this server cannot serve the expert's files, one line each (empty: it can)."""
+    found = record.adapter_for(ctx.base_model)
+    if found is None:
+        return []  # not trained for this base model: `unservable_reason` says so already
+    problems = record.file_problems(datasets=False)
+    if problems:
+        return problems
+    adapter, adapter_dir = found
+    problems += _adapter_problems(adapter_dir, ctx)
+    for sp, path in record.soft_prompts:
+        width = soft_prompt_shape(path)[1]
+        if ctx.hidden_size is not None and width != ctx.hidden_size:
+            problems.append(
+                f"soft prompt {sp.name!r} is {width} wide; the base model's hidden size is "
+                f"{ctx.hidden_size} ({path})"
+            )
+    if compile_grammar is not None:
+        problems += _constraint_problems(record, compile_grammar)
+    return problems
+
+
+def _adapter_problems(adapter_dir: Path, ctx: ServingContext) -> list[str]:
+    try:
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [f"{adapter_dir / ADAPTER_CONFIG}: unreadable ({e})"]
+    problems = []
+    rank = config.get("r")
+    if isinstance(rank, int) and rank > ctx.max_lora_rank:
+        problems.append(
+            f"adapter rank {rank} is above the running engine's max_lora_rank {ctx.max_lora_rank} "
+            "(restart the server, or set engine.max_lora_rank, to serve it)"
+        )
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    missing = sorted(t for t in targets if isinstance(t, str) and ctx.modules and t not in ctx.modules)
+    if missing:
+        problems.append(f"adapter targets {missing}, which the base model {ctx.base_model} does not have")
+    return problems
+
+
+def _constraint_problems(record: ExpertRecord, compile_grammar: GrammarCompiler) -> list[str]:
+    decoding = record.decoding
+    if not decoding.grammar_enabled:
+        return []
+    try:
+        if decoding.grammar_file:
+            problem = compile_grammar(
+                "grammar", (record.root / decoding.grammar_file).read_text(encoding="utf-8")
+            )
+        elif decoding.json_schema is not None:
+            problem = compile_grammar("json_schema", json.dumps(decoding.json_schema))
+        elif decoding.json_schema_file:
+            problem = compile_grammar(
+                "json_schema", (record.root / decoding.json_schema_file).read_text("utf-8")
+            )
+        else:
+            return []
+    except (OSError, UnicodeDecodeError) as e:
+        return [f"output constraint unreadable: {e}"]
+    return [f"output constraint does not compile: {problem}"] if problem else []
+
+
+def xgrammar_compiler(kind: str, text: str) -> str | None:
+    """Compiles a GBNF grammar or a JSON schema with xgrammar, the engine's structured-output backend."""
+    import xgrammar
+
+    try:
+        if kind == "grammar":
+            xgrammar.Grammar.from_ebnf(text)
+        else:
+            xgrammar.Grammar.from_json_schema(text)
+    except (RuntimeError, ValueError) as e:
+        # "[01:03:01] /project/cpp/grammar_parser.cc:106: EBNF lexer error at ...": keep what follows the source.
+        return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip().splitlines()[-1])[:300]
+    return None

@@ -1,0 +1,65 @@
+"""Readiness of the engine deployment, read from Serve's controller.
+
+Asking an engine replica (a call through its handle) queues behind inference: under 300 concurrent requests such
+a probe did not answer within 3 s, and a readiness probe would pull the pod exactly when it is busy. Serve's
+controller already health-checks every replica (`EngineReplica.check_health`, outside the request queue) and
+knows how many run; that answer is cached for a second so probes cost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+ENGINE_DEPLOYMENT = "ExpertEngine"
+CACHE_SECONDS = 1.0
+TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether an engine replica can take work, and what Serve says about the engine deployment."""
+
+    ready: bool
+    running: int
+    detail: str
+
+
+class EngineHealth:
+    """Cached readiness of one app's engine deployment."""
+
+    def __init__(self, app_name: str | None, deployment: str = ENGINE_DEPLOYMENT):
+        self.app_name, self.deployment = app_name, deployment
+        self._last: Readiness | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def readiness(self) -> Readiness:
+        """At most a second old; never waits more than `TIMEOUT_SECONDS`."""
+        async with self._lock:  # one controller call at a time however many probes arrive
+            if self._last is not None and time.monotonic() - self._at < CACHE_SECONDS:
+                return self._last
+            try:
+                self._last = await asyncio.wait_for(asyncio.to_thread(self._read), TIMEOUT_SECONDS)
+            except Exception as e:  # the controller is busy or restarting: say so, do not hang
+                self._last = Readiness(False, 0, f"cannot read Serve's status: {type(e).__name__}")
+            self._at = time.monotonic()
+            return self._last
+
+    def _read(self) -> Readiness:
+        from ray import serve
+
+        status = serve.status()
+        app = status.applications.get(self.app_name or "") if self.app_name else None
+        if app is None:
+            app = next((a for a in status.applications.values() if self.deployment in a.deployments), None)
+        if app is None or self.deployment not in app.deployments:
+            return Readiness(False, 0, f"no {self.deployment} deployment")
+        overview = app.deployments[self.deployment]
+        running = int(overview.replica_states.get("RUNNING", 0))
+        state = getattr(overview.status, "value", overview.status)
+        detail = f"{self.deployment} {state}: {running} replica(s) running"
+        if overview.message:
+            detail += f" ({overview.message[:200]})"
+        return Readiness(running > 0, running, detail)
