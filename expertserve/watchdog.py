@@ -50,7 +50,8 @@ def watch(pid: int) -> int:
     while parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE:
         try:
             for child in parent.children(recursive=True):
-                seen.setdefault(child.pid, child)
+                if child.pid != os.getpid():  # the watchdog is a child of the command too
+                    seen.setdefault(child.pid, child)
         except psutil.NoSuchProcess:
             break
         time.sleep(POLL_S)

@@ -9,9 +9,11 @@ knows how many run; that answer is cached for a second so probes cost nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
+logger = logging.getLogger("ray.serve")
 ENGINE_DEPLOYMENT = "ExpertEngine"
 CACHE_SECONDS = 1.0
 TIMEOUT_SECONDS = 2.0
@@ -41,11 +43,18 @@ class EngineHealth:
             if self._last is not None and time.monotonic() - self._at < CACHE_SECONDS:
                 return self._last
             try:
-                self._last = await asyncio.wait_for(asyncio.to_thread(self._read), TIMEOUT_SECONDS)
+                fresh = await asyncio.wait_for(asyncio.to_thread(self._read), TIMEOUT_SECONDS)
             except Exception as e:  # the controller is busy or restarting: say so, do not hang
-                self._last = Readiness(False, 0, f"cannot read Serve's status: {type(e).__name__}")
-            self._at = time.monotonic()
-            return self._last
+                fresh = Readiness(False, 0, f"cannot read Serve's status: {type(e).__name__}")
+            if self._last is None or fresh.ready != self._last.ready:  # transitions only, not every probe
+                logger.log(
+                    logging.INFO if fresh.ready else logging.WARNING,
+                    "engine readiness: %s (%s)",
+                    "ready" if fresh.ready else "NOT ready",
+                    fresh.detail,
+                )
+            self._last, self._at = fresh, time.monotonic()
+            return fresh
 
     def _read(self) -> Readiness:
         from ray import serve

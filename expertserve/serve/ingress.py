@@ -139,7 +139,6 @@ class Ingress:
             "experts": len(self.registry),
         }
         if not readiness.ready:
-            logger.warning("readiness: engine unavailable: %s", readiness.detail)
             return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse(body)
 

@@ -86,11 +86,13 @@ def test_engine_replica_killed_under_load_then_the_server_killed(built: tuple[Pa
         stop.set()
         prober.join()
         statuses = [s for s, _, _ in results]
-        recovered = min(t for s, t, _ in results if s == 200 and t > killed_at) - killed_at
+        # Recovery: the first request sent after the kill that was answered (it waited for the restarted replica).
+        recovered = min(t for s, t, _ in results[40:] if s == 200) - killed_at
         lost = sum(s != 200 for s in statuses)
         print(
-            f"\nengine replica killed under 40 requests: first success {recovered:.1f} s after the kill; "
-            f"{lost} of {len(statuses)} requests not served (503 + Retry-After); statuses {sorted(statuses)}"
+            f"\nengine replica killed under 40 requests: recovered (first request sent after the kill answered) "
+            f"{recovered:.1f} s after the kill; {lost} of {len(statuses)} requests not served (503 + Retry-After: "
+            f"in flight with output already produced); readiness 503 for {health.count(503)} probes"
         )
         assert all(s in (200, 503) for s in statuses), statuses
         assert all(r for s, _, r in results if s == 503), "every 503 carries Retry-After"

@@ -34,8 +34,9 @@ def _expert(
     data["training"]["decoding"] = {"temperature": temperature, "max_tokens": 12}
     expert = make_expert(root / name, data)
     if broken:  # files that pass every check, an adapter the engine cannot load
-        (expert / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
-                                                                            "fake_fail_load": True}))
+        (expert / "adapter" / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "r": 4, "fake_fail_load": True})
+        )
 
 
 @pytest.fixture(scope="module")

@@ -287,3 +287,14 @@ def test_cluster_launcher_config_passes_rays_schema_and_a_typo_fails() -> None:
     config["max_workerz"] = config.pop("max_workers")
     with pytest.raises(Exception, match="max_workerz"):
         validate_config(prepare_config(config))
+
+
+def test_the_readiness_probe_asks_the_ingress_readiness_route() -> None:
+    import yaml
+
+    from expertserve.serve.ingress import app
+
+    paths = {route.path for route in app.routes}
+    spec = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+    head = spec["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in paths and "/livez" in paths
