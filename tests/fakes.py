@@ -17,7 +17,7 @@ import numpy as np
 
 from expertserve.engine.config import EngineSettings
 from expertserve.engine.protocol import ExpertEngine, LoadedExpert
-from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec
+from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, TokenLogprob
 from expertserve.errors import ExpertLoadError, PromptTooLong
 
 FAKE_CONTEXT = 256
@@ -72,19 +72,26 @@ class FakeEngine(ExpertEngine):
         limit = (
             request.sampling.max_tokens.value if request.sampling.max_tokens else self.context - prompt_tokens
         )
-        for index in range(request.extras.n):
+        extras = request.extras
+        prompt_lp = _fake_logprobs(prompt_words, extras.prompt_logprobs, first_none=True)
+        for index in range(extras.n):
+            if extras.score_only:
+                yield Chunk(index, "", (), "length", prompt_tokens, 0, prompt_logprobs=prompt_lp)
+                continue
             out = reply[:limit]
             for i, word in enumerate(out):
                 await asyncio.sleep(delay)
                 last = i == len(out) - 1
+                text = word if i == 0 else " " + word
                 yield Chunk(
                     index,
-                    word if i == 0 else " " + word,
+                    text,
                     (i,),
                     ("length" if len(reply) > limit else "stop") if last else None,
                     prompt_tokens,
                     i + 1,
-                    expert.load_seconds if expert else 0.0,
+                    logprobs=_fake_logprobs([text], extras.logprobs),
+                    prompt_logprobs=prompt_lp if i == 0 else (),
                 )
 
     async def abort(self, request_id: str) -> None:
@@ -92,6 +99,17 @@ class FakeEngine(ExpertEngine):
 
     async def check_health(self) -> None:
         await asyncio.sleep(0)
+
+
+def _fake_logprobs(tokens: list[str], k: int | None, first_none: bool = False) -> tuple[TokenLogprob, ...]:
+    """-1 per token, alternatives `alt0`..`alt{k-1}` at -2, -3, ... (prompt tokens: the first has none)."""
+    if k is None:
+        return ()
+    out = []
+    for i, token in enumerate(tokens):
+        top = tuple((f"alt{j}", 1000 + j, -2.0 - j) for j in range(k))
+        out.append(TokenLogprob(token, i, None if first_none and i == 0 else -1.0, top))
+    return tuple(out)
 
 
 class FakeEmbedder:

@@ -291,6 +291,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         "model_id": model_id,
         "experts_dirs": [str(repo / "experts"), str(synth)],
         "port": port,
+        "ray_dashboard": False,  # vLLM's own server runs without one: same processes on the same cores
         "engine": asdict(settings),
     }  # EngineSettings' fields are EngineConfig keys
     (work / "expertserve.json").write_text(json.dumps(config, indent=2))

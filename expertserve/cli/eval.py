@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ def run(args: Any) -> int:
         write=not args.no_write,
         base_model_dir=Path(args.base_model) if args.base_model else None,
         base_model_id=args.base_model_id,
+        log=lambda line: print(
+            line, file=sys.stderr, flush=True
+        ),  # progress on stderr; stdout stays the report
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2), file=out)

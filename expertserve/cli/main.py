@@ -100,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="serve the base model and the experts over an OpenAI-compatible HTTP API"
     )
-    p.add_argument("--config", metavar="FILE", help="server config (YAML or JSON; see configs/serve.yaml)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="server config (YAML or JSON; see configs/expertserve.yaml); EXPERTSERVE_* environment "
+        "variables override it, e.g. EXPERTSERVE_API_KEYS=k1,k2",
+    )
     p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument(
@@ -198,7 +203,8 @@ def run_handler(args: argparse.Namespace) -> int:
         print(f"expertserve {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ExpertserveError as e:
-        print(f"error: {e}", file=sys.stderr)
+        lines = str(e).splitlines() if type(e).__name__ == "ConfigError" else [str(e)]  # one line per problem
+        print("\n".join(f"error: {line}" for line in lines), file=sys.stderr)
         return EXIT_FAIL
     except BrokenPipeError:  # `expertserve validate ... | head`: the reader left; not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

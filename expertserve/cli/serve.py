@@ -17,30 +17,35 @@ def run(args: Any) -> int:
 
     if args.config and not Path(args.config).is_file():
         raise UsageError(f"{args.config}: config file not found")
-    try:
-        config = ServeConfig.from_file(args.config) if args.config else ServeConfig()
-    except ValueError as e:
-        raise UsageError(f"{args.config}: {e}") from None
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if args.ignore_manifest_decoding:
         overrides["ignore_manifest_decoding"] = True
-    config = ServeConfig.model_validate({**config.model_dump(), **overrides})
+    config = ServeConfig.load(
+        args.config, overrides=overrides
+    )  # a ConfigError is one line per problem, exit 1
 
     import ray
     from ray import serve
 
-    from expertserve.serve.app import build_app
+    from expertserve.serve.app import build_app_from_config
 
     started_ray = False
+    dashboard = None
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
         else:
-            ray.init(address="local", include_dashboard=False, object_store_memory=100 * 2**20)
+            context = ray.init(
+                address="local",
+                include_dashboard=config.ray_dashboard,
+                dashboard_host="127.0.0.1",
+                object_store_memory=100 * 2**20,
+            )
+            dashboard = context.dashboard_url if config.ray_dashboard else None
             started_ray = True
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config.model_dump()), name="expertserve", route_prefix="/", blocking=False)
+    serve.run(build_app_from_config(config), name="expertserve", route_prefix="/", blocking=False)
     isolate = started_ray and config.engine.isolate_inference_cores
     if isolate:
         from expertserve.serve.cpu_affinity import keep_off_inference_cores
@@ -49,6 +54,8 @@ def run(args: Any) -> int:
     url = f"http://{config.host}:{config.port}"
     print(f"expertserve is serving {config.model_id} and its experts at {url}/v1", flush=True)
     print(f"  curl {url}/v1/models", flush=True)
+    if dashboard:
+        print(f"  Ray dashboard: http://{dashboard}", flush=True)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -45,10 +45,12 @@ class ExpertSpec:
 
 @dataclass(frozen=True)
 class Message:
-    """One chat message as the chat template sees it (`developer` is sent as `system`)."""
+    """One chat message as the chat template sees it (`developer` is sent as `system`; `name` only to templates that
+    use it)."""
 
     role: Role
     content: str
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,30 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Extras:
-    """Request-only options (vLLM extras and OpenAI's per-request fields) that no manifest sets."""
+    """Request-only options (vLLM extras and OpenAI's per-request fields) that no manifest sets.
+
+    Attributes:
+        n: Choices to generate.
+        seed: Sampling seed.
+        ignore_eos: Go on past end-of-sequence.
+        min_tokens: Generate at least this many tokens.
+        logprobs: Log probabilities of each sampled token, with this many alternatives (0: the token's own only);
+            None: none.
+        prompt_logprobs: Log probabilities of the prompt tokens, with this many alternatives (echo); None: none.
+        score_only: Generate nothing the client sees (OpenAI's `echo` with `max_tokens: 0`: prompt scoring).
+    """
 
     n: int = 1
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    score_only: bool = False
+
+
+# The most alternatives per position vLLM returns (and what the ingress accepts for logprobs / top_logprobs).
+MAX_LOGPROBS = 20
 
 
 # vLLM treats a temperature below this as greedy decoding (vllm/sampling_params.py, _SAMPLING_EPS).
@@ -168,6 +188,23 @@ class EngineRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its log probability, and the most likely alternatives at its position.
+
+    Attributes:
+        token: The token's text.
+        token_id: Its id.
+        logprob: Its log probability (None for a prompt's first token: nothing precedes it).
+        top: The alternatives, most likely first, as (text, id, log probability).
+    """
+
+    token: str
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[str, int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
     """A piece of one choice's output, as the engine streams it.
 
@@ -179,6 +216,9 @@ class Chunk:
         prompt_tokens: Prompt length in tokens, soft-prompt positions included.
         completion_tokens: Tokens generated so far for this choice.
         load_seconds: How long loading the expert took on this replica (0 for the base model).
+        logprobs: One entry per new token, when the request asked for log probabilities.
+        prompt_logprobs: One entry per prompt token (the first has no log probability), on the first chunk of
+            each choice, when the request asked for prompt log probabilities.
     """
 
     index: int
@@ -188,3 +228,5 @@ class Chunk:
     prompt_tokens: int
     completion_tokens: int
     load_seconds: float = 0.0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()

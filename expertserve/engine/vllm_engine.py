@@ -21,7 +21,7 @@ from expertserve.decoding import PARAMETERS, Resolved
 from expertserve.engine.args import engine_environment, engine_kwargs
 from expertserve.engine.config import EngineSettings
 from expertserve.engine.protocol import ExpertEngine, LoadedExpert
-from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, Extras, Sampling
+from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, Extras, Sampling, TokenLogprob
 from expertserve.errors import ExpertLoadError, InvalidSampling, PromptTooLong
 
 ZERO_ADAPTER = "expertserve-zero-adapter"
@@ -129,16 +129,41 @@ class VLLMExpertEngine(ExpertEngine):
         from vllm.exceptions import VLLMClientError
 
         loaded = expert if isinstance(expert, VLLMExpert) else None
+        if (
+            request.extras.prompt_logprobs is not None
+            and loaded is not None
+            and loaded.soft_prompt is not None
+        ):
+            raise InvalidSampling(
+                f"echo: prompt log probabilities are not available for {loaded.spec.name}: its soft prompt goes to "
+                "the engine as embeddings, for which vLLM computes none",
+                param="echo",
+            )
         ids = self._prompt_ids(request)
         prompt_tokens = len(ids) + (loaded.soft_prompt_tokens if loaded else 0)
         params = self._sampling_params(request, prompt_tokens)
         prompt = self.embedder.prompt(ids, loaded.soft_prompt if loaded else None)
         lora = loaded.lora if loaded is not None and loaded.lora is not None else self.zero_lora
-        load_seconds = loaded.load_seconds if loaded else 0.0
         completion_tokens = [0] * params.n
+        prompt_sent = [False] * params.n
         try:
             async for out in self.llm.generate(prompt, params, request.request_id, lora_request=lora):
                 for choice in out.outputs:
+                    first = not prompt_sent[choice.index]
+                    prompt_sent[choice.index] = True
+                    prompt_lp = (
+                        self._prompt_logprobs(ids, out.prompt_logprobs, request.extras.prompt_logprobs)
+                        if first
+                        else ()
+                    )
+                    if (
+                        request.extras.score_only
+                    ):  # scoring: the prompt's log probabilities, no generated text
+                        if first:
+                            yield Chunk(
+                                choice.index, "", (), "length", prompt_tokens, 0, prompt_logprobs=prompt_lp
+                            )
+                        continue
                     completion_tokens[choice.index] += len(choice.token_ids)
                     yield Chunk(
                         choice.index,
@@ -147,7 +172,8 @@ class VLLMExpertEngine(ExpertEngine):
                         choice.finish_reason,
                         prompt_tokens,
                         completion_tokens[choice.index],
-                        load_seconds,
+                        logprobs=_sample_logprobs(choice.token_ids, choice.logprobs, request.extras.logprobs),
+                        prompt_logprobs=prompt_lp,
                     )
         except (ValueError, RuntimeError, VLLMClientError) as e:
             # vLLM rejects a grammar or schema that does not compile at admission (VLLMValidationError).
@@ -165,7 +191,9 @@ class VLLMExpertEngine(ExpertEngine):
         if room < 1:
             raise PromptTooLong(prompt_tokens, self.max_model_len, request.prompt_param)
         sampling: Sampling = request.sampling
-        if sampling.max_tokens is None or sampling.max_tokens.value > room:
+        if request.extras.score_only:  # vLLM needs one token to run; it is not sent to the client
+            sampling = sampling.with_max_tokens(1)
+        elif sampling.max_tokens is None or sampling.max_tokens.value > room:
             sampling = sampling.with_max_tokens(room)
         extras = request.extras
         top_k = sampling.top_k
@@ -179,16 +207,31 @@ class VLLMExpertEngine(ExpertEngine):
                 seed=extras.seed,
                 ignore_eos=extras.ignore_eos,
                 output_kind=RequestOutputKind.DELTA,
+                logprobs=extras.logprobs,
+                prompt_logprobs=extras.prompt_logprobs,
                 **({"min_tokens": extras.min_tokens} if extras.min_tokens is not None else {}),
             )
         except (ValueError, VLLMClientError) as e:
             raise _rejected(e, request) from None
 
+    def _prompt_logprobs(self, ids: list[int], positions: Any, k: int | None) -> tuple[TokenLogprob, ...]:
+        """vLLM's prompt logprobs (None at the first position, which nothing precedes) for the prompt's tokens."""
+        if not positions or k is None:
+            return ()
+        out = [TokenLogprob(self.tokenizer.decode([ids[0]]), ids[0], None)]
+        out += [
+            _entry(tid, alternatives, k) for tid, alternatives in zip(ids[1:], positions[1:], strict=False)
+        ]
+        return tuple(out)
+
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
         from expertserve.engine.embeddings import chat_token_ids
 
         if request.kind == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages = [
+                {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                for m in request.messages
+            ]
             return chat_token_ids(self.tokenizer, messages)
         return list(self.tokenizer(request.prompt)["input_ids"])
 
@@ -214,3 +257,18 @@ def _rejected(error: Exception, request: EngineRequest) -> InvalidSampling:
     if param is None and request.constraint.kind != "none":
         param = "response_format"
     return InvalidSampling(f"the engine refused the request: {message}", param=param)
+
+
+def _entry(token_id: int, alternatives: Any, k: int) -> TokenLogprob:
+    """One position of vLLM's logprobs ({token id: Logprob}, the `k` most likely plus the token taken when it is
+    not among them): the token taken, and the `k` most likely as alternatives."""
+    chosen = alternatives[token_id]
+    ranked = sorted(alternatives.items(), key=lambda item: item[1].rank or 0)[:k]
+    top = tuple((lp.decoded_token or "", tid, float(lp.logprob)) for tid, lp in ranked)
+    return TokenLogprob(chosen.decoded_token or "", token_id, float(chosen.logprob), top)
+
+
+def _sample_logprobs(token_ids: Any, logprobs: Any, k: int | None) -> tuple[TokenLogprob, ...]:
+    if not logprobs or k is None:
+        return ()
+    return tuple(_entry(tid, alternatives, k) for tid, alternatives in zip(token_ids, logprobs, strict=False))

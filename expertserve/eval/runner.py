@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ def evaluate(
     base_model_id: str | None = None,
     write: bool = True,
     engine: Any = None,
+    log: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Scores base model and expert; writes quality_metrics into the manifest when `write`.
 
@@ -94,10 +96,18 @@ def evaluate(
     metas = [e["meta"] for e in examples]
     scores: dict[str, float] = {}
     failures: list[dict[str, str]] = []
-    for name, (lo, sp) in conditions.items():
+    for step, (name, (lo, sp)) in enumerate(conditions.items(), 1):
+        if log:
+            log(f"[{step}/{len(conditions)}] {m.name} {name}: generating {len(examples)} test examples ...")
+        started = time.monotonic()
         outputs = engine.generate([GenerationRequest(prompt_messages(e), params, lo, sp) for e in examples])
         ok = scorer.score_many(outputs, metas, test_file.parent)
         scores[name] = sum(ok) / len(ok)
+        if log:
+            log(
+                f"[{step}/{len(conditions)}] {m.name} {name}: {scorer.metric} {scores[name]:.1%} "
+                f"({time.monotonic() - started:.0f} s)"
+            )
         if name == "expert":
             failures = [
                 {

@@ -35,11 +35,10 @@ def resolve_settings(config: ServeConfig) -> tuple[EngineSettings, list[str]]:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:
-    """The Serve application: ingress -> engine. `args` is a ServeConfig dict, or {"config": FILE}."""
+    """The Serve application: ingress -> engine. `args` is a ServeConfig dict, or {"config": FILE} (with more keys
+    over it); `EXPERTSERVE_*` environment variables apply between the file and the args (`ServeConfig.load`)."""
     args = dict(args or {})
-    config = ServeConfig.from_file(args.pop("config")) if "config" in args else ServeConfig()
-    if args:
-        config = ServeConfig.model_validate({**config.model_dump(), **args})
+    config = ServeConfig.load(args.pop("config", None), overrides=args)
     return build_app_from_config(config)
 
 

@@ -1,17 +1,24 @@
 """What users write to configure the server (`expertserve serve --config FILE`, `serve run` args). Pure Python.
 
-Precedence for process settings: command line > config file > the defaults below.
+Precedence for process settings, written once (`ServeConfig.load`): command line > environment > config file >
+the defaults below. Every setting can come from the environment: `EXPERTSERVE_<FIELD>` for a top-level field,
+`EXPERTSERVE_<SECTION>__<FIELD>` inside a section (`EXPERTSERVE_ENGINE__DTYPE=float32`); values are JSON where they
+parse as JSON, text otherwise, and list settings also take comma-separated text (`EXPERTSERVE_API_KEYS=k1,k2`),
+so keys can come from a Kubernetes Secret instead of the config file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from expertserve.engine.config import EngineConfig
+from expertserve.errors import ExpertserveError
 from expertserve.manifest.base import StrictModel
 from expertserve.settings import DEFAULT_MODEL_ID
 
@@ -82,19 +89,142 @@ class ServeConfig(StrictModel):
     admin_key: str | None = Field(
         default=None, description="Bearer key for /admin endpoints; unset: loopback only."
     )
+    ray_dashboard: bool = Field(
+        default=True,
+        description="Ray's dashboard on loopback (the URL is printed) when `expertserve serve` starts Ray itself.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Replicas and autoscaling.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Routing of `model: auto`.")
 
     @classmethod
     def from_file(cls, path: str | Path) -> ServeConfig:
-        """Loads YAML or JSON.
+        """Loads YAML or JSON (no environment; see `load`).
 
         Raises:
-            ValueError: Unreadable file, or a config that does not validate (pydantic names the field).
+            ConfigError: Unreadable file, or a config that does not validate (one line per problem).
         """
-        import yaml
+        return cls.load(path, environ={})
 
-        text = Path(path).read_text(encoding="utf-8")
-        data: Any = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        return cls.model_validate(data or {})
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> ServeConfig:
+        """The config: `overrides` (the command line) > `environ` (default: the process's) > the file > defaults.
+
+        Raises:
+            ConfigError: An unreadable file, or values that do not validate: one line per problem, naming the key
+                and where it came from.
+        """
+        data = _read(Path(path)) if path is not None else {}
+        env = env_values(os.environ if environ is None else environ)
+        merged = _deep_merge(_deep_merge(data, env), dict(overrides or {}))
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as e:
+            sources = f"{path}" if path else "the server config"
+            if env:
+                sources += " and EXPERTSERVE_* environment variables"
+            raise ConfigError(sources, config_problems(e)) from None
+
+
+class ConfigError(ExpertserveError):
+    """A server or training config that cannot be read or does not validate."""
+
+    def __init__(self, source: str, problems: list[str]):
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+        self.source, self.problems = source, problems
+
+
+def config_problems(error: ValidationError) -> list[str]:
+    """One line per problem: `engine.dtype: input should be 'auto', ... (got 'fp8')`."""
+    from expertserve.manifest.load import json_path
+
+    lines = []
+    for err in error.errors(include_url=False):
+        where = json_path(err["loc"]) or "(top level)"
+        message = (
+            "unknown setting"
+            if err["type"] == "extra_forbidden"
+            else err["msg"].removeprefix("Value error, ")
+        )
+        message = message[:1].lower() + message[1:]
+        value = err.get("input")
+        secret = bool(err["loc"]) and str(err["loc"][0]) in SECRET_SETTINGS
+        scalar = isinstance(value, (str, int, float, bool)) and err["type"] != "missing"
+        shown = f" (got {value!r})" if scalar and not secret else ""
+        lines.append(f"{where}: {message}{shown}")
+    return lines
+
+
+ENV_PREFIX = "EXPERTSERVE_"
+# Never echoed in messages or logs.
+SECRET_SETTINGS = {"api_keys", "admin_key"}
+# Process settings of other parts that share the prefix (not server settings).
+_NOT_SERVER = {
+    "EXPERTSERVE_HOME",
+    "EXPERTSERVE_INSTALL_DIR",
+    "EXPERTSERVE_DEBUG",
+    "EXPERTSERVE_WATCHDOG",
+    "EXPERTSERVE_VLLM_PATCHES",
+}
+
+
+def env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The server settings given as `EXPERTSERVE_*` environment variables, as a nested dict."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SERVER:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        target = out
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = _env_value(path[-1], raw)
+    return out
+
+
+def _env_value(key: str, raw: str) -> Any:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    if key in _LIST_SETTINGS and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+_LIST_SETTINGS = {"api_keys", "experts_dirs", "routed_names"}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["config file not found"]) from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(str(path), [f"cannot read it: {first}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [f"expected a mapping of settings, got {type(data).__name__}"])
+    return data
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out

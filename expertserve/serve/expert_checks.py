@@ -31,12 +31,14 @@ class ServingContext:
         hidden_size: The base model's hidden size (the width every soft prompt must have); None when unknown.
         modules: Names of the base model's weight-carrying modules (`q_proj`, ...), the targets an adapter may
             name; empty when unknown.
+        template_uses_name: Whether the base model's chat template renders a message's author `name`.
     """
 
     base_model: str
     max_lora_rank: int
     hidden_size: int | None = None
     modules: frozenset[str] = frozenset()
+    template_uses_name: bool = False
 
     @classmethod
     def of(cls, model_dir: Path, base_model: str, max_lora_rank: int) -> ServingContext:
@@ -51,7 +53,25 @@ class ServingContext:
                 parts = key.split(".")
                 if len(parts) >= 2 and parts[-1] in ("weight", "bias"):
                     modules.add(parts[-2])
-        return cls(base_model, lora_rank_slot(max_lora_rank), hidden, frozenset(modules))
+        return cls(
+            base_model,
+            lora_rank_slot(max_lora_rank),
+            hidden,
+            frozenset(modules),
+            _template_uses_name(model_dir),
+        )
+
+
+def _template_uses_name(model_dir: Path) -> bool:
+    """Whether the chat template (tokenizer_config.json or chat_template.jinja) reads `message.name`."""
+    texts = []
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        texts.append(str(json.loads(config.read_text(encoding="utf-8")).get("chat_template") or ""))
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        texts.append(jinja.read_text(encoding="utf-8"))
+    return any(re.search(r"message(\.name|\[['\"]name['\"]\])", text) for text in texts)
 
 
 def expert_problems(

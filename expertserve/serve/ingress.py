@@ -9,6 +9,7 @@ expert (Serve model multiplexing). Every client mistake becomes an OpenAI error 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from expertserve import __version__
 from expertserve.decoding import Constraint, describe, load_defaults, resolve, resolve_constraint
 from expertserve.engine.config import EngineSettings
 from expertserve.engine.request import Chunk, EngineRequest, Extras, Kind, Message, Sampling, check_sampling
@@ -45,6 +47,7 @@ from expertserve.serve.responses import (
     usage,
     usage_body,
 )
+from expertserve.serve.streams import merged
 
 # Serve configures this logger in replicas (stderr and log files); a logger of our own would print nothing.
 logger = logging.getLogger("ray.serve")
@@ -184,6 +187,18 @@ class Ingress:
             )
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def route_model(self, model_id: str, request: Request) -> dict[str, Any]:
+        """One model object, as `GET /v1/models` lists it; 404 when there is none by that id."""
+        listing = await self.route_models(request)
+        found = next((m for m in listing["data"] if m["id"] == model_id), None)
+        if found is None:
+            raise ExpertNotFound(
+                f"model {model_id!r} does not exist; GET /v1/models lists the base model and the "
+                "servable experts"
+            )
+        return found
+
     @app.get("/v1/experts")
     async def route_experts(self, request: Request) -> dict[str, Any]:
         self._auth(request, admin=False)
@@ -310,18 +325,20 @@ class Ingress:
         self._auth(request, admin=False)
         req = parse_request(kind, await self._body(request))
         choice = await self._choose(req, kind)
-        engine_request = self._engine_request(kind, req, choice.record)
-        headers = self._headers(choice, engine_request)
+        engine_requests = self._engine_requests(kind, req, choice.record)
+        first = engine_requests[0]
+        headers = self._headers(req, choice, first)
         logger.info(
-            "request %s model=%s expert=%s decoding: %s",
-            engine_request.request_id,
+            "request %s model=%s expert=%s user=%s decoding: %s",
+            first.request_id,
             req.model,
             headers["x-expertserve-expert"],
-            describe(dict(engine_request.sampling.items()), engine_request.constraint),
+            json.dumps(req.user),
+            describe(dict(first.sampling.items()), first.constraint),
         )
-        return await self._respond(req, engine_request, headers)
+        return await self._respond(req, engine_requests, headers, self._meta(req, choice, first))
 
-    def _headers(self, choice: Choice, engine_request: EngineRequest) -> dict[str, str]:
+    def _headers(self, req: AnyRequest, choice: Choice, engine_request: EngineRequest) -> dict[str, str]:
         """Who answered and with which decoding (values shortened; the log line has them whole)."""
         resolved = dict(engine_request.sampling.items())
         headers = {
@@ -332,8 +349,27 @@ class Ingress:
             "x-expertserve-request-id": engine_request.request_id,
         }
         if choice.route:
-            headers["x-expertserve-route"] = choice.route
+            headers["x-expertserve-route"] = f"requested={req.model}; {choice.route}"
         return headers
+
+    def _meta(self, req: AnyRequest, choice: Choice, engine_request: EngineRequest) -> ResponseMeta:
+        """The body's `model` is who answered (an expert, or the base model); the fingerprint names its version."""
+        record = choice.record
+        answered = record.name if record else self.config.model_id
+        echo = tuple(req.prompts()) if isinstance(req, CompletionRequest) and req.echo else ()
+        return ResponseMeta.new(
+            engine_request.kind,
+            engine_request.request_id,
+            int(time.time()),
+            answered,
+            fingerprint=f"expertserve-{__version__}:{record.name}@{record.version}"
+            if record
+            else f"expertserve-{__version__}:base",
+            n=req.n,
+            logprobs=req.sample_logprobs() is not None,
+            token_ids=req.return_token_ids,
+            echo=echo,
+        )
 
     async def _choose(self, req: AnyRequest, kind: Kind) -> Choice:
         """The router's choice for a routed model name; otherwise the expert (or base model) named."""
@@ -380,8 +416,11 @@ class Ingress:
         logger.info("route model=%s -> %s", req.model, header)
         return Choice(self.registry.get(decision.expert) if decision.expert else None, header)
 
-    def _engine_request(self, kind: Kind, req: AnyRequest, record: ExpertRecord | None) -> EngineRequest:
-        """Decoding resolved (request > manifest > defaults) and the typed request the engine applies as is."""
+    def _engine_requests(
+        self, kind: Kind, req: AnyRequest, record: ExpertRecord | None
+    ) -> list[EngineRequest]:
+        """Decoding resolved (request > manifest > defaults) and the typed requests the engine applies as they
+        are: one per prompt."""
         manifest = record.decoding if record else None
         ignore = self.config.ignore_manifest_decoding
         sampling = Sampling.of(
@@ -393,34 +432,63 @@ class Ingress:
             record.root if record else None,
             ignore_manifest=ignore,
         )
-        extras = Extras(n=req.n, seed=req.seed, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
+        extras = self._extras(req)
         check_sampling(sampling, extras)
         spec = record.engine_spec(self.config.model_id) if record else None
         if isinstance(req, ChatCompletionRequest):
-            messages = tuple(
-                Message("system" if m.role == "developer" else m.role, m.text()) for m in req.messages
+            messages = tuple(self._message(i, m) for i, m in enumerate(req.messages))
+            return [
+                EngineRequest(
+                    "chat", uuid.uuid4().hex, sampling, constraint, spec, messages=messages, extras=extras
+                )
+            ]
+        return [
+            EngineRequest(
+                "completion", uuid.uuid4().hex, sampling, constraint, spec, prompt=prompt, extras=extras
             )
-            return EngineRequest(
-                "chat", uuid.uuid4().hex, sampling, constraint, spec, messages=messages, extras=extras
+            for prompt in req.prompts()
+        ]
+
+    @staticmethod
+    def _extras(req: AnyRequest) -> Extras:
+        echo = isinstance(req, CompletionRequest) and req.echo
+        logprobs = req.sample_logprobs()
+        return Extras(
+            n=req.n,
+            seed=req.seed,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if echo and logprobs is not None else None,
+            score_only=echo and req.max_tokens == 0,
+        )
+
+    def _message(self, index: int, message: Any) -> Message:
+        """A chat message for the template; an author `name` only where the template uses names."""
+        if message.name is not None and not self.serving.template_uses_name:
+            raise RequestError(
+                400,
+                f"messages[{index}].name: the base model's chat template has no author names; "
+                "leave name out or put it in the content",
+                param=f"messages[{index}].name",
             )
-        return EngineRequest(
-            "completion",
-            uuid.uuid4().hex,
-            sampling,
-            constraint,
-            spec,
-            prompt=req.prompt_text(),
-            extras=extras,
+        return Message(
+            "system" if message.role == "developer" else message.role, message.text(), message.name
         )
 
     async def _respond(
-        self, req: AnyRequest, engine_request: EngineRequest, headers: dict[str, str]
+        self,
+        req: AnyRequest,
+        engine_requests: list[EngineRequest],
+        headers: dict[str, str],
+        meta: ResponseMeta,
     ) -> Response:
-        """Sends the request to the engine; streams the chunks as SSE, or answers with the whole body."""
+        """Sends the requests to the engine; streams the chunks as SSE, or answers with the whole body."""
         tracker = self.metrics.track(headers["x-expertserve-expert"])
-        meta = ResponseMeta.new(engine_request.kind, engine_request.request_id, int(time.time()), req.model)
         try:
-            stream, first = await self._start(engine_request)
+            started = await _all_or_none([self._start(r) for r in engine_requests])
+            stream = merged(started, req.n)
+            first = await anext(stream, None)
             tracker.first(first)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -433,7 +501,7 @@ class Ingress:
             chunks += [chunk async for chunk in stream]
         except BaseException as e:
             raise _failed(tracker, e) from None
-        payload = full_response(meta, req.n, chunks, req.return_token_ids)
+        payload = full_response(meta, req.n * len(engine_requests), chunks)
         tracker.done(payload["usage"])
         return JSONResponse(payload, headers=headers)
 
@@ -476,13 +544,16 @@ class Ingress:
     ) -> AsyncIterator[str]:
         """The event stream; an error mid-stream goes into the stream (the status is sent already)."""
         per_choice: dict[int, tuple[int, int]] = {}
+        sent: dict[int, int] = {}  # characters each choice has sent (completions' text_offset)
         try:
             chunk = first
             while chunk is not None:
                 per_choice[chunk.index] = (chunk.prompt_tokens, chunk.completion_tokens)
-                yield sse(chunk_body(meta, chunk))
+                body = chunk_body(meta, chunk, first=chunk.index not in sent, offset=sent.get(chunk.index, 0))
+                sent[chunk.index] = sent.get(chunk.index, 0) + len(_text(body))
+                yield sse(body)
                 chunk = await anext(stream, None)
-            totals = usage(per_choice)
+            totals = usage(per_choice, meta.n)
             if include_usage:
                 yield sse(usage_body(meta, totals))
             tracker.done(totals)
@@ -551,6 +622,23 @@ def _app_name() -> str | None:
         return serve.get_replica_context().app_name
     except Exception:  # not in a replica (unit tests build the class directly)
         return None
+
+
+def _text(body: dict[str, Any]) -> str:
+    choice = body["choices"][0]
+    return str(choice["delta"]["content"] if "delta" in choice else choice["text"])
+
+
+async def _all_or_none(starts: list[Any]) -> list[tuple[Any, Chunk | None]]:
+    """Starts every engine request; if any fails, the others are cancelled and the first error raised."""
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        for r in results:
+            if not isinstance(r, BaseException):
+                r[0].cancel()
+        raise errors[0]
+    return [r for r in results if not isinstance(r, BaseException)]
 
 
 def _timed(func: Any, *args: Any) -> tuple[Any, float]:

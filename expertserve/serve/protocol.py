@@ -1,8 +1,9 @@
 """OpenAI-compatible request bodies, validated strictly. Pure Python (pydantic only).
 
 Unknown fields are 400 errors that name the field (a misspelt `temprature` must not be silently ignored);
-OpenAI fields that expertserve does not implement (tools, logit_bias, ...) are refused with the reason rather
-than dropped. vLLM's sampling extras (`top_k`, `min_p`, `repetition_penalty`) are accepted at the top level.
+OpenAI fields that expertserve does not implement (tools, logit_bias, ...) are refused with the reason when they
+ask for something, and dropped when they hold an empty default. vLLM's sampling extras (`top_k`, `min_p`,
+`repetition_penalty`) are accepted at the top level.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from expertserve.engine.request import MAX_LOGPROBS
 from expertserve.manifest.base import Bool, Int, Num, Str
 from expertserve.serve.errors import RequestError
 
-# OpenAI fields clients may send that expertserve does not implement, with the reason given back.
+# OpenAI fields clients may send that expertserve does not implement, with the reason given back when they ask
+# for something. SDKs and frameworks send many of them as empty defaults (`"tools": []`, `"logit_bias": null`,
+# `"parallel_tool_calls": false`): a value that asks for nothing (listed in NO_OP) means "not given" and is dropped.
 UNSUPPORTED = {
     "tools": "tool calling is not supported",
     "tool_choice": "tool calling is not supported",
@@ -24,12 +28,31 @@ UNSUPPORTED = {
     "prompt_embeds": "clients cannot send embeddings; soft prompts belong to experts on the server",
     "suffix": "suffix (fill-in-the-middle) is not supported",
     "best_of": "best_of is not supported; use n",
-    "echo": "echo is not supported",
     "audio": "audio output is not supported",
     "modalities": "only text is supported",
     "prediction": "predicted outputs are not supported",
     "parallel_tool_calls": "tool calling is not supported",
+    "service_tier": "service tiers are not offered",
+    "store": "stored completions are not offered",
+    "metadata": "stored completions are not offered",
+    "reasoning_effort": "the models served here do not reason in a separate channel",
+    "web_search_options": "web search is not offered",
 }
+# Values that ask for nothing, besides null, false, "", [] and {}.
+_NO_OP_FOR: dict[str, tuple[Any, ...]] = {
+    "best_of": (1,),
+    "modalities": (["text"],),
+    "tool_choice": ("none",),
+    "function_call": ("none",),
+    "service_tier": ("auto", "default"),
+}
+
+
+def _asks_nothing(key: str, value: Any) -> bool:
+    """Whether an unsupported field holds an empty default (type-exact: 0 is not false)."""
+    return value is None or any(
+        value == v and type(value) is type(v) for v in (False, "", [], {}, *_NO_OP_FOR.get(key, ()))
+    )
 
 
 class _Strict(BaseModel):
@@ -103,6 +126,8 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=16)]
 # Integers the engine takes: vLLM keeps token counts in 32-bit and seeds in torch's int64; beyond these it fails
 # with an internal error instead of refusing the value.
 MAX_INT32 = 2**31 - 1
+# Prompts in one completions request; each is one engine request.
+MAX_PROMPTS = 64
 INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -127,8 +152,9 @@ class SamplingFields(_Strict):
     n: Int = Field(default=1, ge=1, le=8, description="Choices to generate.")
     stream: Bool = Field(default=False, description="Server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
-    user: Str | None = Field(default=None, description="End-user id (logged, not used).")
-    logprobs: Any = Field(default=None, description="Not supported; must be unset or false.")
+    user: Str | None = Field(
+        default=None, max_length=256, description="End-user id (logged with the request)."
+    )
     return_token_ids: Bool = Field(default=False, description="Extra: add each choice's generated token ids.")
     ignore_eos: Bool = Field(
         default=False, description="vLLM extra: go on past end-of-sequence (fixed-length benchmarks)."
@@ -141,8 +167,11 @@ class SamplingFields(_Strict):
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            data = dict(data)
             for key, reason in UNSUPPORTED.items():
-                if key in data and data[key] not in (None, False, [], {}):
+                if key in data and _asks_nothing(key, data[key]):
+                    del data[key]  # an empty default: not given
+                elif key in data:
                     raise ValueError(f"{key}: {reason}")
         return data
 
@@ -150,8 +179,6 @@ class SamplingFields(_Strict):
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
-        if self.logprobs not in (None, False):
-            raise ValueError("logprobs: log probabilities are not supported")
         return self
 
     def stop_list(self) -> list[str] | None:
@@ -183,9 +210,19 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int | None = Field(
         default=None, ge=1, le=MAX_INT32, description="Alias of max_tokens (newer clients)."
     )
+    logprobs: Bool | None = Field(default=None, description="Return each sampled token's log probability.")
+    top_logprobs: Int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="Alternatives per position (needs logprobs: true)."
+    )
+
+    def sample_logprobs(self) -> int | None:
+        """vLLM's `logprobs`: alternatives per sampled token, or None for none."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _alias_max_tokens(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise ValueError("max_completion_tokens: differs from max_tokens; send one of them")
@@ -196,16 +233,46 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     """`POST /v1/completions`."""
 
-    prompt: Str | Annotated[list[Str], Field(min_length=1, max_length=1)] = Field(
-        description="The prompt (one string; a one-element list is accepted)."
+    prompt: Str | Annotated[list[Str], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        description="The prompt, or a list of prompts (each gets its own n choices, indexed prompt * n + choice)."
     )
     response_format: ResponseFormat | None = Field(
         default=None, description="Output format constraint (extra)."
     )
+    max_tokens: Int | None = Field(
+        default=None, ge=0, le=MAX_INT32, description="Most tokens to generate (0 only with echo: scoring)."
+    )
+    logprobs: Int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="Log probabilities with this many alternatives."
+    )
+    echo: Bool = Field(
+        default=False, description="Put the prompt before the completion (with logprobs: scored)."
+    )
+
+    @model_validator(mode="after")
+    def _zero_tokens_only_to_score(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo (to score the prompt)")
+        return self
+
+    def prompts(self) -> list[str]:
+        """The prompts, in order."""
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def prompt_text(self) -> str:
-        """The prompt as one string."""
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The first prompt (what routing reads)."""
+        return self.prompts()[0]
+
+    def sample_logprobs(self) -> int | None:
+        """vLLM's `logprobs`: alternatives per sampled token, or None for none."""
+        return self.logprobs
+
+    def sampling_request(self) -> dict[str, Any]:
+        """As for chat, but `max_tokens: 0` (scoring) resolves as not given: nothing is generated."""
+        values = super().sampling_request()
+        if values["max_tokens"] == 0:
+            values["max_tokens"] = None
+        return values
 
 
 def request_errors(error: ValidationError) -> list[tuple[str, str]]:

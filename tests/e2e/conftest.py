@@ -108,6 +108,7 @@ def running_server(root: Path, base: Path, experts: Path, **overrides: object) -
                 "experts_dirs": [str(experts)],
                 "port": port,
                 "max_body_bytes": 65536,
+                "ray_dashboard": False,
                 "engine": {"dtype": "float32", "in_process": True},
                 **overrides,
             }

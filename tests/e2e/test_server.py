@@ -298,3 +298,61 @@ def test_live_add_and_remove_of_an_expert(server: Server, client: openai.OpenAI)
     assert "error" not in "".join(rest), "the in-flight request finished normally"
     r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=120)
     assert r.status_code == 404
+
+
+def test_echo_scoring_matches_vllms_offline_engine(server: Server) -> None:
+    """Prompt log probabilities over HTTP (echo + logprobs + max_tokens 0, a list of prompts) are vLLM's own."""
+    from vllm import SamplingParams
+
+    from expertserve.engine.batch import BatchEngine
+
+    prompts = ["The capital of France is Paris", "SELECT name FROM users WHERE id = 1"]
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        timeout=120,
+        json={"model": TINY_ID, "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0},
+    )
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["text"] for c in choices] == prompts and r.json()["usage"]["completion_tokens"] == 0
+    engine = BatchEngine(server.base, dtype="float32", max_lora_rank=8)
+    try:
+        ids = [engine.tokenizer(p)["input_ids"] for p in prompts]
+        outs = engine.llm.generate(
+            [{"prompt_token_ids": i} for i in ids],
+            SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0),
+            use_tqdm=False,
+        )
+    finally:
+        engine.close()
+    for choice, tokens, out in zip(choices, ids, outs, strict=True):
+        want = [out.prompt_logprobs[i][t].logprob for i, t in enumerate(tokens) if i > 0]
+        got = choice["logprobs"]["token_logprobs"]
+        assert got[0] is None and len(got) == len(tokens)
+        assert max(abs(a - b) for a, b in zip(got[1:], want, strict=True)) < 1e-3
+
+
+def test_sampled_logprobs_on_the_real_engine(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="expert-beta", messages=HELLO, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    for t in content:  # greedy: the token taken is the most likely one
+        assert abs(t.logprob - max(a.logprob for a in t.top_logprobs)) < 1e-4
+    text = client.completions.create(
+        model="expert-beta", prompt="hello", max_tokens=3, logprobs=2, temperature=0
+    )
+    assert (
+        len(text.choices[0].logprobs.tokens) == 3
+        and "".join(text.choices[0].logprobs.tokens) == text.choices[0].text
+    )
+
+
+def test_echo_scoring_is_refused_for_soft_prompt_experts(server: Server) -> None:
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        timeout=120,
+        json={"model": "expert-alpha", "prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 0},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"

@@ -347,3 +347,86 @@ def test_generated_requests_never_get_a_5xx(
 
 def test_the_server_serves_after_the_fuzzing(url: str) -> None:
     assert _chat(url, model="expert-sql").status_code == 200
+
+
+def test_openai_clients_empty_defaults_are_not_given(url: str) -> None:
+    r = _chat(
+        url,
+        model="expert-sql",
+        tools=[],
+        tool_choice="none",
+        logit_bias=None,
+        parallel_tool_calls=False,
+        functions=None,
+        store=False,
+        metadata=None,
+        service_tier="auto",
+        logprobs=False,
+    )
+    assert r.status_code == 200, r.text
+    r = _chat(url, model="expert-sql", tools=[{"type": "function", "function": {"name": "f"}}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+
+
+def test_the_body_names_the_expert_that_answered_and_its_version(url: str) -> None:
+    r = _chat(url, model="auto", messages=[{"role": "user", "content": "write a sql query for orders"}])
+    body = r.json()
+    assert body["model"] == "expert-sql" and body["system_fingerprint"].endswith(":expert-sql@0.1.0")
+    assert r.headers["x-expertserve-route"].startswith("requested=auto; ")
+    assert _chat(url, model=BASE).json()["system_fingerprint"].endswith(":base")
+
+
+def test_models_by_id(url: str, client: openai.OpenAI) -> None:
+    model = client.models.retrieve("expert-sql")
+    assert model.id == "expert-sql" and model.model_extra["version"] == "0.1.0"
+    assert client.models.retrieve(BASE).id == BASE
+    r = httpx.get(f"{url}/v1/models/expert-nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_streams_send_the_role_once_and_token_ids_when_asked(url: str) -> None:
+    body = {"model": "expert-sql", "messages": HELLO, "stream": True, "return_token_ids": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
+    assert [c["choices"][0]["token_ids"] for c in chunks] == [[i] for i in range(len(chunks))]
+
+
+def test_chat_logprobs_streamed_and_whole(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="expert-sql", messages=HELLO, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and content[0].logprob == -1.0
+    assert [t.token for t in content[0].top_logprobs] == ["alt0", "alt1"]
+    stream = client.chat.completions.create(model="expert-sql", messages=HELLO, logprobs=True, stream=True)
+    streamed = [t for c in stream for t in (c.choices[0].logprobs.content if c.choices else [])]
+    assert len(streamed) == len(content) and streamed[-1].token == content[-1].token  # replicas may differ
+    assert client.chat.completions.create(model="expert-sql", messages=HELLO).choices[0].logprobs is None
+
+
+def test_completion_logprobs_echo_scoring_and_prompt_lists(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="expert-sql", prompt="a b c", logprobs=3, max_tokens=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 2 and len(lp.top_logprobs[0]) == 3 and lp.text_offset[0] == 0
+    scored = client.completions.create(model=BASE, prompt="the cat sat", echo=True, logprobs=1, max_tokens=0)
+    choice = scored.choices[0]
+    assert choice.text == "the cat sat" and scored.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == ["the", "cat", "sat"] and choice.logprobs.token_logprobs == [
+        None,
+        -1.0,
+        -1.0,
+    ]
+    many = client.completions.create(
+        model=BASE, prompt=["one", "two three"], n=2, max_tokens=50, temperature=1
+    )
+    assert [c.index for c in sorted(many.choices, key=lambda c: c.index)] == [0, 1, 2, 3]
+    texts = {c.index: c.text for c in many.choices}
+    assert texts[0].endswith("] one") and texts[1].endswith("] one") and texts[3].endswith("] two three")
+    assert many.usage.prompt_tokens == 3
+    r = httpx.post(f"{client.base_url}completions", json={"model": BASE, "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_author_names_are_refused_where_the_template_has_none(url: str) -> None:
+    r = _chat(url, model="expert-sql", messages=[{"role": "user", "content": "hi", "name": "ana"}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].name"

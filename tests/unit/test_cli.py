@@ -176,3 +176,14 @@ def test_train_on_expert_with_bad_dataset_names_the_line(tmp_path: Path) -> None
     assert result.returncode == 1 and "is not prepared; run `expertserve models prepare`" in result.stderr
     result = run("train", str(root), "--base-model", str(tmp_path), "--base-model-id", "x")
     assert result.returncode == 1 and "no adapter for base model x" in result.stderr
+
+
+def test_serve_config_errors_are_one_line_per_problem(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 70000\nengine:\n  dtpye: x\n")
+    result = run("serve", "--config", str(config), env={"EXPERTSERVE_ADMIN_KEY": "secret-value"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    assert "port: input should be less than or equal to 65535" in lines[0]
+    assert "engine.dtpye: unknown setting" in lines[1] and "secret-value" not in result.stderr
+    assert "configs/expertserve.yaml" in run("serve", "--help").stdout

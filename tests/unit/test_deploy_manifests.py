@@ -28,9 +28,20 @@ class Metadata(_K):
     labels: dict[str, str] | None = None
 
 
+class SecretKeyRef(_K):
+    name: str
+    key: str
+    optional: bool | None = None
+
+
+class ValueFrom(_K):
+    secretKeyRef: SecretKeyRef
+
+
 class EnvVar(_K):
     name: str
-    value: str
+    value: str | None = None
+    valueFrom: ValueFrom | None = None
 
 
 class Port(_K):
@@ -298,3 +309,20 @@ def test_the_readiness_probe_asks_the_ingress_readiness_route() -> None:
     spec = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
     head = spec["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in paths and "/livez" in paths
+
+
+def test_keys_come_from_a_secret_in_every_rayservice_container() -> None:
+    spec = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+    cluster = spec["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        for name, key in (("EXPERTSERVE_API_KEYS", "api-keys"), ("EXPERTSERVE_ADMIN_KEY", "admin-key")):
+            assert env[name]["valueFrom"]["secretKeyRef"] == {
+                "name": "expertserve-keys",
+                "key": key,
+                "optional": True,
+            }
+    assert (
+        "api_keys" not in spec["spec"]["serveConfigV2"] and "admin_key" not in spec["spec"]["serveConfigV2"]
+    )
