@@ -32,6 +32,7 @@ class ServingContext:
         modules: Names of the base model's weight-carrying modules (`q_proj`, ...), the targets an adapter may
             name; empty when unknown.
         template_uses_name: Whether the base model's chat template renders a message's author `name`.
+        template_has_tools: Whether the base model's chat template renders a `tools` list.
     """
 
     base_model: str
@@ -39,6 +40,7 @@ class ServingContext:
     hidden_size: int | None = None
     modules: frozenset[str] = frozenset()
     template_uses_name: bool = False
+    template_has_tools: bool = False
 
     @classmethod
     def of(cls, model_dir: Path, base_model: str, max_lora_rank: int) -> ServingContext:
@@ -53,17 +55,19 @@ class ServingContext:
                 parts = key.split(".")
                 if len(parts) >= 2 and parts[-1] in ("weight", "bias"):
                     modules.add(parts[-2])
+        template = _chat_template(model_dir)
         return cls(
             base_model,
             lora_rank_slot(max_lora_rank),
             hidden,
             frozenset(modules),
-            _template_uses_name(model_dir),
+            bool(re.search(r"message(\.name|\[['\"]name['\"]\])", template)),
+            bool(re.search(r"\btools\b", template)),
         )
 
 
-def _template_uses_name(model_dir: Path) -> bool:
-    """Whether the chat template (tokenizer_config.json or chat_template.jinja) reads `message.name`."""
+def _chat_template(model_dir: Path) -> str:
+    """The base model's chat template text (tokenizer_config.json and chat_template.jinja), "" when none."""
     texts = []
     config = model_dir / "tokenizer_config.json"
     if config.is_file():
@@ -71,7 +75,7 @@ def _template_uses_name(model_dir: Path) -> bool:
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():
         texts.append(jinja.read_text(encoding="utf-8"))
-    return any(re.search(r"message(\.name|\[['\"]name['\"]\])", text) for text in texts)
+    return "\n".join(texts)
 
 
 def expert_problems(

@@ -26,7 +26,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from expertserve import __version__
 from expertserve.decoding import Constraint, describe, load_defaults, resolve, resolve_constraint
 from expertserve.engine.config import EngineSettings
-from expertserve.engine.request import Chunk, EngineRequest, Extras, Kind, Message, Sampling, check_sampling
+from expertserve.engine.request import (
+    Chunk,
+    EngineRequest,
+    Extras,
+    Kind,
+    Message,
+    Role,
+    Sampling,
+    check_sampling,
+)
 from expertserve.errors import ExpertNotFound, ExpertNotServable, ExpertserveError
 from expertserve.manifest.status import RuntimeContext, field_statuses
 from expertserve.registry import ExpertRecord, Registry
@@ -44,16 +53,26 @@ from expertserve.serve.responses import (
     chunk_body,
     full_response,
     sse,
+    tool_call_chunk,
     usage,
     usage_body,
 )
 from expertserve.serve.streams import merged
+from expertserve.serve.tools import ToolPlan, render_tool_turn
+from expertserve.serve.tools import plan as plan_tools
 
 # Serve configures this logger in replicas (stderr and log files); a logger of our own would print nothing.
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="expertserve", docs_url=None, redoc_url=None)
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
 AnyRequest = ChatCompletionRequest | CompletionRequest
+# OpenAI's roles as the chat template sees them (tool turns are rendered by serve/tools.py).
+_ROLES: dict[str, Role] = {
+    "developer": "system",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
 # Response headers stay small whatever a client sends (16 stop strings of 60 KB once stalled the response);
 # the full values go to the log line and GET /v1/experts.
 HEADER_VALUE_CHARS = 48
@@ -325,7 +344,8 @@ class Ingress:
         self._auth(request, admin=False)
         req = parse_request(kind, await self._body(request))
         choice = await self._choose(req, kind)
-        engine_requests = self._engine_requests(kind, req, choice.record)
+        tool_plan = self._tool_plan(req)
+        engine_requests = self._engine_requests(kind, req, choice.record, tool_plan)
         first = engine_requests[0]
         headers = self._headers(req, choice, first)
         logger.info(
@@ -336,7 +356,23 @@ class Ingress:
             json.dumps(req.user),
             describe(dict(first.sampling.items()), first.constraint),
         )
-        return await self._respond(req, engine_requests, headers, self._meta(req, choice, first))
+        return await self._respond(req, engine_requests, headers, self._meta(req, choice, first, tool_plan))
+
+    def _tool_plan(self, req: AnyRequest) -> ToolPlan | None:
+        """How the request's tools are enforced (None: no tool call); see serve/tools.py."""
+        if not isinstance(req, ChatCompletionRequest):
+            return None
+        tool_plan = plan_tools(
+            req.tools_dicts(), req.tool_choice_value(), template_has_tools=self.serving.template_has_tools
+        )
+        if tool_plan is not None and req.response_format is not None:
+            raise RequestError(
+                400,
+                "response_format: cannot be combined with a tool call (the call's arguments "
+                "schema constrains the output)",
+                param="response_format",
+            )
+        return tool_plan
 
     def _headers(self, req: AnyRequest, choice: Choice, engine_request: EngineRequest) -> dict[str, str]:
         """Who answered and with which decoding (values shortened; the log line has them whole)."""
@@ -352,7 +388,9 @@ class Ingress:
             headers["x-expertserve-route"] = f"requested={req.model}; {choice.route}"
         return headers
 
-    def _meta(self, req: AnyRequest, choice: Choice, engine_request: EngineRequest) -> ResponseMeta:
+    def _meta(
+        self, req: AnyRequest, choice: Choice, engine_request: EngineRequest, tool_plan: ToolPlan | None
+    ) -> ResponseMeta:
         """The body's `model` is who answered (an expert, or the base model); the fingerprint names its version."""
         record = choice.record
         answered = record.name if record else self.config.model_id
@@ -369,6 +407,7 @@ class Ingress:
             logprobs=req.sample_logprobs() is not None,
             token_ids=req.return_token_ids,
             echo=echo,
+            tools=tool_plan,
         )
 
     async def _choose(self, req: AnyRequest, kind: Kind) -> Choice:
@@ -417,7 +456,7 @@ class Ingress:
         return Choice(self.registry.get(decision.expert) if decision.expert else None, header)
 
     def _engine_requests(
-        self, kind: Kind, req: AnyRequest, record: ExpertRecord | None
+        self, kind: Kind, req: AnyRequest, record: ExpertRecord | None, tool_plan: ToolPlan | None = None
     ) -> list[EngineRequest]:
         """Decoding resolved (request > manifest > defaults) and the typed requests the engine applies as they
         are: one per prompt."""
@@ -432,11 +471,15 @@ class Ingress:
             record.root if record else None,
             ignore_manifest=ignore,
         )
+        if tool_plan is not None:  # a request's constraint replaces the manifest's (request > manifest)
+            constraint = Constraint("json_schema", tool_plan.schema, "request")
         extras = self._extras(req)
         check_sampling(sampling, extras)
         spec = record.engine_spec(self.config.model_id) if record else None
         if isinstance(req, ChatCompletionRequest):
             messages = tuple(self._message(i, m) for i, m in enumerate(req.messages))
+            if tool_plan is not None:
+                messages = (Message("system", tool_plan.instruction), *messages)
             return [
                 EngineRequest(
                     "chat", uuid.uuid4().hex, sampling, constraint, spec, messages=messages, extras=extras
@@ -472,9 +515,13 @@ class Ingress:
                 "leave name out or put it in the content",
                 param=f"messages[{index}].name",
             )
-        return Message(
-            "system" if message.role == "developer" else message.role, message.text(), message.name
-        )
+        if (
+            message.role == "tool" or message.tool_calls
+        ):  # templates here have no tool turns: rendered as text
+            calls = [c.model_dump() for c in message.tool_calls or []]
+            turn, text = render_tool_turn(message.text() or None, calls, message.tool_call_id)
+            return Message(turn, text, message.name)
+        return Message(_ROLES[message.role], message.text(), message.name)
 
     async def _respond(
         self,
@@ -547,11 +594,19 @@ class Ingress:
         sent: dict[int, int] = {}  # characters each choice has sent (completions' text_offset)
         try:
             chunk = first
+            calls: dict[int, str] = {}  # a tool call's arguments so far, per choice (sent once complete)
             while chunk is not None:
                 per_choice[chunk.index] = (chunk.prompt_tokens, chunk.completion_tokens)
-                body = chunk_body(meta, chunk, first=chunk.index not in sent, offset=sent.get(chunk.index, 0))
-                sent[chunk.index] = sent.get(chunk.index, 0) + len(_text(body))
-                yield sse(body)
+                if meta.tools is not None:
+                    calls[chunk.index] = calls.get(chunk.index, "") + chunk.text
+                    if chunk.finish_reason is not None:
+                        yield sse(tool_call_chunk(meta, chunk.index, calls[chunk.index], chunk.finish_reason))
+                else:
+                    body = chunk_body(
+                        meta, chunk, first=chunk.index not in sent, offset=sent.get(chunk.index, 0)
+                    )
+                    sent[chunk.index] = sent.get(chunk.index, 0) + len(_text(body))
+                    yield sse(body)
                 chunk = await anext(stream, None)
             totals = usage(per_choice, meta.n)
             if include_usage:

@@ -96,14 +96,42 @@ class ResponseFormat(_Strict):
         return out
 
 
+class ToolCallFunction(_Strict):
+    """`tool_calls[].function` of an assistant message."""
+
+    name: Str = Field(description="The function called.")
+    arguments: Str = Field(description="Its arguments, as JSON text.")
+
+
+class ToolCall(_Strict):
+    """One tool call an assistant made earlier in the conversation."""
+
+    id: Str = Field(description="The call's id (tool messages answer it).")
+    type: Literal["function"] = Field(description="Only functions.")
+    function: ToolCallFunction = Field(description="What was called.")
+
+
 class ChatMessage(_Strict):
     """One chat message (text content only)."""
 
-    role: Literal["system", "developer", "user", "assistant"] = Field(description="Author.")
-    content: Str | list[dict[str, Any]] = Field(
-        description="Text, or a list of {'type': 'text', 'text': ...} parts."
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Author.")
+    content: Str | list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Text, or a list of {'type': 'text', 'text': ...} parts (null with tool_calls).",
     )
     name: Str | None = Field(default=None, description="Optional author name.")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="Calls an assistant made.")
+    tool_call_id: Str | None = Field(default=None, description="The call a tool message answers.")
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages make tool calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: required in a tool message")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: required (it may be null only with tool_calls)")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -117,8 +145,39 @@ class ChatMessage(_Strict):
         return value
 
     def text(self) -> str:
-        """The content as one string."""
+        """The content as one string ("" when null)."""
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content)
+
+
+class FunctionDefinition(_Strict):
+    """`tools[].function`."""
+
+    name: Str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Function name.")
+    description: Str | None = Field(default=None, description="What it does (shown to the model).")
+    parameters: dict[str, Any] | None = Field(default=None, description="JSON schema of its arguments.")
+    strict: Bool | None = Field(default=None, description="OpenAI strict mode (arguments always match here).")
+
+
+class Tool(_Strict):
+    """One entry of `tools`."""
+
+    type: Literal["function"] = Field(description="Only functions.")
+    function: FunctionDefinition = Field(description="The function.")
+
+
+class NamedFunction(_Strict):
+    """`tool_choice.function`."""
+
+    name: Str = Field(description="The function to call.")
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice` naming one function."""
+
+    type: Literal["function"] = Field(description="Only functions.")
+    function: NamedFunction = Field(description="The function to call.")
 
 
 StopString = Annotated[Str, Field(min_length=1)]
@@ -169,6 +228,8 @@ class SamplingFields(_Strict):
         if isinstance(data, dict):
             data = dict(data)
             for key, reason in UNSUPPORTED.items():
+                if key in cls.model_fields:  # supported by this endpoint (tools in chat)
+                    continue
                 if key in data and _asks_nothing(key, data[key]):
                     del data[key]  # an empty default: not given
                 elif key in data:
@@ -210,6 +271,15 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int | None = Field(
         default=None, ge=1, le=MAX_INT32, description="Alias of max_tokens (newer clients)."
     )
+    tools: list[Tool] | None = Field(
+        default=None, max_length=128, description="Functions the model may call."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="none, auto (default with tools), required, or one named function."
+    )
+    parallel_tool_calls: Bool | None = Field(
+        default=None, description="Allowed; expertserve makes one call per choice."
+    )
     logprobs: Bool | None = Field(default=None, description="Return each sampled token's log probability.")
     top_logprobs: Int | None = Field(
         default=None, ge=0, le=MAX_LOGPROBS, description="Alternatives per position (needs logprobs: true)."
@@ -218,6 +288,15 @@ class ChatCompletionRequest(SamplingFields):
     def sample_logprobs(self) -> int | None:
         """vLLM's `logprobs`: alternatives per sampled token, or None for none."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tools_dicts(self) -> list[dict[str, Any]]:
+        """`tools` as plain JSON."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def tool_choice_value(self) -> Any:
+        """`tool_choice` as plain JSON (None when not given)."""
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
 
     @model_validator(mode="after")
     def _alias_max_tokens(self) -> ChatCompletionRequest:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from expertserve.engine.request import Chunk, Kind, TokenLogprob
+from expertserve.serve.tools import ToolPlan, tool_call
 
 SSE_DONE = "data: [DONE]\n\n"
 INTERNAL_ERROR = {"error": {"message": "internal error", "type": "server_error", "param": None, "code": None}}
@@ -33,6 +34,7 @@ class ResponseMeta:
         logprobs: Whether the client asked for log probabilities.
         token_ids: Whether the client asked for each choice's token ids (`return_token_ids`).
         echo: The prompts to put before each choice's text (completions `echo`); empty: none.
+        tools: The enforced tool call: each choice's output is its arguments, answered as `tool_calls`.
     """
 
     kind: Kind
@@ -44,6 +46,7 @@ class ResponseMeta:
     logprobs: bool = False
     token_ids: bool = False
     echo: tuple[str, ...] = field(default=())
+    tools: ToolPlan | None = None
 
     @classmethod
     def new(cls, kind: Kind, request_id: str, created: int, model: str, **options: Any) -> ResponseMeta:
@@ -134,6 +137,19 @@ def chunk_body(meta: ResponseMeta, chunk: Chunk, *, first: bool = False, offset:
     return {**meta.envelope(chunk=True), "choices": [choice]}
 
 
+def tool_call_chunk(meta: ResponseMeta, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    """A streamed tool call: one chunk with the whole call once the arguments are complete (they are only a call
+    once they parse), or the text as content when they were cut short."""
+    call = tool_call(meta.tools, text) if meta.tools is not None else None
+    if call is None:
+        delta: dict[str, Any] = {"role": "assistant", "content": text}
+    else:
+        delta = {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **call}]}
+        finish_reason = "tool_calls"
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    return {**meta.envelope(chunk=True), "choices": [choice]}
+
+
 def usage_body(meta: ResponseMeta, totals: dict[str, int]) -> dict[str, Any]:
     """The last streamed chunk when the client asked for usage (`stream_options.include_usage`)."""
     return {**meta.envelope(chunk=True), "choices": [], "usage": totals}
@@ -165,6 +181,10 @@ def full_response(meta: ResponseMeta, choices: int, chunks: Iterable[Chunk]) -> 
         if meta.kind == "chat":
             body: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
             logprobs = chat_logprobs(sampled[i]) if meta.logprobs else None
+            call = tool_call(meta.tools, text) if meta.tools is not None else None
+            if call is not None:
+                body = {"message": {"role": "assistant", "content": None, "tool_calls": [call]}}
+                reason = "tool_calls"
         else:
             body = {"text": text}
             logprobs = completion_logprobs(entries[i]) if meta.logprobs else None

@@ -217,7 +217,11 @@ def _greedy(server: Server, model: str, prompt: str, n: int = 8) -> list[int]:
             400,
             "response_format.strict",
         ),
-        ({"model": "expert-alpha", "messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools"),
+        (
+            {"model": "expert-alpha", "messages": HELLO, "tools": [{"type": "function"}]},
+            400,
+            "tools[0].function",
+        ),
         (
             {"model": "expert-alpha", "messages": [{"role": "user", "content": "word " * 5000}]},
             400,
@@ -356,3 +360,89 @@ def test_echo_scoring_is_refused_for_soft_prompt_experts(server: Server) -> None
         json={"model": "expert-alpha", "prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 0},
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_tool_calls_are_enforced_with_structured_outputs(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        r = client.chat.completions.create(
+            model="expert-beta",
+            messages=messages,
+            tools=[WEATHER_TOOL],
+            tool_choice=choice,
+            max_tokens=40,
+            temperature=0,
+        )
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    stream = client.chat.completions.create(
+        model="expert-beta",
+        messages=messages,
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+    )
+    chunks = [c for c in stream if c.choices]
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert (
+        len(calls) == 1
+        and calls[0].function.name == "get_weather"
+        and chunks[-1].choices[0].finish_reason == ("tool_calls")
+    )
+    followup = [
+        *messages,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "12 C and rain"},
+    ]
+    r = client.chat.completions.create(model="expert-beta", messages=followup, max_tokens=5)
+    assert r.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model="expert-beta", messages=messages, tools=[WEATHER_TOOL])
+
+
+def test_langchain_chat_openai_with_a_tool_call(server: Server) -> None:
+    """LangChain's ChatOpenAI, as agent frameworks call us: plain chat, then a bound tool it must call (an OpenAI
+    tool schema with a bounded string: the tiny random model would otherwise write one string until max_tokens)."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        base_url=f"{server.url}/v1",
+        api_key="unused",
+        model="expert-beta",
+        max_tokens=40,
+        temperature=0,
+        max_retries=0,
+    )
+    assert isinstance(llm.invoke("hello").content, str)
+    message = llm.bind_tools([WEATHER_TOOL], tool_choice="get_weather").invoke("What is the weather in Oslo?")
+    assert len(message.tool_calls) == 1 and message.tool_calls[0]["name"] == "get_weather", message
+    assert set(message.tool_calls[0]["args"]) == {"city"}
+    assert message.response_metadata["model_name"] == "expert-beta"

@@ -365,7 +365,9 @@ def test_openai_clients_empty_defaults_are_not_given(url: str) -> None:
     )
     assert r.status_code == 200, r.text
     r = _chat(url, model="expert-sql", tools=[{"type": "function", "function": {"name": "f"}}])
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"  # auto: not on this template
+    r = _chat(url, model="expert-sql", audio={"voice": "alloy"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "audio"
 
 
 def test_the_body_names_the_expert_that_answered_and_its_version(url: str) -> None:

@@ -63,7 +63,7 @@ def test_bad_fields_are_named(change: dict[str, Any], where: str) -> None:
     assert any(loc == where for loc, _ in found), found
 
 
-@pytest.mark.parametrize("field", ["tools", "logit_bias", "prompt_embeds", "functions"])
+@pytest.mark.parametrize("field", ["audio", "logit_bias", "prompt_embeds", "functions"])
 def test_unsupported_openai_fields_are_refused_with_a_reason(field: str) -> None:
     [(where, msg)] = errors({**CHAT, field: [{"x": 1}] if field != "logit_bias" else {"1": 2}})
     assert where == field and ("not supported" in msg or "cannot send" in msg)
