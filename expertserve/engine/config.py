@@ -38,6 +38,10 @@ class EngineConfig(StrictModel):
         description="On CPU, with the Ray that `expertserve serve` starts: keep Ray's processes off the cores vLLM "
         "binds its inference threads to (see expertserve/serve/cpu_affinity.py). No effect on GPU or on a cluster.",
     )
+    engine_metrics: bool = Field(
+        default=True,
+        description="Export vLLM's engine metrics (vllm:* series) through Ray's metrics; /metrics includes them.",
+    )
     in_process: bool = Field(
         default=False,
         description="Run the engine core in the replica's process (starts in seconds; one CPU thread). For tests.",

@@ -66,7 +66,14 @@ class VLLMExpertEngine(ExpertEngine):
                 reserved_loras=1 if use_zero else 0,
             )
         )
-        self.llm = AsyncLLM.from_engine_args(args)
+        loggers = []
+        if config.engine_metrics:
+            # vLLM's engine metrics (KV cache, queue, TTFT, TPOT, prefix cache, LoRA) as Ray metrics, the way Ray
+            # Serve LLM exports them: the ingress's /metrics gathers them from Ray's metrics endpoints.
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            loggers.append(RayPrometheusStatLogger)
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=loggers or None)
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = self.llm.model_config.max_model_len
         self.vocab_size = self.llm.model_config.get_vocab_size()

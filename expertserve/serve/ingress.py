@@ -41,6 +41,7 @@ from expertserve.manifest.status import RuntimeContext, field_statuses
 from expertserve.registry import ExpertRecord, Registry
 from expertserve.serve.body import parse_body
 from expertserve.serve.config import ServeConfig
+from expertserve.serve.engine_metrics import EngineMetrics
 from expertserve.serve.errors import RequestError, client_error
 from expertserve.serve.expert_checks import ServingContext, expert_problems, xgrammar_compiler
 from expertserve.serve.health import EngineHealth
@@ -129,6 +130,7 @@ class Ingress:
         self.defaults = load_defaults(Path(config.decoding_defaults) if config.decoding_defaults else None)
         self.metrics = Metrics()
         self.health = EngineHealth(_app_name())
+        self.engine_metrics = EngineMetrics()
         self.experts = Experts(Registry(), None)
         self.embedder = None
         if config.routing.enabled:
@@ -241,7 +243,9 @@ class Ingress:
 
     @app.get("/metrics")
     async def route_metrics(self) -> PlainTextResponse:
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        """Ours, then vLLM's engine series from Ray's metrics (see serve/engine_metrics.py)."""
+        text = self.metrics.render().decode() + await self.engine_metrics.text()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # ---- experts -------------------------------------------------------------------------------------------
 

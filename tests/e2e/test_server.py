@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import TINY_ID, Server
+from tests.helpers import REPO
 from tests.reference import reference_greedy
 
 pytestmark = pytest.mark.slow
@@ -446,3 +447,28 @@ def test_langchain_chat_openai_with_a_tool_call(server: Server) -> None:
     assert len(message.tool_calls) == 1 and message.tool_calls[0]["name"] == "get_weather", message
     assert set(message.tool_calls[0]["args"]) == {"city"}
     assert message.response_metadata["model_name"] == "expert-beta"
+
+
+def test_metrics_include_vllms_engine_series(server: Server) -> None:
+    """vLLM's engine metrics (through Ray's metrics, labelled by engine replica) appear in /metrics, and every
+    vLLM series the Grafana dashboard reads is among them."""
+    import re
+    import time
+
+    httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=120,
+        json={"model": "expert-beta", "messages": HELLO, "max_tokens": 2},
+    )
+    deadline = time.monotonic() + 60  # Ray exports its metrics every few seconds
+    text = ""
+    while time.monotonic() < deadline and "ray_vllm_time_to_first_token_seconds_bucket" not in text:
+        time.sleep(2)
+        text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_vllm_")}
+    assert "ray_vllm_num_requests_running" in names and "ray_vllm_kv_cache_usage_perc" in names, sorted(names)
+    assert re.search(r'ray_vllm_num_requests_running\{[^}]*ReplicaId="', text)
+    dashboard = (REPO / "k8s" / "grafana-dashboard.json").read_text()
+    # Prefix-cache series exist only where prefix caching is on (not on this server).
+    wanted = {n for n in re.findall(r"ray_vllm_\w+", dashboard) if "prefix_cache" not in n}
+    assert wanted <= names, sorted(wanted - names)
