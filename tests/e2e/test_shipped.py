@@ -107,3 +107,110 @@ def test_auto_routes_to_the_expert_or_falls_back_to_the_base_model(default_serve
         line for line in metrics.splitlines() if line.startswith("expertserve_route_decision_seconds_count")
     )
     assert float(decisions.split()[-1]) >= 2
+
+
+LM_EVAL_TASKS = """\
+task: expertserve_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/multiple_choice.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+---
+task: expertserve_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/generation.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 8
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: true
+    regexes_to_ignore: ["^ +", " +$"]
+"""
+
+
+def _lm_eval(url: str, model: str, tasks_dir: Path) -> dict:
+    """lm-evaluation-harness's `local-completions` client against the server (loglikelihood needs echo +
+    logprobs; generation a plain completion)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from expertserve.models import offline
+
+    args = (
+        f"model={model},base_url={url}/v1/completions,num_concurrent=1,max_retries=1,"
+        f"tokenized_requests=False,tokenizer={offline.prepared_model_dir()},tokenizer_backend=huggingface"
+    )
+    return simple_evaluate(
+        model="local-completions",
+        model_args=args,
+        tasks=["expertserve_mc", "expertserve_gen"],
+        task_manager=TaskManager(include_path=str(tasks_dir)),
+        log_samples=True,
+    )
+
+
+def test_lm_eval_harness_scores_base_and_expert(default_server: str, tmp_path: Path) -> None:
+    """lm-eval runs a multiple-choice (loglikelihood) and a generation task for the base model and an expert;
+    the base model's loglikelihoods equal vLLM's offline engine on the same prompts within 1e-3."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    data = REPO / "tests" / "lm_eval"
+    for i, doc in enumerate(LM_EVAL_TASKS.split("---\n")):
+        (tmp_path / f"task{i}.yaml").write_text(doc.format(data=data))
+    scores = {}
+    for model in (BASE, "expert-sql"):  # expert-json has a soft prompt: no prompt logprobs (README)
+        results = _lm_eval(default_server, model, tmp_path)
+        scores[model] = (
+            results["results"]["expertserve_mc"]["acc,none"],
+            results["results"]["expertserve_gen"]["exact_match,none"],
+        )
+        if model == BASE:
+            samples = results["samples"]["expertserve_mc"]
+    print(f"\nlm-eval (local-completions): {scores}")
+    assert all(0 <= acc <= 1 and 0 <= em <= 1 for acc, em in scores.values())
+    assert scores[BASE][0] > 0.25, "the base model beats chance on its easiest questions"
+
+    from vllm import SamplingParams
+
+    from expertserve.engine.batch import BatchEngine
+    from expertserve.models import offline
+
+    # (context, continuation, the server's loglikelihood) of the first questions' choices.
+    pairs = [(a[0], a[1], r[0][0]) for s in samples for a, r in zip(s["arguments"], s["resps"], strict=True)][
+        :8
+    ]
+    engine = BatchEngine(offline.prepared_model_dir())
+    try:
+        tok = engine.tokenizer
+        worst = 0.0
+        for context, continuation, served in pairs:
+            ctx = tok(context)["input_ids"]
+            full = tok(context + continuation)["input_ids"]
+            out = engine.llm.generate(
+                [{"prompt_token_ids": full}], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False
+            )[0]
+            offline_ll = sum(out.prompt_logprobs[i][full[i]].logprob for i in range(len(ctx), len(full)))
+            worst = max(worst, abs(offline_ll - served))
+    finally:
+        engine.close()
+    assert worst < 1e-3, worst
