@@ -95,7 +95,11 @@ def test_auto_routes_to_the_expert_or_falls_back_to_the_base_model(default_serve
     r = chat(default_server, "auto", SQL_QUESTION, temperature=0.0)
     assert r.headers["x-expertserve-expert"] == "expert-sql"
     route = r.headers["x-expertserve-route"]
-    assert route.startswith("method=") and "confidence=" in route and route.endswith("expert=expert-sql")
+    assert (
+        route.startswith("requested=auto; method=")
+        and "confidence=" in route
+        and route.endswith("expert=expert-sql")
+    )
     assert float(route.split("ms=")[1].split(";")[0]) > 0
     assert "temperature=0.0 (request)" in r.headers["x-expertserve-decoding"]
     r = chat(default_server, "auto", "Tell me a joke about cats.", max_tokens=8)
