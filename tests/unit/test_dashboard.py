@@ -32,7 +32,7 @@ def _vllms() -> set[str]:
 
 
 def test_the_dashboard_names_only_exported_series() -> None:
-    dashboard = json.loads((REPO / "k8s" / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((REPO / "k8s" / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {name for e in exprs for name in re.findall(r"\b(expertserve_\w+|ray_vllm_\w+)", e)}
     assert used and used <= _ours() | _vllms(), sorted(used - _ours() - _vllms())
@@ -41,7 +41,7 @@ def test_the_dashboard_names_only_exported_series() -> None:
 
 
 def test_the_scrape_config_targets_the_serve_service_port() -> None:
-    config = yaml.safe_load((REPO / "k8s" / "prometheus-scrape.yaml").read_text())
+    config = yaml.safe_load((REPO / "k8s" / "monitoring" / "prometheus-scrape.yaml").read_text())
     job = config["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics"
     keeps = {r["regex"] for r in job["relabel_configs"]}
