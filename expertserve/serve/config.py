@@ -175,12 +175,16 @@ _NOT_SERVER = {
 
 
 def env_values(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The server settings given as `EXPERTSERVE_*` environment variables, as a nested dict."""
+    """The server settings given as `EXPERTSERVE_*` environment variables, as a nested dict. Only variables whose
+    first part names a server setting count (`EXPERTSERVE_CLUSTER_DIR`, `EXPERTSERVE_HOME` ... belong to other
+    tools); inside a section every key is checked like the file's."""
     out: dict[str, Any] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name in _NOT_SERVER:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in ServeConfig.model_fields:
+            continue
         target = out
         for part in path[:-1]:
             target = target.setdefault(part, {})

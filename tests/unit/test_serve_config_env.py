@@ -67,3 +67,10 @@ def test_a_wrong_secret_is_named_but_never_shown() -> None:
     assert (
         "api_keys[1]" in str(info.value) and "s3cret" not in str(info.value) and "5)" not in str(info.value)
     )
+
+
+def test_other_tools_variables_are_not_server_settings() -> None:
+    env = {"EXPERTSERVE_CLUSTER_DIR": "/tmp/x", "EXPERTSERVE_HOME": "/h", "EXPERTSERVE_ENGINE__DTPYE": "x"}
+    assert env_values(env) == {"engine": {"dtpye": "x"}}
+    with pytest.raises(ConfigError, match="engine.dtpye: unknown setting"):
+        ServeConfig.load(environ=env)
