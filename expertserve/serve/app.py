@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from expertserve.engine.args import lora_rank_slot
 from expertserve.engine.config import EngineSettings
 from expertserve.serve.config import ServeConfig
 
@@ -23,7 +24,7 @@ def resolve_settings(config: ServeConfig) -> tuple[EngineSettings, list[str]]:
     dirs = config.experts_dirs if config.experts_dirs is not None else default_expert_roots()
     roots = [str(Path(d).resolve()) for d in dirs]
     registry = Registry.scan(roots)
-    rank = config.engine.max_lora_rank or max(8, registry.max_lora_rank(config.model_id))
+    rank = config.engine.max_lora_rank or lora_rank_slot(registry.max_lora_rank(config.model_id))
     wants_cache = any(
         r.manifest.runtime and r.manifest.runtime.requires_kv_cache_persistence for r in registry
     )

@@ -164,14 +164,6 @@ def config_problems(error: ValidationError) -> list[str]:
 ENV_PREFIX = "EXPERTSERVE_"
 # Never echoed in messages or logs.
 SECRET_SETTINGS = {"api_keys", "admin_key"}
-# Process settings of other parts that share the prefix (not server settings).
-_NOT_SERVER = {
-    "EXPERTSERVE_HOME",
-    "EXPERTSERVE_INSTALL_DIR",
-    "EXPERTSERVE_DEBUG",
-    "EXPERTSERVE_WATCHDOG",
-    "EXPERTSERVE_VLLM_PATCHES",
-}
 
 
 def env_values(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -180,7 +172,7 @@ def env_values(environ: Mapping[str, str]) -> dict[str, Any]:
     tools); inside a section every key is checked like the file's."""
     out: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in _NOT_SERVER:
+        if not name.startswith(ENV_PREFIX):
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         if path[0] not in ServeConfig.model_fields:
