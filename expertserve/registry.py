@@ -12,12 +12,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from expertserve.engine.request import ExpertSpec
 from expertserve.errors import ExpertNotFound, ExpertNotServable, ManifestError, RegistryError
 from expertserve.manifest.files import check_files
 from expertserve.manifest.load import MANIFEST_FILE, LoadedManifest, load_manifest
 from expertserve.manifest.model import Adapter, Decoding, ExpertManifest, Routing, SoftPrompt
+from expertserve.packaging.archive import read_provenance
 
 SERVABLE_ADAPTERS = frozenset({"lora"})
 
@@ -116,6 +118,21 @@ class ExpertRecord:
                 f"{path.relative_to(self.root)}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}\n".encode()
             )
         return digest.hexdigest()
+
+    @cached_property
+    def provenance(self) -> dict[str, Any] | None:
+        """Where an installed expert came from (`.provenance.json`: package, its hash, signer); None for an expert
+        directory that was not installed from a package."""
+        return read_provenance(self.root)
+
+    @property
+    def source(self) -> str:
+        """One phrase for reports: a local directory, or the package and who signed it."""
+        if self.provenance is None:
+            return f"local directory {self.root}"
+        signer = self.provenance.get("signer")
+        signed = f"signed by {signer}" if signer else "unsigned"
+        return f"package {self.provenance.get('package')} ({signed})"
 
     def engine_spec(self, base_model: str, aliases: Iterable[str] = ()) -> ExpertSpec:
         """What an engine needs to load this expert for `base_model`.
@@ -274,6 +291,30 @@ class Registry:
         """Latest versions a vLLM server running `base_model` can serve."""
         aliases = tuple(aliases)
         return [r for r in self if r.unservable_reason(base_model, aliases) is None]
+
+    def shadowing(self) -> list[str]:
+        """One warning per expert whose versions come from several roots or signers: the latest servable version
+        takes all of the name's traffic, so an installed package can take an expert over from another source."""
+        warnings = []
+        for name in self.names():
+            versions = self._by_name[name]
+            sources = {
+                (r.origin, (r.provenance or {}).get("signer") if r.provenance else "local")
+                for r in versions.values()
+            }
+            if len(sources) < 2:
+                continue
+            answering = self.get(name)
+            others = ", ".join(
+                f"{v} from {versions[v].origin}: {versions[v].source}"
+                for v in self.versions(name)
+                if v != answering.version
+            )
+            warnings.append(
+                f"{name} {answering.version} from {answering.origin} ({answering.source}) shadows {others}; "
+                f"it takes every request for {name}"
+            )
+        return warnings
 
     def max_lora_rank(self, base_model: str, aliases: Iterable[str] = ()) -> int:
         """The largest LoRA rank among servable experts (what the engine must be sized for); 0 if none."""

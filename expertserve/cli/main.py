@@ -81,6 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="install directory (default: $EXPERTSERVE_INSTALL_DIR or ~/.cache/expertserve/experts)",
     )
     p.add_argument("--public-key", metavar="KEY", help="require a signature by this key")
+    p.add_argument(
+        "--trusted-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a trusted signer (64 hex characters or a .pub file; repeatable; also $EXPERTSERVE_TRUSTED_KEYS "
+        "and the server config's trusted_keys)",
+    )
+    p.add_argument(
+        "--allow-untrusted",
+        action="store_true",
+        help="install a package that no trusted key signed (unsigned included); refused otherwise",
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="server config whose trusted_keys and experts_dirs count too"
+    )
     p.add_argument("--force", action="store_true", help="replace an installed copy of the same version")
     p.set_defaults(handler="expertserve.cli.packages:run_install")
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from expertserve.cli.common import EXIT_FAIL, EXIT_OK, UsageError
 from expertserve.models.offline import DEFAULT_MODEL
 from expertserve.packaging import archive, signing
+from expertserve.packaging.trust import TrustPolicy
 from expertserve.registry import Registry
-from expertserve.settings import install_dir
+from expertserve.serve.config import ServeConfig
+from expertserve.settings import default_expert_roots, install_dir
 
 
 def run_package(args: Any) -> int:
@@ -31,6 +34,7 @@ def run_verify(args: Any) -> int:
     """Checks a package; exit 1 when any check fails."""
     key = signing.read_public_key(args.public_key) if args.public_key else None
     info = archive.verify_package(Path(args.file), public_key=key)
+    trusted = TrustPolicy.build().trusts(info.signer)
     if args.json:
         print(
             json.dumps(
@@ -41,23 +45,44 @@ def run_verify(args: Any) -> int:
                     "files": info.files,
                     "signer": info.signer,
                     "signed_at": info.signed_at,
+                    "trusted": trusted,
+                    "sha256": info.sha256,
                 },
                 indent=2,
             )
         )
     else:
         signed = f"signature OK, signed by {info.signer} at {info.signed_at}" if info.signer else "unsigned"
+        trust = "a trusted key" if trusted else "not a trusted key ($EXPERTSERVE_TRUSTED_KEYS)"
         print(
-            f"{args.file}: {info.name} {info.version}: {len(info.files)} files, every SHA-256 matches; {signed}"
+            f"{args.file}: {info.name} {info.version}: {len(info.files)} files, every SHA-256 matches; {signed}; "
+            f"{trust}"
         )
     return EXIT_OK
 
 
 def run_install(args: Any) -> int:
-    """Verifies and installs a package."""
+    """Verifies a package, checks its signer against the trust policy and installs it; warns when the expert
+    shadows one from another root or signer."""
     key = signing.read_public_key(args.public_key) if args.public_key else None
-    target = archive.install_package(Path(args.file), install_dir(args.dir), public_key=key, force=args.force)
-    print(f"installed {args.file} at {target}")
+    config = ServeConfig.load(args.config) if args.config else None
+    policy = TrustPolicy.build(
+        [*args.trusted_key, *(config.trusted_keys if config else [])],
+        allow_untrusted=args.allow_untrusted or bool(config and config.allow_untrusted),
+    )
+    root = install_dir(args.dir)
+    target = archive.install_package(Path(args.file), root, public_key=key, policy=policy, force=args.force)
+    provenance = archive.read_provenance(target) or {}
+    signer = provenance.get("signer")
+    trust = "signed by a trusted key" if policy.trusts(signer) else "NOT signed by a trusted key (allowed)"
+    print(f"installed {args.file} at {target} ({trust})")
+    roots = (
+        [Path(d) for d in config.experts_dirs] if config and config.experts_dirs else default_expert_roots()
+    )
+    registry = Registry.scan([*[r for r in roots if r.resolve() != root.resolve()], root])
+    for warning in registry.shadowing():
+        if target.parent.name in warning:
+            print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

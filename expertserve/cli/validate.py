@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from expertserve.cli.common import EXIT_FAIL, EXIT_OK, UsageError
-from expertserve.errors import ManifestError, PackageError
+from expertserve.errors import ExpertserveError, ManifestError, PackageError
 from expertserve.manifest.files import check_files, file_refs
 from expertserve.manifest.load import MANIFEST_FILE, LoadedManifest, load_manifest
 from expertserve.manifest.status import RuntimeContext, field_statuses
 from expertserve.models.offline import DEFAULT_MODEL
 from expertserve.packaging.archive import SUFFIX, extract_verified
+from expertserve.packaging.trust import TrustPolicy
 from expertserve.registry import ExpertRecord
 
 VALUE_WIDTH = 60
@@ -57,7 +58,18 @@ def expand_targets(paths: list[Path]) -> list[Path]:
 
 
 def validate_path(path: Path, *, strict: bool, ctx: RuntimeContext) -> dict[str, Any]:
-    """The report for one expert directory, manifest file or package."""
+    """The report for one expert directory, manifest file or package; every failure is a report (`--json` always
+    prints one object)."""
+    kind = "package" if path.name.endswith(SUFFIX) else "directory" if path.is_dir() else "manifest"
+    try:
+        return _validate_path(path, strict=strict, ctx=ctx)
+    except (ExpertserveError, OSError, UnicodeDecodeError) as e:
+        return _failed(path, kind, [str(e)])
+    except Exception as e:  # a bug of ours: still one report, never a half-printed JSON document
+        return _failed(path, kind, [f"internal error: {type(e).__name__}: {e}"])
+
+
+def _validate_path(path: Path, *, strict: bool, ctx: RuntimeContext) -> dict[str, Any]:
     if path.is_file() and path.name.endswith(SUFFIX):
         with tempfile.TemporaryDirectory(prefix="expertserve-validate-") as scratch:
             try:
@@ -65,7 +77,12 @@ def validate_path(path: Path, *, strict: bool, ctx: RuntimeContext) -> dict[str,
             except PackageError as e:
                 return _failed(path, "package", [str(e)])
             report = _report(path, "package", load_manifest(tree), strict=strict, ctx=ctx, datasets=False)
-            report["package"] = {"files": len(info.files), "signer": info.signer}
+            report["package"] = {
+                "files": len(info.files),
+                "signer": info.signer,
+                "signed_at": info.signed_at,
+                "trusted": TrustPolicy.build().trusts(info.signer),
+            }
             return report
     kind = "directory" if path.is_dir() else "manifest"
     try:

@@ -177,7 +177,10 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             raise ValueError("not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise ValueError("not a safetensors file (header is not an object)")
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise ValueError("not a safetensors file (a tensor entry lacks integer data_offsets)") from None
     if 8 + n + end > size:
         raise ValueError("truncated safetensors file (data ends past the end of the file)")
     return header
@@ -193,10 +196,11 @@ def soft_prompt_shape(path: Path) -> tuple[int, int]:
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     if list(tensors) != [SOFT_PROMPT_TENSOR]:
         raise ValueError(f"expected one tensor named {SOFT_PROMPT_TENSOR!r}, found {sorted(tensors)}")
-    shape = tensors[SOFT_PROMPT_TENSOR]["shape"]
-    if len(shape) != 2:
-        raise ValueError(f"expected a [tokens, hidden] tensor, got shape {shape}")
-    return int(shape[0]), int(shape[1])
+    entry = tensors[SOFT_PROMPT_TENSOR]
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int and d > 0 for d in shape):
+        raise ValueError(f"expected a [tokens, hidden] tensor of positive sizes, got shape {shape!r}")
+    return shape[0], shape[1]
 
 
 def sha256_file(path: Path) -> str:

@@ -402,6 +402,27 @@ class TrainingConfig(StrictModel):
         return self
 
 
+class ManifestTool(StrictModel):
+    """expertserve extension: a function the expert calls by default (OpenAI's `tools[].function`, flat)."""
+
+    name: Str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Function name (OpenAI's rules).")
+    description: Str | None = Field(default=None, description="What the function does (shown to the model).")
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"},
+        description="JSON schema of the arguments; enforced with structured outputs when the tool is called.",
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any]) -> dict[str, Any]:
+        kind = v.get("type", "object")
+        if kind != "object":
+            raise ValueError(
+                f"expected a JSON schema of type 'object' (function arguments), got type {kind!r}"
+            )
+        return v
+
+
 class Decoding(StrictModel):
     """Default decoding of the expert. Requests override it; it overrides the server defaults."""
 
@@ -449,6 +470,18 @@ class Decoding(StrictModel):
         default=None, ge=1, description="expertserve extension: default output cap."
     )
 
+    tools: list[ManifestTool] | None = Field(
+        default=None,
+        min_length=1,
+        description="expertserve extension: functions the expert's chat requests may call when the request "
+        "sends no `tools` (request > manifest).",
+    )
+    tool_choice: Str | None = Field(
+        default=None,
+        description="expertserve extension: 'none', 'required', 'auto' or a function name from `tools`; used "
+        "when the request sends no `tool_choice`. Required with `tools`.",
+    )
+
     @field_validator("grammar_file", "json_schema_file")
     @classmethod
     def _inside(cls, v: str | None) -> str | None:
@@ -463,9 +496,28 @@ class Decoding(StrictModel):
             raise ValueError(
                 f"{given[1]}: {' and '.join(given)} are both set; an expert has one output constraint"
             )
+        self._tool_rules()
         if self.validation_cmd is not None and self.validation in (None, "none"):
             raise ValueError("validation_cmd: set, but validation is unset or 'none'")
         return self
+
+    def _tool_rules(self) -> None:
+        names = [t.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"tools: function {dup!r} is declared twice")
+        if self.tools and self.tool_choice is None:
+            raise ValueError(
+                "tool_choice: required when tools are declared ('none', 'required', 'auto' or one of: "
+                f"{', '.join(names)})"
+            )
+        if self.tool_choice is not None and self.tool_choice not in ("none", "auto", "required", *names):
+            raise ValueError(
+                f"tool_choice: expected 'none', 'required', 'auto' or a function in tools "
+                f"({', '.join(names) or 'none declared'}), got {self.tool_choice!r}"
+            )
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError(f"tool_choice: {self.tool_choice!r} needs tools")
 
     @property
     def grammar_enabled(self) -> bool:

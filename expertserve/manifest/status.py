@@ -157,6 +157,19 @@ def _grammar_type(value: str, ctx: RuntimeContext) -> Verdict:
     )
 
 
+def _tool_choice(value: str, ctx: RuntimeContext) -> Verdict:
+    if value == "auto":
+        return NotApplicable(
+            "'auto' lets the model decide whether to call, which needs a chat template with tools and a "
+            "tool-call parser for its family; expertserve ships neither, so requests relying on it get a 400: "
+            "use 'required' or a function name"
+        )
+    if value == "none":
+        return SERVE("no call unless the request asks for one")
+    what = "one of tools" if value == "required" else f"function {value!r}"
+    return SERVE(f"chat requests without tool_choice call {what} (request > manifest)")
+
+
 def _method(value: str, ctx: RuntimeContext) -> Verdict:
     if value == "sft":
         return TRAIN("supervised fine-tuning on chat examples (loss on the answer tokens)")
@@ -406,6 +419,12 @@ RULES: dict[str, Rule] = {
         "default frequency_penalty (request > manifest > server)"
     ),
     "training.decoding.max_tokens": SERVE_EVAL("default max_tokens (request > manifest > server)"),
+    "training.decoding.tools[].name": SERVE(
+        "a default tool of chat requests (request > manifest): the function's name in tool_calls"
+    ),
+    "training.decoding.tools[].description": SERVE("shown to the model in the tool-call instruction"),
+    "training.decoding.tools[].parameters": SERVE("arguments schema enforced with structured outputs"),
+    "training.decoding.tool_choice": _tool_choice,
     # Training record
     "training.trained_on": META,
     "training.base_model_version": META,

@@ -1,12 +1,15 @@
 """Building, verifying and installing `.expert` packages (tar.gz).
 
 A package holds `manifest.json`, the files the manifest names (adapter, soft prompts, grammar, JSON
-schema; datasets stay out), `CHECKSUMS.sha256` (the SHA-256 of every other file) and, when signed,
-`signature.json` (Ed25519 over the checksum list).
+schema; datasets stay out), an optional `README.md`, `CHECKSUMS.sha256` (the SHA-256 of every other file) and,
+when signed, `signature.json` (a DSSE envelope whose signed statement names the expert, its version, the SHA-256
+of the checksum list and the signing time: everything `verify` shows).
 
-Verifying and installing share one path: members are extracted into a fresh directory inside the target
-while they are hashed, checked (names, types, sizes, checksums, signature, manifest, referenced files), and
-only then renamed into place. Nothing is written outside the target and a bad package leaves nothing behind.
+Verifying and installing share one path. First the compressed stream is read once without writing anything,
+and its tar headers are checked against `Limits` (members, member size, total size, compression ratio, header
+size), so a bomb is refused before a byte reaches the disk. Then members are extracted into a fresh directory
+inside the target while they are hashed, checked (names, types, checksums, signature, manifest, files the
+manifest names and nothing else), and only then renamed into place. A bad package leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -23,20 +26,45 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from expertserve.errors import ExpertserveError, PackageError, SignatureError
 from expertserve.manifest.files import adapter_files, check_files, file_refs
 from expertserve.manifest.load import MANIFEST_FILE, LoadedManifest, load_manifest
 from expertserve.packaging import signing
+from expertserve.packaging.trust import TrustPolicy
 
 SUFFIX = ".expert"
 CHECKSUMS = "CHECKSUMS.sha256"
 SIGNATURE = "signature.json"
 README = "README.md"
-MAX_TOTAL_BYTES = 4 * 2**30
-MAX_MEMBERS = 10_000
+PROVENANCE = ".provenance.json"
 # Fixed metadata so the same expert always packs to the same bytes.
 _MTIME = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a package may unpack to; enforced while streaming, before anything is written.
+
+    Attributes:
+        members: Most entries (files and directories).
+        member_bytes: Largest file.
+        total_bytes: Most bytes in all files together.
+        ratio: Most uncompressed bytes per compressed byte, once past `ratio_floor` bytes (gzip bombs).
+        ratio_floor: Uncompressed bytes below which the ratio is not checked (tiny packages compress well).
+        header_bytes: Largest extended header (PAX records, GNU long names).
+    """
+
+    members: int = 256
+    member_bytes: int = 2 * 2**30
+    total_bytes: int = 4 * 2**30
+    ratio: int = 200
+    ratio_floor: int = 16 * 2**20
+    header_bytes: int = 64 * 2**10
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -48,7 +76,8 @@ class PackageInfo:
         version: Expert version.
         files: Member paths with their SHA-256, checksum list and signature excluded.
         signer: Hex public key of the signer, or None for an unsigned package.
-        signed_at: Signing time from signature.json, when signed.
+        signed_at: Signing time from the signed statement, when signed.
+        sha256: SHA-256 of the package file.
     """
 
     name: str
@@ -56,6 +85,7 @@ class PackageInfo:
     files: dict[str, str]
     signer: str | None
     signed_at: str | None
+    sha256: str = ""
 
 
 def package_name(name: str, version: str) -> str:
@@ -107,14 +137,14 @@ def build_package(expert_dir: Path, out_dir: Path, *, sign_key: Path | None = No
     )
     members[CHECKSUMS] = checksums.encode()
     if key is not None:
-        sig = {
-            "algorithm": "ed25519",
-            "public_key": signing.public_hex(key),
-            "signature": signing.sign(key, members[CHECKSUMS]),
-            "timestamp": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-            "signed_file": CHECKSUMS,
+        statement = {
+            "name": loaded.manifest.name,
+            "version": loaded.manifest.version,
+            "checksums_sha256": hashlib.sha256(members[CHECKSUMS]).hexdigest(),
+            "signed_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         }
-        members[SIGNATURE] = (json.dumps(sig, indent=2) + "\n").encode()
+        envelope = signing.sign_statement(key, statement)
+        members[SIGNATURE] = (json.dumps(envelope, indent=2) + "\n").encode()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / package_name(loaded.manifest.name, loaded.manifest.version)
@@ -137,7 +167,9 @@ def build_package(expert_dir: Path, out_dir: Path, *, sign_key: Path | None = No
     return target
 
 
-def verify_package(path: Path, *, public_key: str | None = None) -> PackageInfo:
+def verify_package(
+    path: Path, *, public_key: str | None = None, limits: Limits = DEFAULT_LIMITS
+) -> PackageInfo:
     """Checks every hash, the signature (if any, or required by `public_key`) and the manifest.
 
     Raises:
@@ -145,27 +177,47 @@ def verify_package(path: Path, *, public_key: str | None = None) -> PackageInfo:
         SignatureError: Bad signature, or not signed by `public_key`.
     """
     with tempfile.TemporaryDirectory(prefix="expertserve-verify-") as scratch:
-        info, _ = extract_verified(path, Path(scratch) / "x", public_key)
+        info, _ = extract_verified(path, Path(scratch) / "x", public_key, limits=limits)
     return info
 
 
 def install_package(
-    path: Path, install_root: Path, *, public_key: str | None = None, force: bool = False
+    path: Path,
+    install_root: Path,
+    *,
+    public_key: str | None = None,
+    force: bool = False,
+    policy: TrustPolicy | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Path:
     """Verifies a package and installs it as `<install_root>/<name>/<version>/`; returns that directory.
 
+    The installed directory records where it came from in `.provenance.json` (package hash, signer, time), which
+    the server's trust policy reads.
+
     Raises:
         PackageError: As `verify_package`, or the version is installed already and `force` is false.
+        SignatureError: `policy` refuses the package's signer.
     """
     install_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".installing-", dir=install_root))
     try:
-        info, tree = extract_verified(path, staging / "tree", public_key)
+        info, tree = extract_verified(path, staging / "tree", public_key, limits=limits)
+        if policy is not None:
+            policy.check(info.signer, f"{path}: {info.name} {info.version}")
         target = install_root / info.name / info.version
         if target.exists() and not force:
             raise PackageError(
                 f"{info.name} {info.version} is already installed at {target} (pass --force to replace it)"
             )
+        provenance = {
+            "package": path.name,
+            "package_sha256": info.sha256,
+            "signer": info.signer,
+            "signed_at": info.signed_at,
+            "installed_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        }
+        (tree / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             old = staging / "old"
@@ -176,8 +228,20 @@ def install_package(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def extract_verified(path: Path, dest: Path, public_key: str | None = None) -> tuple[PackageInfo, Path]:
-    """Extracts `path` into the new directory `dest`, hashing as it goes, then runs every check.
+def read_provenance(expert_dir: Path) -> dict[str, Any] | None:
+    """The `.provenance.json` of an installed expert (None: not installed from a package, or unreadable)."""
+    try:
+        data = json.loads((expert_dir / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def extract_verified(
+    path: Path, dest: Path, public_key: str | None = None, *, limits: Limits = DEFAULT_LIMITS
+) -> tuple[PackageInfo, Path]:
+    """Checks the package's headers against `limits`, extracts it into the new directory `dest`, hashing as it
+    goes, then runs every check.
 
     The caller owns `dest` and removes it when a check fails.
 
@@ -186,30 +250,15 @@ def extract_verified(path: Path, dest: Path, public_key: str | None = None) -> t
     """
     if not path.is_file():
         raise PackageError(f"{path}: package file not found")
-    dest.mkdir(parents=True)
-    digests: dict[str, str] = {}
     try:
-        with tarfile.open(path, mode="r:gz") as tar:
-            total = 0
-            for count, member in enumerate(tar, start=1):
-                if count > MAX_MEMBERS:
-                    raise PackageError(f"{path}: more than {MAX_MEMBERS} entries")
-                rel = _safe_member_name(path, member)
-                if member.isdir():
-                    continue
-                total += member.size
-                if total > MAX_TOTAL_BYTES:
-                    raise PackageError(f"{path}: unpacks to more than {MAX_TOTAL_BYTES} bytes")
-                if rel in digests:
-                    raise PackageError(f"{path}: entry {rel!r} appears twice")
-                digests[rel] = _write_member(tar, member, dest / rel)
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        package_sha256 = _prescan(path, limits)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise PackageError(f"{path}: truncated or corrupt package ({type(e).__name__}: {e})") from None
     except OSError as e:
-        raise PackageError(f"{path}: cannot unpack: {e}") from None
-
+        raise PackageError(f"{path}: cannot read: {e}") from None
+    dest.mkdir(parents=True)
+    digests = _extract(path, dest)
     checksums = _read_checksums(path, dest, digests)
-    signer, signed_at = _check_signature(path, dest, digests, public_key)
     for rel, want in checksums.items():
         if rel not in digests:
             raise PackageError(f"{path}: {rel} is listed in {CHECKSUMS} but missing from the package")
@@ -224,14 +273,148 @@ def extract_verified(path: Path, dest: Path, public_key: str | None = None) -> t
         loaded = load_manifest(dest)
     except ExpertserveError as e:
         raise PackageError(f"{path}: {e}") from None
+    _check_only_named_files(path, loaded, set(digests))
+    signer, signed_at = _check_signature(path, dest, digests, loaded, public_key)
     problems = check_files(loaded.manifest, dest, datasets=False)
     if problems:
         raise PackageError(
             f"{path}: files the manifest names are missing or malformed:\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
-    info = PackageInfo(loaded.manifest.name, loaded.manifest.version, checksums, signer, signed_at)
+    info = PackageInfo(
+        loaded.manifest.name, loaded.manifest.version, checksums, signer, signed_at, package_sha256
+    )
     return info, dest
+
+
+# Tar header fields (POSIX ustar): name, size and type; extended headers carry long names and sizes.
+_BLOCK = 512
+_EXTENDED = {b"x", b"g", b"L", b"K"}
+
+
+def _prescan(path: Path, limits: Limits) -> str:
+    """Reads the whole decompressed stream once, writing nothing, and refuses it at the first header that breaks a
+    limit; returns the SHA-256 of the package file.
+
+    Raises:
+        PackageError: A limit is broken (named, with the member).
+    """
+    compressed = path.stat().st_size
+    whole = hashlib.sha256()
+    with path.open("rb") as raw:
+        for chunk in iter(lambda: raw.read(1 << 20), b""):
+            whole.update(chunk)
+    total = members = 0
+    pax_size: int | None = None
+    with gzip.open(path, "rb") as stream:
+
+        def read(n: int, what: str) -> bytes:
+            nonlocal total
+            data = stream.read(n)
+            total += len(data)
+            if total > limits.ratio_floor and total > limits.ratio * compressed:
+                raise PackageError(
+                    f"{path}: {what}: unpacks to more than {limits.ratio} times its compressed size "
+                    f"({compressed} bytes); refused as a compression bomb"
+                )
+            if len(data) != n:
+                raise PackageError(f"{path}: truncated package (a tar entry ends early at {what})")
+            return data
+
+        while True:
+            header = stream.read(_BLOCK)
+            total += len(header)
+            if len(header) < _BLOCK or header == bytes(_BLOCK):
+                break
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace") or "(no name)"
+            kind, size = header[156:157], _header_size(path, header, name)
+            if kind in _EXTENDED:
+                if size > limits.header_bytes:
+                    raise PackageError(
+                        f"{path}: entry {name!r}: extended header of {size} bytes, more than the limit of "
+                        f"{limits.header_bytes}"
+                    )
+                data = read(_padded(size), name)[:size]
+                pax_size = _pax_size(data) if kind == b"x" else pax_size
+                continue
+            if pax_size is not None:
+                size, pax_size = pax_size, None
+            members += 1
+            if members > limits.members:
+                raise PackageError(f"{path}: more than {limits.members} entries")
+            if size > limits.member_bytes:
+                raise PackageError(
+                    f"{path}: entry {name!r} is {size} bytes, more than the limit of {limits.member_bytes}"
+                )
+            if total + size > limits.total_bytes:
+                raise PackageError(f"{path}: unpacks to more than {limits.total_bytes} bytes (at {name!r})")
+            left = _padded(size) if kind in (b"0", b"\0", b"7") else 0
+            while left:
+                step = min(left, 1 << 20)
+                read(step, name)
+                left -= step
+    return whole.hexdigest()
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _header_size(path: Path, header: bytes, name: str) -> int:
+    field = header[124:136]
+    if field[0] & 0x80:  # GNU base-256 for sizes past 8 GiB
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise PackageError(f"{path}: entry {name!r} has a malformed size field") from None
+
+
+def _pax_size(data: bytes) -> int | None:
+    """The `size` record of a PAX header, if any (it overrides the ustar size field)."""
+    size = None
+    for record in data.split(b"\n"):
+        _, _, keyword_value = record.partition(b" ")
+        keyword, eq, value = keyword_value.partition(b"=")
+        if eq and keyword == b"size":
+            try:
+                size = int(value)
+            except ValueError:
+                return None
+    return size
+
+
+def _extract(path: Path, dest: Path) -> dict[str, str]:
+    digests: dict[str, str] = {}
+    try:
+        with tarfile.open(path, mode="r:gz") as tar:
+            for member in tar:
+                rel = _safe_member_name(path, member)
+                if member.isdir():
+                    continue
+                if rel in digests:
+                    raise PackageError(f"{path}: entry {rel!r} appears twice")
+                digests[rel] = _write_member(tar, member, dest / rel)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise PackageError(f"{path}: truncated or corrupt package ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise PackageError(f"{path}: cannot unpack: {e}") from None
+    return digests
+
+
+def _check_only_named_files(path: Path, loaded: LoadedManifest, present: set[str]) -> None:
+    """A package carries the files its manifest names and its own metadata, nothing else: an extra file would be
+    installed (and served from) without any field saying what it is."""
+    try:
+        allowed = set(package_files(loaded)) | {README, CHECKSUMS, SIGNATURE}
+    except ValueError:
+        raise PackageError(f"{path}: a file the manifest names resolves outside the package") from None
+    extra = sorted(present - allowed)
+    if extra:
+        raise PackageError(
+            f"{path}: {', '.join(extra)}: not named by the manifest; a package holds manifest.json, the files "
+            f"its fields name, {README}, {CHECKSUMS} and {SIGNATURE} only"
+        )
 
 
 def _safe_member_name(path: Path, member: tarfile.TarInfo) -> str:
@@ -274,11 +457,17 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -
 def _read_checksums(path: Path, dest: Path, digests: dict[str, str]) -> dict[str, str]:
     if CHECKSUMS not in digests:
         raise PackageError(f"{path}: no {CHECKSUMS}; not an expertserve package")
+    try:
+        text = (dest / CHECKSUMS).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PackageError(f"{path}: {CHECKSUMS}: not UTF-8 text (byte {e.start})") from None
     listed: dict[str, str] = {}
-    for lineno, line in enumerate((dest / CHECKSUMS).read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         want, sep, rel = line.partition("  ")
-        if not sep or len(want) != 64 or not rel:
+        if not sep or len(want) != 64 or not rel or any(c not in "0123456789abcdef" for c in want):
             raise PackageError(f"{path}: {CHECKSUMS} line {lineno} is not '<sha256>  <path>'")
+        if rel in listed:
+            raise PackageError(f"{path}: {CHECKSUMS} line {lineno} lists {rel!r} twice")
         listed[rel] = want
     if MANIFEST_FILE not in listed:
         raise PackageError(f"{path}: {CHECKSUMS} does not cover {MANIFEST_FILE}")
@@ -286,26 +475,39 @@ def _read_checksums(path: Path, dest: Path, digests: dict[str, str]) -> dict[str
 
 
 def _check_signature(
-    path: Path, dest: Path, digests: dict[str, str], public_key: str | None
+    path: Path, dest: Path, digests: dict[str, str], loaded: LoadedManifest, public_key: str | None
 ) -> tuple[str | None, str | None]:
+    """The signer and signing time, from a statement whose name, version and checksum-list hash match the
+    package (so nothing `verify` shows is unsigned)."""
     if SIGNATURE not in digests:
         if public_key is not None:
             raise SignatureError(f"{path}: unsigned, but a signature by {public_key[:16]}... is required")
         return None, None
     try:
-        sig = json.loads((dest / SIGNATURE).read_text(encoding="utf-8"))
-        signer, signature = sig["public_key"], sig["signature"]
-        if sig.get("algorithm", "ed25519") != "ed25519" or sig.get("signed_file", CHECKSUMS) != CHECKSUMS:
-            raise ValueError("unsupported algorithm or signed file")
-    except (ValueError, KeyError, TypeError) as e:
-        raise SignatureError(f"{path}: malformed {SIGNATURE}: {e}") from None
+        envelope = json.loads((dest / SIGNATURE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SignatureError(f"{path}: {SIGNATURE}: not JSON ({e})") from None
     try:
-        signing.verify(signer, signature, (dest / CHECKSUMS).read_bytes())
+        statement, signer = signing.open_envelope(envelope)
     except SignatureError as e:
-        raise SignatureError(f"{path}: {e}") from None
-    if public_key is not None and signer.lower() != public_key.lower():
+        raise SignatureError(f"{path}: {SIGNATURE}: {e}") from None
+    expected = {
+        "name": loaded.manifest.name,
+        "version": loaded.manifest.version,
+        "checksums_sha256": digests[CHECKSUMS],
+    }
+    for key, want in expected.items():
+        if statement.get(key) != want:
+            raise SignatureError(
+                f"{path}: {SIGNATURE}: the signed statement's {key} is {statement.get(key)!r}, but the "
+                f"package has {want!r} (tampered)"
+            )
+    signed_at = statement.get("signed_at")
+    if not isinstance(signed_at, str):
+        raise SignatureError(f"{path}: {SIGNATURE}: the signed statement has no signed_at time")
+    if public_key is not None and signer != public_key.lower():
         raise SignatureError(f"{path}: signed by {signer}, not by the required key {public_key}")
-    return signer, sig.get("timestamp")
+    return signer, signed_at
 
 
 def _rel(path: Path, root: Path) -> str:

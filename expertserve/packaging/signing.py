@@ -1,15 +1,20 @@
 """Ed25519 keys and signatures for `.expert` packages.
 
-A private key is a PKCS#8 PEM file (mode 0600); its public key is written beside it as `<key>.pub`, one
-line of hex. The signature covers the package's checksum list, which covers every other file.
+A private key is a PKCS#8 PEM file (mode 0600, written atomically, never through a symbolic link); its public key is
+written beside it as `<key>.pub`, one line of hex. A package is signed with a DSSE envelope
+(https://github.com/secure-systems-lab/dsse) whose payload is a statement of everything `verify` shows: the expert's
+name and version, the SHA-256 of the checksum list (which covers every other file) and the signing time.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from expertserve.errors import SignatureError
 
@@ -30,19 +35,36 @@ def generate_key(path: Path, *, force: bool = False) -> str:
 
     pub_path = path.with_name(path.name + ".pub")
     for p in (path, pub_path):
-        if p.exists() and not force:
+        if (p.exists() or p.is_symlink()) and not force:
             raise SignatureError(f"{p} exists; pass --force to overwrite it")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
     public = public_hex(key)
-    pub_path.write_text(public + "\n", encoding="ascii")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, pem, 0o600)
+        _write_atomically(pub_path, (public + "\n").encode("ascii"), 0o644)
+    except OSError as e:
+        raise SignatureError(f"cannot write the key files: {e}") from None
     return public
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Writes a new file beside `path` with `mode` from the start, then renames it over `path`: an existing file's
+    mode never carries over, and a symbolic link at `path` is replaced, not followed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -114,5 +136,61 @@ def verify(public_key: str, signature: str, data: bytes) -> None:
         raise SignatureError(
             "signature does not match the package contents (tampered, or signed by another key)"
         ) from None
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise SignatureError(f"malformed signature or public key: {e}") from None
+
+
+PAYLOAD_TYPE = "application/vnd.expertserve.package-statement+json"
+STATEMENT_TYPE = "expertserve.package/v1"
+
+
+def _pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what is actually signed."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def sign_statement(private_key: Ed25519PrivateKey, statement: dict[str, Any]) -> dict[str, Any]:
+    """A DSSE envelope over `statement` (canonical JSON), signed by `private_key`."""
+    payload = json.dumps(
+        {"_type": STATEMENT_TYPE, **statement}, sort_keys=True, separators=(",", ":")
+    ).encode()
+    signature = private_key.sign(_pae(PAYLOAD_TYPE, payload))
+    return {
+        "payloadType": PAYLOAD_TYPE,
+        "payload": base64.b64encode(payload).decode(),
+        "signatures": [{"keyid": public_hex(private_key), "sig": base64.b64encode(signature).decode()}],
+    }
+
+
+def open_envelope(envelope: Any) -> tuple[dict[str, Any], str]:
+    """The statement of a DSSE envelope and the key that signed it, after checking the signature.
+
+    Raises:
+        SignatureError: Not an envelope of this format, or no signature in it verifies.
+    """
+    if not isinstance(envelope, dict) or envelope.get("payloadType") != PAYLOAD_TYPE:
+        raise SignatureError(f"expected a DSSE envelope with payloadType {PAYLOAD_TYPE!r}")
+    try:
+        payload = base64.b64decode(envelope["payload"], validate=True)
+        signatures = [(s["keyid"], base64.b64decode(s["sig"], validate=True)) for s in envelope["signatures"]]
+    except (KeyError, TypeError, ValueError):
+        raise SignatureError(
+            "malformed envelope: payload and signatures[].keyid/sig must be base64 strings"
+        ) from None
+    if not signatures:
+        raise SignatureError("the envelope holds no signature")
+    for keyid, signature in signatures:
+        if isinstance(keyid, str) and _HEX_KEY.match(keyid):
+            try:
+                verify(keyid, signature.hex(), _pae(PAYLOAD_TYPE, payload))
+            except SignatureError:
+                continue
+            try:
+                statement = json.loads(payload)
+            except ValueError:
+                raise SignatureError("the signed payload is not JSON") from None
+            if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
+                raise SignatureError(f"the signed payload is not an {STATEMENT_TYPE} statement")
+            return statement, keyid.lower()
+    raise SignatureError("signature does not match the package contents (tampered, or signed by another key)")

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from expertserve.engine.config import EngineConfig
 from expertserve.errors import ExpertserveError
@@ -89,6 +89,15 @@ class ServeConfig(StrictModel):
     admin_key: str | None = Field(
         default=None, description="Bearer key for /admin endpoints; unset: loopback only."
     )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Trusted package signers (64-hex Ed25519 public keys or .pub files); with "
+        "EXPERTSERVE_TRUSTED_KEYS. An expert installed from a package none of them signed is not served.",
+    )
+    allow_untrusted: bool = Field(
+        default=False,
+        description="Serve experts installed from unsigned or untrusted packages anyway (reported in /v1/experts).",
+    )
     ray_dashboard: bool = Field(
         default=True,
         description="Ray's dashboard on loopback (the URL is printed) when `expertserve serve` starts Ray itself.",
@@ -96,6 +105,17 @@ class ServeConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Replicas and autoscaling.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Routing of `model: auto`.")
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        from expertserve.errors import SignatureError
+        from expertserve.packaging.signing import read_public_key
+
+        try:
+            return [read_public_key(k) for k in keys]
+        except SignatureError as e:
+            raise ValueError(str(e)) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> ServeConfig:
@@ -194,7 +214,7 @@ def _env_value(key: str, raw: str) -> Any:
     return value
 
 
-_LIST_SETTINGS = {"api_keys", "experts_dirs", "routed_names"}
+_LIST_SETTINGS = {"api_keys", "experts_dirs", "routed_names", "trusted_keys"}
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from expertserve.engine.args import lora_rank_slot
 from expertserve.manifest.files import ADAPTER_CONFIG, read_safetensors_header, soft_prompt_shape
+from expertserve.packaging.trust import TrustPolicy
 from expertserve.registry import ExpertRecord
 
 GrammarCompiler = Callable[[str, str], str | None]  # (kind, text) -> problem or None
@@ -102,6 +103,15 @@ def expert_problems(
     return problems
 
 
+def trust_problems(record: ExpertRecord, policy: TrustPolicy) -> list[str]:
+    """An expert installed from a package is served only when a trusted key signed it (or untrusted packages are
+    allowed); an expert directory the server config names directly is the operator's own and needs no signer."""
+    if record.provenance is None:
+        return []
+    refusal = policy.refusal(record.provenance.get("signer"))
+    return [f"installed from package {record.provenance.get('package')}: {refusal}"] if refusal else []
+
+
 def _adapter_problems(adapter_dir: Path, ctx: ServingContext) -> list[str]:
     try:
         config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -122,10 +132,21 @@ def _adapter_problems(adapter_dir: Path, ctx: ServingContext) -> list[str]:
     return problems
 
 
+def _tool_problems(record: ExpertRecord, compile_grammar: GrammarCompiler) -> list[str]:
+    """Each declared tool's arguments schema must compile: it is the output constraint of a call."""
+    problems = []
+    for tool in record.decoding.tools or []:
+        problem = compile_grammar("json_schema", json.dumps(tool.parameters))
+        if problem:
+            problems.append(f"tool {tool.name!r}: parameters schema does not compile: {problem}")
+    return problems
+
+
 def _constraint_problems(record: ExpertRecord, compile_grammar: GrammarCompiler) -> list[str]:
     decoding = record.decoding
+    problems = _tool_problems(record, compile_grammar)
     if not decoding.grammar_enabled:
-        return []
+        return problems
     try:
         if decoding.grammar_file:
             problem = compile_grammar(
@@ -138,10 +159,10 @@ def _constraint_problems(record: ExpertRecord, compile_grammar: GrammarCompiler)
                 "json_schema", (record.root / decoding.json_schema_file).read_text("utf-8")
             )
         else:
-            return []
+            return problems
     except (OSError, UnicodeDecodeError) as e:
-        return [f"output constraint unreadable: {e}"]
-    return [f"output constraint does not compile: {problem}"] if problem else []
+        return [*problems, f"output constraint unreadable: {e}"]
+    return [*problems, f"output constraint does not compile: {problem}"] if problem else problems
 
 
 def xgrammar_compiler(kind: str, text: str) -> str | None:

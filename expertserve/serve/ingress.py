@@ -38,12 +38,13 @@ from expertserve.engine.request import (
 )
 from expertserve.errors import ExpertNotFound, ExpertNotServable, ExpertserveError
 from expertserve.manifest.status import RuntimeContext, field_statuses
+from expertserve.packaging.trust import TrustPolicy
 from expertserve.registry import ExpertRecord, Registry
 from expertserve.serve.body import parse_body
 from expertserve.serve.config import ServeConfig
 from expertserve.serve.engine_metrics import EngineMetrics
 from expertserve.serve.errors import RequestError, client_error
-from expertserve.serve.expert_checks import ServingContext, expert_problems, xgrammar_compiler
+from expertserve.serve.expert_checks import ServingContext, expert_problems, trust_problems, xgrammar_compiler
 from expertserve.serve.health import EngineHealth
 from expertserve.serve.metrics import Metrics, RequestTracker
 from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
@@ -59,7 +60,7 @@ from expertserve.serve.responses import (
     usage_body,
 )
 from expertserve.serve.streams import merged
-from expertserve.serve.tools import ToolPlan, render_tool_turn
+from expertserve.serve.tools import ToolPlan, render_tool_turn, with_manifest
 from expertserve.serve.tools import plan as plan_tools
 
 # Serve configures this logger in replicas (stderr and log files); a logger of our own would print nothing.
@@ -127,6 +128,8 @@ class Ingress:
             else ServingContext(config.model_id, max_lora_rank=2**31)
         )
         self.compile_grammars = compile_grammars
+        # The config's keys are checked hex already and hold EXPERTSERVE_TRUSTED_KEYS (ServeConfig.load).
+        self.trust = TrustPolicy(frozenset(config.trusted_keys), config.allow_untrusted)
         self.defaults = load_defaults(Path(config.decoding_defaults) if config.decoding_defaults else None)
         self.metrics = Metrics()
         self.health = EngineHealth(_app_name())
@@ -225,7 +228,12 @@ class Ingress:
         self._auth(request, admin=False)
         ctx = RuntimeContext.detect()
         out = [self._expert_info(record, ctx) for record in self.registry]
-        return {"object": "list", "data": out, "problems": self.registry.problems}
+        return {
+            "object": "list",
+            "data": out,
+            "problems": self.registry.problems,
+            "warnings": self.registry.shadowing(),
+        }
 
     @app.post("/v1/chat/completions")
     async def route_chat(self, request: Request) -> Response:
@@ -274,11 +282,15 @@ class Ingress:
             "removed": sorted(set(before) - set(after)),
             "updated": sorted(n for n in after if n in before and after[n] != before[n]),
             "problems": [*fresh.problems, *(router.problems if router else [])],
+            "warnings": fresh.shadowing(),
         }
 
     def _check(self, record: ExpertRecord) -> list[str]:
         """This server's checks of an expert's files (engine limits, grammars); see serve/expert_checks.py."""
-        return expert_problems(record, self.serving, xgrammar_compiler if self.compile_grammars else None)
+        return [
+            *trust_problems(record, self.trust),
+            *expert_problems(record, self.serving, xgrammar_compiler if self.compile_grammars else None),
+        ]
 
     def _log_changes(self, fresh: Registry, before: dict[str, tuple[str, str]]) -> None:
         """The lifecycle transitions of a scan, logged and counted (`expertserve_expert_lifecycle_total`):
@@ -289,6 +301,8 @@ class Ingress:
             if "is not servable" not in problem:  # broken experts are counted below, with their record
                 count("kept" if "still serving" in problem else "invalid").inc()
             logger.warning("expert problem: %s", problem)
+        for warning in fresh.shadowing():
+            logger.warning("expert shadowed: %s", warning)
         for name in sorted(set(before) - {r.name for r in fresh}):
             count("removed").inc()
             logger.info("expert %s removed", name)
@@ -338,6 +352,10 @@ class Ingress:
             else None,
             "soft_prompts": [{"name": sp.name, "tokens": sp.tokens} for sp, _ in record.soft_prompts],
             "decoding": {k: {"value": v.value, "source": v.source} for k, v in defaults.items()},
+            "source": record.source,
+            "signer": (record.provenance or {}).get("signer"),
+            "tools": [t.name for t in record.decoding.tools or []],
+            "tool_choice": record.decoding.tool_choice,
             "hints": hints,
         }
 
@@ -348,7 +366,7 @@ class Ingress:
         self._auth(request, admin=False)
         req = parse_request(kind, await self._body(request))
         choice = await self._choose(req, kind)
-        tool_plan = self._tool_plan(req)
+        tool_plan = self._tool_plan(req, choice.record)
         engine_requests = self._engine_requests(kind, req, choice.record, tool_plan)
         first = engine_requests[0]
         headers = self._headers(req, choice, first)
@@ -362,12 +380,15 @@ class Ingress:
         )
         return await self._respond(req, engine_requests, headers, self._meta(req, choice, first, tool_plan))
 
-    def _tool_plan(self, req: AnyRequest) -> ToolPlan | None:
-        """How the request's tools are enforced (None: no tool call); see serve/tools.py."""
+    def _tool_plan(self, req: AnyRequest, record: ExpertRecord | None) -> ToolPlan | None:
+        """How the request's tools (or the expert's declared ones) are enforced (None: no tool call); see
+        serve/tools.py."""
         if not isinstance(req, ChatCompletionRequest):
             return None
+        decoding = record.decoding if record and not self.config.ignore_manifest_decoding else None
+        tools, tool_choice, source = with_manifest(req.tools_dicts(), req.tool_choice_value(), decoding)
         tool_plan = plan_tools(
-            req.tools_dicts(), req.tool_choice_value(), template_has_tools=self.serving.template_has_tools
+            tools, tool_choice, template_has_tools=self.serving.template_has_tools, source=source
         )
         if tool_plan is not None and req.response_format is not None:
             raise RequestError(

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from expertserve.manifest.model import Decoding
 from expertserve.serve.errors import RequestError
 
 
@@ -37,8 +38,34 @@ class ToolPlan:
     instruction: str
 
 
+def with_manifest(
+    tools: list[dict[str, Any]], tool_choice: Any, decoding: Decoding | None
+) -> tuple[list[dict[str, Any]], Any, str]:
+    """The tools and tool_choice a chat request runs with, and where they came from: request > manifest.
+
+    A request that sends `tools` brings its own list (and its `tool_choice`, or OpenAI's default); one that sends
+    none takes the expert's declared tools; a request's `tool_choice` wins over the manifest's either way (so
+    `"none"` turns the expert's default call off).
+    """
+    declared = decoding.tools if decoding is not None else None
+    if tools or not declared:
+        return tools, tool_choice, "request"
+    assert decoding is not None and decoding.tool_choice is not None  # the manifest model requires it
+    manifest_tools = [{"type": "function", "function": t.model_dump(exclude_none=True)} for t in declared]
+    if tool_choice is not None:
+        return manifest_tools, tool_choice, "request"
+    choice = decoding.tool_choice
+    if choice in ("none", "auto", "required"):
+        return manifest_tools, choice, "manifest"
+    return manifest_tools, {"type": "function", "function": {"name": choice}}, "manifest"
+
+
 def plan(
-    tools: list[dict[str, Any]] | None, tool_choice: Any, *, template_has_tools: bool
+    tools: list[dict[str, Any]] | None,
+    tool_choice: Any,
+    *,
+    template_has_tools: bool,
+    source: str = "request",
 ) -> ToolPlan | None:
     """The plan for a request's `tools` and `tool_choice` (None: no tool call).
 
@@ -71,9 +98,10 @@ def plan(
             else "deciding whether to call a tool needs a tool-call parser for this model family, which "
             "expertserve does not ship yet"
         )
+        origin = "" if source == "request" else " (the expert's manifest default)"
         raise RequestError(
             400,
-            f"tool_choice: 'auto' is not available: {why}; send tool_choice 'required' or "
+            f"tool_choice: 'auto'{origin} is not available: {why}; send tool_choice 'required' or "
             "{'type': 'function', 'function': {'name': ...}} to have a call enforced",
             param="tool_choice",
         )

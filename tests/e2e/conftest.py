@@ -119,6 +119,26 @@ def running_server(root: Path, base: Path, experts: Path, **overrides: object) -
         yield Server(url, base, experts, log)
 
 
+# An expert that calls a function by default (manifest tools; request > manifest).
+TOOL_DECODING = {
+    "temperature": 0.0,
+    "max_tokens": 40,
+    "tools": [
+        {
+            "name": "lookup_city",
+            "description": "Look a city up",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 10}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        }
+    ],
+    "tool_choice": "lookup_city",
+}
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(root, tiny base model, experts directory)."""
@@ -141,6 +161,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
         decoding={"temperature": 0.0, "max_tokens": 8, "grammar_file": "yesno.gbnf"},
     )
     _expert(experts, base, "expert-dora", lora="dora", soft=False, decoding=plain, seed=5)
+    _expert(experts, base, "expert-tools", lora="random", soft=False, decoding=TOOL_DECODING, seed=6)
+    # Installed from an unsigned package: the server's trust policy (no trusted keys) must refuse to serve it.
+    from expertserve.packaging import archive
+
+    source = _expert(root / "src", base, "expert-unsigned", lora="random", soft=False, decoding=plain, seed=7)
+    archive.install_package(archive.build_package(source, root / "packages"), experts)
     return root, base, experts
 
 

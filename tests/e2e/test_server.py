@@ -21,7 +21,15 @@ HELLO = [{"role": "user", "content": "hello world"}]
 
 def test_models_lists_base_and_servable_experts(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {TINY_ID, "auto", "expert-alpha", "expert-beta", "expert-delta", "expert-gram"}
+    assert set(models) == {
+        TINY_ID,
+        "auto",
+        "expert-alpha",
+        "expert-beta",
+        "expert-delta",
+        "expert-gram",
+        "expert-tools",
+    }
     assert all(models[m].model_extra["parent"] == TINY_ID for m in models if m not in (TINY_ID, "auto"))
     assert models["auto"].model_extra["routed"] is True
 
@@ -427,6 +435,38 @@ def test_tool_calls_are_enforced_with_structured_outputs(client: openai.OpenAI) 
     assert r.choices[0].message.content is not None
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
         client.chat.completions.create(model="expert-beta", messages=messages, tools=[WEATHER_TOOL])
+
+
+def test_an_experts_declared_tools_are_its_default_call(client: openai.OpenAI, server: Server) -> None:
+    """Manifest tools on the real engine: a request without tools calls the expert's function, its arguments
+    valid against the declared schema; the request's tool_choice "none" or its own tools win (request > manifest)."""
+    messages = [{"role": "user", "content": "Where is Oslo?"}]
+    r = client.chat.completions.create(model="expert-tools", messages=messages)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "lookup_city"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city"} and len(arguments["city"]) <= 10
+    plain = client.chat.completions.create(
+        model="expert-tools", messages=messages, tool_choice="none", max_tokens=5
+    )
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "length"
+    own = client.chat.completions.create(
+        model="expert-tools", messages=messages, tools=[WEATHER_TOOL], tool_choice="required"
+    )
+    assert own.choices[0].message.tool_calls[0].function.name == "get_weather"
+    experts = httpx.get(f"{server.url}/v1/experts", timeout=30).json()["data"]
+    info = next(e for e in experts if e["name"] == "expert-tools")
+    assert info["tools"] == ["lookup_city"] and info["tool_choice"] == "lookup_city"
+
+
+def test_an_expert_from_an_unsigned_package_is_not_served(client: openai.OpenAI, server: Server) -> None:
+    """The trust policy on the real server: installed from an unsigned package, with no trusted keys configured."""
+    listing = httpx.get(f"{server.url}/v1/experts", timeout=30).json()
+    info = next(e for e in listing["data"] if e["name"] == "expert-unsigned")
+    assert info["servable"] is False and "unsigned; trust its signer" in info["reason"]
+    assert info["source"].startswith("package expert-unsigned-0.1.0.expert (unsigned)")
+    with pytest.raises(openai.BadRequestError, match="unsigned"):
+        client.chat.completions.create(model="expert-unsigned", messages=HELLO, max_tokens=2)
 
 
 def test_langchain_chat_openai_with_a_tool_call(server: Server) -> None:

@@ -114,10 +114,45 @@ def test_package_verify_install_and_validate_a_package(tmp_path: Path) -> None:
     assert verified.returncode == 0 and json.loads(verified.stdout)["signer"]
     validated = run("validate", "--strict", str(package))
     assert validated.returncode == 0 and "note: training.dataset.path" in validated.stdout
-    installed = run("install", str(package), "--dir", str(tmp_path / "inst"))
-    assert installed.returncode == 0
+    refused = run("install", str(package), "--dir", str(tmp_path / "inst"))
+    assert refused.returncode == 1 and "not a trusted key" in refused.stderr
+    installed = run(
+        "install", str(package), "--dir", str(tmp_path / "inst"), "--trusted-key", f"{tmp_path}/k.pub"
+    )
+    assert installed.returncode == 0 and "signed by a trusted key" in installed.stdout
     listed = run("list", "--experts-dir", str(tmp_path / "inst"), "--json")
     assert [e["name"] for e in json.loads(listed.stdout)["experts"]] == ["expert-demo"]
+
+
+def test_install_warns_when_an_expert_shadows_one_from_another_root(tmp_path: Path) -> None:
+    make_expert(tmp_path / "experts" / "expert-demo")  # 0.1.0, a local directory
+    newer = make_expert(tmp_path / "src" / "expert-demo", manifest(version="0.2.0"))
+    package = tmp_path / "out" / "expert-demo-0.2.0.expert"
+    assert run("package", str(newer), "-o", str(tmp_path / "out")).returncode == 0
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"experts_dirs": [str(tmp_path / "experts")], "allow_untrusted": True}))
+    result = run("install", str(package), "--dir", str(tmp_path / "inst"), "--config", str(config))
+    assert result.returncode == 0 and "NOT signed by a trusted key (allowed)" in result.stdout
+    assert "warning: expert-demo 0.2.0" in result.stderr and "shadows 0.1.0" in result.stderr
+
+
+def test_validate_json_prints_one_object_for_a_malformed_package(tmp_path: Path) -> None:
+    import gzip
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for name, data in (("manifest.json", b"{}"), ("CHECKSUMS.sha256", b"\xff\xfe\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    package = tmp_path / "bad.expert"
+    package.write_bytes(buf.getvalue())
+    result = run("validate", "--json", str(package))
+    report = json.loads(result.stdout)
+    assert result.returncode == 1 and report["valid"] is False
+    assert "CHECKSUMS.sha256: not UTF-8" in report["results"][0]["errors"][0]
 
 
 def test_verify_tampered_package_exits_1_with_message(tmp_path: Path) -> None:

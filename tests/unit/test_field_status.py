@@ -103,3 +103,14 @@ def test_empty_reference_hashes_are_reported_as_empty() -> None:
 def test_device_can_be_forced_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXPERTSERVE_DEVICE", "cuda")
     assert RuntimeContext.detect().device == "cuda"
+
+
+def test_declared_tools_are_reported_and_auto_is_not_applicable() -> None:
+    data = manifest()
+    data["training"]["decoding"] = {"tools": [{"name": "lookup"}], "tool_choice": "lookup"}
+    assert status_of(data, "training.decoding.tools[0].name")[0] == "active"
+    status, detail = status_of(data, "training.decoding.tool_choice")
+    assert status == "active" and "'lookup'" in detail
+    data["training"]["decoding"]["tool_choice"] = "auto"
+    status, detail = status_of(data, "training.decoding.tool_choice")
+    assert status == "not applicable" and "'required'" in detail

@@ -101,3 +101,44 @@ def test_the_request_model_takes_tools_and_tool_turns() -> None:
     for bad in ({"role": "tool", "content": "x"}, {"role": "user", "content": None}):
         with pytest.raises(ValueError):
             ChatCompletionRequest.model_validate({"model": "x", "messages": [bad]})
+
+
+def test_an_experts_declared_tools_apply_when_the_request_sends_none() -> None:
+    """request > manifest: the manifest's tools and tool_choice fill in what the request leaves out."""
+    from expertserve.manifest.model import Decoding
+    from expertserve.serve.tools import with_manifest
+
+    decoding = Decoding.model_validate(
+        {"tools": [{"name": "lookup", "parameters": {"type": "object"}}], "tool_choice": "lookup"}
+    )
+    tools, choice, source = with_manifest([], None, decoding)
+    assert [t["function"]["name"] for t in tools] == ["lookup"] and source == "manifest"
+    assert choice == {"type": "function", "function": {"name": "lookup"}}
+    assert plan(tools, choice, template_has_tools=False).named == "lookup"
+    assert with_manifest([], "none", decoding)[1:] == ("none", "request")
+    assert with_manifest([WEATHER], None, decoding) == ([WEATHER], None, "request")
+    assert with_manifest([], None, None) == ([], None, "request")
+    auto = Decoding.model_validate({"tools": [{"name": "lookup"}], "tool_choice": "auto"})
+    with pytest.raises(RequestError, match="manifest default") as info:
+        plan(*with_manifest([], None, auto)[:2], template_has_tools=False, source="manifest")
+    assert info.value.param == "tool_choice"
+
+
+@pytest.mark.parametrize(
+    ("decoding", "message"),
+    [
+        ({"tools": [{"name": "f"}]}, "tool_choice: required when tools are declared"),
+        ({"tools": [{"name": "f"}], "tool_choice": "g"}, "tool_choice: expected 'none', 'required'"),
+        ({"tool_choice": "required"}, "tool_choice: 'required' needs tools"),
+        ({"tools": [{"name": "f"}, {"name": "f"}], "tool_choice": "f"}, "declared twice"),
+        ({"tools": [{"name": "f", "parameters": {"type": "string"}}], "tool_choice": "f"}, "type 'object'"),
+        ({"tools": [{"name": "bad name"}], "tool_choice": "none"}, "tools.0.name"),
+    ],
+)
+def test_declared_tools_are_validated(decoding: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    from expertserve.manifest.model import Decoding
+
+    with pytest.raises(ValidationError, match=message):
+        Decoding.model_validate(decoding)

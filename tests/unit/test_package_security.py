@@ -1,0 +1,207 @@
+"""Crafted packages, built inside each test: limits enforced while streaming, malformed members named, only the
+files a manifest names, signatures over everything shown, the trust policy, shadowing, key files."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import os
+import resource
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from expertserve.errors import PackageError, SignatureError
+from expertserve.packaging import archive, signing
+from expertserve.packaging.trust import TrustPolicy
+from tests.helpers import make_expert
+from tests.unit.test_packaging import members_of, rewrite
+
+
+@pytest.fixture
+def expert(tmp_path: Path) -> Path:
+    return make_expert(tmp_path / "expert-demo")
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "keys" / "signing.key"
+    return path, signing.generate_key(path)
+
+
+def _raw_tar(entries: list[tuple[tarfile.TarInfo, bytes]], *, level: int = 9) -> bytes:
+    buf = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=level) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_an_oversized_pax_header_is_refused_fast_and_small(tmp_path: Path) -> None:
+    """A small package whose PAX header claims hundreds of MiB is refused before tarfile reads it."""
+    info = tarfile.TarInfo("manifest.json")
+    info.pax_headers = {"comment": "A" * (200 * 2**20)}
+    path = tmp_path / "pax.expert"
+    path.write_bytes(_raw_tar([(info, b"{}")]))
+    assert path.stat().st_size < 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(PackageError, match="extended header of .* bytes, more than the limit"):
+        archive.verify_package(path)
+    assert time.monotonic() - start < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: no 200 MiB buffer
+
+
+def test_a_compression_bomb_writes_nothing(tmp_path: Path) -> None:
+    info = tarfile.TarInfo("manifest.json")
+    info.size = 64 * 2**20
+    path = tmp_path / "bomb.expert"
+    path.write_bytes(_raw_tar([(info, bytes(info.size))]))
+    install = tmp_path / "install"
+    with pytest.raises(PackageError, match="times its compressed size .* compression bomb"):
+        archive.install_package(path, install, limits=archive.Limits(ratio_floor=2**20))
+    assert list(install.iterdir()) == []  # no staging left, nothing written
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (archive.Limits(members=2), "more than 2 entries"),
+        (archive.Limits(member_bytes=10), "is .* bytes, more than the limit of 10"),
+    ],
+)
+def test_member_limits(expert: Path, tmp_path: Path, limits: archive.Limits, message: str) -> None:
+    package = archive.build_package(expert, tmp_path / "out")
+    with pytest.raises(PackageError, match=message):
+        archive.verify_package(package, limits=limits)
+
+
+def _with(package: Path, **members: bytes) -> Path:
+    def change(tar: tarfile.TarFile, current: dict[str, bytes]) -> None:
+        current.update(members)
+
+    return rewrite(package, change)
+
+
+def test_a_checksum_list_that_is_not_utf8_is_named(expert: Path, tmp_path: Path) -> None:
+    package = archive.build_package(expert, tmp_path / "out")
+    with pytest.raises(PackageError, match=r"CHECKSUMS.sha256: not UTF-8"):
+        archive.verify_package(_with(package, **{"CHECKSUMS.sha256": b"\xff\xfe garbage\n"}))
+
+
+def _relist(members: dict[str, bytes]) -> None:
+    import hashlib
+
+    listed = {k: v for k, v in members.items() if k not in ("CHECKSUMS.sha256", "signature.json")}
+    members["CHECKSUMS.sha256"] = "".join(
+        f"{hashlib.sha256(v).hexdigest()}  {k}\n" for k, v in sorted(listed.items())
+    ).encode()
+
+
+def test_a_soft_prompt_header_of_the_wrong_shape_is_named(expert: Path, tmp_path: Path) -> None:
+    package = archive.build_package(expert, tmp_path / "out")
+    header = json.dumps(
+        {"prompt_embeddings": {"dtype": "F32", "shape": "8x64", "data_offsets": [0, 0]}}
+    ).encode()
+    bad = len(header).to_bytes(8, "little") + header
+
+    def change(tar: tarfile.TarFile, members: dict[str, bytes]) -> None:
+        soft = next(k for k in members if k.startswith("soft_prompts/"))
+        members[soft] = bad
+        _relist(members)
+
+    with pytest.raises(PackageError, match=r"soft_prompts\[0\]\.path: expected a \[tokens, hidden\] tensor"):
+        archive.verify_package(rewrite(package, change))
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        b'{"payloadType": 5}',
+        b'{"payloadType": "application/vnd.expertserve.package-statement+json", "payload": 1, "signatures": []}',
+        b'{"payloadType": "application/vnd.expertserve.package-statement+json", "payload": "e30=", '
+        b'"signatures": [{"keyid": 7, "sig": "AA=="}]}',
+        b"[1, 2]",
+        b"\xff",
+    ],
+)
+def test_signature_files_with_wrong_types_are_refused_by_name(
+    expert: Path, tmp_path: Path, key, signature: bytes
+) -> None:
+    package = archive.build_package(expert, tmp_path / "out", sign_key=key[0])
+    with pytest.raises(SignatureError, match="signature.json"):
+        archive.verify_package(_with(package, **{"signature.json": signature}))
+
+
+def test_extra_files_are_refused_even_when_listed(expert: Path, tmp_path: Path) -> None:
+    package = archive.build_package(expert, tmp_path / "out")
+
+    def change(tar: tarfile.TarFile, members: dict[str, bytes]) -> None:
+        members["run_me.py"] = b"import os\n"
+        _relist(members)
+
+    with pytest.raises(PackageError, match="run_me.py: not named by the manifest"):
+        archive.verify_package(rewrite(package, change))
+
+
+def test_the_signature_covers_the_signing_time_name_and_version(expert: Path, tmp_path: Path, key) -> None:
+    package = archive.build_package(expert, tmp_path / "out", sign_key=key[0])
+    envelope = json.loads(members_of(package)["signature.json"])
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    assert set(statement) == {"_type", "name", "version", "checksums_sha256", "signed_at"}
+    statement["signed_at"] = "2001-01-01T00:00:00+00:00"
+    envelope["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    forged = _with(package, **{"signature.json": json.dumps(envelope).encode()})
+    with pytest.raises(SignatureError, match="signature does not match"):
+        archive.verify_package(forged)
+
+
+def test_install_follows_the_trust_policy(expert: Path, tmp_path: Path, key) -> None:
+    unsigned = archive.build_package(expert, tmp_path / "unsigned")
+    signed = archive.build_package(expert, tmp_path / "signed", sign_key=key[0])
+    refuse = TrustPolicy.build(environ={})
+    with pytest.raises(SignatureError, match="unsigned; trust its signer"):
+        archive.install_package(unsigned, tmp_path / "i1", policy=refuse)
+    with pytest.raises(SignatureError, match="not a trusted key"):
+        archive.install_package(signed, tmp_path / "i1", policy=refuse)
+    assert list((tmp_path / "i1").iterdir()) == []
+    trusted = TrustPolicy.build(environ={"EXPERTSERVE_TRUSTED_KEYS": f"{key[0]}.pub"})
+    target = archive.install_package(signed, tmp_path / "i2", policy=trusted)
+    provenance = archive.read_provenance(target)
+    assert provenance is not None and provenance["signer"] == key[1]
+    allowed = TrustPolicy.build(environ={"EXPERTSERVE_ALLOW_UNTRUSTED": "1"})
+    target = archive.install_package(unsigned, tmp_path / "i3", policy=allowed)
+    assert archive.read_provenance(target)["signer"] is None
+    with pytest.raises(SignatureError, match="EXPERTSERVE_TRUSTED_KEYS|not-a-key"):
+        TrustPolicy.build(environ={"EXPERTSERVE_TRUSTED_KEYS": "not-a-key"})
+
+
+def test_keygen_force_writes_0600_atomically_and_never_through_a_symlink(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    path.write_text("old")
+    os.chmod(path, 0o644)
+    signing.generate_key(path, force=True)
+    assert path.stat().st_mode & 0o777 == 0o600
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    link = tmp_path / "linked.key"
+    link.symlink_to(victim)
+    with pytest.raises(SignatureError, match="exists"):
+        signing.generate_key(link)
+    signing.generate_key(link, force=True)
+    assert victim.read_text() == "keep me" and not link.is_symlink()
+    assert link.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "k",
+        "k.pub",
+        "linked.key",
+        "linked.key.pub",
+        "victim",
+    ]
