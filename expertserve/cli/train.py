@@ -37,7 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the base model id the manifest names for --base-model (default: the SmolLM2 id)",
     )
     parser.add_argument(
-        "--storage", metavar="DIR", help="runs and checkpoints (default: $EXPERTSERVE_HOME/runs)"
+        "--storage",
+        metavar="DIR|URI",
+        help="runs and checkpoints: a directory or s3://, gs://, hdfs://, abfs://, file:// "
+        "(default: $EXPERTSERVE_HOME/runs)",
+    )
+    parser.add_argument(
+        "--version",
+        metavar="X.Y.Z",
+        help="version of the trained expert (default: the manifest's, patch raised when retraining)",
     )
     parser.add_argument(
         "--max-failures",
@@ -82,7 +90,8 @@ def run(args: Any) -> int:
         resume=args.resume,
         base_model_dir=Path(s.base_model) if s.base_model else None,
         base_model_id=s.base_model_id,
-        storage_dir=Path(s.storage) if s.storage else None,
+        storage=s.storage,
+        version=s.version,
         max_failures=s.max_failures,
         cpus_per_worker=s.cpus_per_worker,
         ray_address=s.address,

@@ -84,8 +84,14 @@ def read_checked_jsonl(path: Path, check: Callable[[Any], str | None], what: str
     if not path.is_file():
         raise DatasetError(f"{path}: {what} not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(
+                    f"{path}:{lineno}: not UTF-8 (byte {e.start} of the line: {raw[e.start : e.start + 1]!r})"
+                ) from None
             if not line.strip():
                 continue
             try:

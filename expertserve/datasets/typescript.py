@@ -2,15 +2,16 @@
 
 Each task family has several names, phrasings, a reference implementation and test cases. The generator
 checks every reference implementation with the scorer itself, so no example with a wrong answer ships.
-Scoring: the answer type-checks with `tsc --strict` and passes every test case under Node.
+Scoring: the answer type-checks with `tsc --strict` and passes every test case under Node, in a sandbox, with the
+expected values checked outside the process under test.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from expertserve.datasets.common import Example, chat_example
+from expertserve.eval import sandbox
 
 SYSTEM = "You write TypeScript. Answer with the function only, fully typed."
 
@@ -306,13 +308,45 @@ def tsc_command() -> list[str] | None:
     return [found] if found else None
 
 
+# The test runner: ours, not the model's. It reads the cases (and a per-run nonce) from stdin and builds the
+# arguments before the candidate's code loads, keeps its own references to what it writes with, and prints the
+# return values, never a verdict: the expected values stay in this Python process, so output that prints what a
+# test "wants to see" cannot pass.
+RUNNER_JS = """"use strict";
+const fs = require("fs");
+const input = JSON.parse(fs.readFileSync(0, "utf8"));
+const write = process.stdout.write.bind(process.stdout);
+const stringify = JSON.stringify;
+const cases = input.cases.map((args) => new Function("return [" + args + "];")());
+let fn;
+try {
+  fn = require("./candidate.js").__candidate;
+} catch (e) {
+  write(input.nonce + stringify([{ error: "load: " + String(e) }]) + "\\n");
+  process.exit(0);
+}
+const out = [];
+for (const args of cases) {
+  try {
+    const text = stringify(fn(...args));
+    out.push(text === undefined ? { undefined: true } : { json: text });
+  } catch (e) {
+    out.push({ error: String(e) });
+  }
+}
+write(input.nonce + stringify(out) + "\\n");
+"""
+
+
 def score_many(
     predictions: list[str], metas: list[dict[str, Any]], data_dir: Any = None, *, timeout_s: float = 10
 ) -> list[bool]:
-    """Type-checks all answers in one `tsc --strict` run, then runs each one's tests in Node.
+    """Type-checks all answers in one `tsc --strict` run, then runs each one's tests in the sandbox
+    (`expertserve/eval/sandbox.py`): Node's permission model, a scrubbed environment, its own directory, CPU,
+    memory and time limits. The tests' inputs reach the program on stdin; their expected values never do.
 
     Raises:
-        RuntimeError: Node or the TypeScript compiler is missing (scripts/setup.sh installs tsc).
+        RuntimeError: Node (20 or newer, for its permission model) or the TypeScript compiler is missing.
     """
     tsc, node = tsc_command(), shutil.which("node")
     if tsc is None or node is None:
@@ -322,15 +356,11 @@ def score_many(
     with tempfile.TemporaryDirectory(prefix="expertserve-ts-") as tmp:
         root = Path(tmp)
         for i, (pred, meta) in enumerate(zip(predictions, metas, strict=True)):
-            checks = ",\n".join(
-                f"  JSON.stringify({meta['name']}({args})) === JSON.stringify({want})"
-                for args, want in meta["tests"]
+            if not re.fullmatch(r"[A-Za-z_$][A-Za-z0-9_$]*", meta["name"]):
+                raise ValueError(f"test meta: {meta['name']!r} is not a function name")
+            (root / f"c{i}.ts").write_text(
+                f"{extract_code(pred)}\n\nexport {{ {meta['name']} as __candidate }};\n"
             )
-            harness = (
-                f"{extract_code(pred)}\n\nexport const results: boolean[] = [\n{checks},\n];\n"
-                f"console.log(JSON.stringify(results));\n"
-            )
-            (root / f"c{i}.ts").write_text(harness)
         files = [f"c{i}.ts" for i in range(len(predictions))]
         proc = subprocess.run(
             [
@@ -351,25 +381,52 @@ def score_many(
             capture_output=True,
             text=True,
             timeout=600,
+            env=sandbox.scrubbed_env(root),
         )
         failed = {int(m) for m in re.findall(r"^c(\d+)\.ts\(", proc.stdout, flags=re.M)}
-        scores = []
-        for i in range(len(predictions)):
-            js = root / "out" / f"c{i}.js"
-            if i in failed or not js.exists():
-                scores.append(False)
-                continue
-            try:
-                run = subprocess.run(
-                    [node, str(js)],
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout_s,
-                    env={**os.environ, "NODE_OPTIONS": ""},
-                )
-                last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else "[]"
-                results = json.loads(last)
-                scores.append(run.returncode == 0 and bool(results) and all(results))
-            except (subprocess.TimeoutExpired, ValueError, IndexError):
-                scores.append(False)
-        return scores
+        limits = sandbox.SandboxLimits(cpu_seconds=max(1, int(timeout_s)), wall_seconds=timeout_s + 5)
+        return [
+            i not in failed
+            and (root / "out" / f"c{i}.js").exists()
+            and _passes(root / "out" / f"c{i}.js", root / f"run{i}", meta["tests"], limits)
+            for i, meta in enumerate(metas)
+        ]
+
+
+def _passes(compiled: Path, workdir: Path, tests: list[list[str]], limits: Any) -> bool:
+    """Runs one compiled answer on its tests' inputs in a directory of its own and compares what it returned with
+    the expected values here, outside the process under test."""
+    workdir.mkdir()
+    shutil.copy(compiled, workdir / "candidate.js")
+    (workdir / "runner.js").write_text(RUNNER_JS)
+    nonce = secrets.token_hex(16)
+    outcome = sandbox.run(
+        sandbox.node_argv(workdir / "runner.js"),
+        workdir,
+        stdin=json.dumps({"nonce": nonce, "cases": [args for args, _ in tests]}),
+        limits=limits,
+    )
+    if outcome.timed_out or outcome.returncode != 0:
+        return False
+    lines = [line for line in outcome.stdout.splitlines() if line.startswith(nonce)]
+    try:
+        results = json.loads(lines[-1][len(nonce) :]) if lines else []
+    except ValueError:
+        return False
+    return len(results) == len(tests) and all(
+        _same(result, want) for result, (_, want) in zip(results, tests, strict=True)
+    )
+
+
+def _same(result: Any, want: str) -> bool:
+    """Whether a returned value (as the runner reports it) equals the expected JavaScript literal."""
+    if not isinstance(result, dict):
+        return False
+    if want.strip() == "undefined":
+        return result.get("undefined") is True
+    if not isinstance(result.get("json"), str):
+        return False
+    try:
+        return bool(json.loads(result["json"]) == json.loads(want))
+    except ValueError:
+        return False

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from typing import Any
 from expertserve.manifest.load import MANIFEST_FILE, load_manifest
 from expertserve.models import offline
 from expertserve.packaging.archive import build_package
+from expertserve.registry import version_key
 from expertserve.settings import home_dir
 from expertserve.train.loop import CHECKPOINT_ADAPTER, CHECKPOINT_SOFT_PROMPTS, train_loop
 from expertserve.train.plan import TrainingError, TrainPlan, make_plan
+from expertserve.train.settings import storage_location
 
 
 @dataclass(frozen=True)
@@ -50,13 +53,15 @@ def train_expert(
     resume: bool = False,
     base_model_dir: Path | None = None,
     base_model_id: str | None = None,
-    storage_dir: Path | None = None,
+    storage: str | Path | None = None,
+    version: str | None = None,
     max_failures: int = 2,
     cpus_per_worker: float | None = None,
     ray_address: str | None = None,
     progress: bool | None = None,
     log: Any = print,
     fail_once_at_step: int | None = None,
+    nan_at_step: int | None = None,
     placement_strategy: str = "PACK",
 ) -> TrainResult:
     """Trains an expert's adapter and soft prompts with Ray Train and writes the trained expert.
@@ -70,12 +75,16 @@ def train_expert(
         resume: Continue the latest run of this expert from its latest checkpoint.
         base_model_dir: Base model directory; default: the prepared offline SmolLM2.
         base_model_id: The id the manifest names for that base; default: the offline model's id.
-        storage_dir: Where runs and checkpoints live; default `$EXPERTSERVE_HOME/runs`.
+        storage: Where runs and checkpoints live: a directory or a URI Ray Train stores to (s3://, gs://, ...);
+            default `$EXPERTSERVE_HOME/runs`.
+        version: The trained expert's version; default: the manifest's, with the patch number raised when the
+            output already holds a trained version.
         max_failures: Worker-group restarts (from the latest checkpoint) before the run fails.
         cpus_per_worker: CPUs Ray reserves per worker (fractional is fine); default 1.
         ray_address: Ray cluster to join; default: RAY_ADDRESS, else a local cluster.
         progress: Show a progress bar; default: when stdout is a terminal.
         fail_once_at_step: Fault injection for tests: one worker raises once at this step.
+        nan_at_step: Fault injection for tests: the loss of this step is NaN.
         placement_strategy: Ray placement of the workers (STRICT_SPREAD: one per node).
 
     Raises:
@@ -99,21 +108,25 @@ def train_expert(
         use_gpu=use_gpu,
         max_steps=max_steps,
     )
+    try:
+        storage_path, local = storage_location(None if storage is None else str(storage), home_dir() / "runs")
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    out = (output_dir or expert_dir).resolve()
+    new_version = version or _next_version(loaded.manifest.version, out, plan)
     if base_model_dir is None:
         offline.prepared_model_dir()
     elif not (base_dir / "config.json").is_file():
         raise TrainingError(f"{base_dir}: not a model directory (no config.json)")
     _announce(plan, log)
 
-    storage = (storage_dir or home_dir() / "runs").resolve()
-    run_dir = storage / plan.expert_name
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
+    # Progress and markers stay on this machine; checkpoints go wherever `storage` says.
+    run_dir = (Path(storage_path) if local else home_dir() / "progress") / plan.expert_name
+    if not resume:
+        _clear_run(storage_path, local, plan.expert_name)
+        shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     progress_file = run_dir / "progress.jsonl"
-    if not resume:
-        progress_file.unlink(missing_ok=True)
-        (run_dir / "injected-failure").unlink(missing_ok=True)
 
     _init_ray(ray, ray_address, workers, cpus_per_worker)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -125,6 +138,7 @@ def train_expert(
             "progress_file": str(progress_file),
             "tf32": loaded.manifest.training.config.use_tf32,
             "fail_once_at_step": fail_once_at_step,
+            "nan_at_step": nan_at_step,
         },
         scaling_config=ScalingConfig(
             num_workers=workers,
@@ -134,7 +148,7 @@ def train_expert(
         ),
         run_config=RunConfig(
             name=plan.expert_name,
-            storage_path=str(storage),
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=plan.save_total_limit,
@@ -155,12 +169,17 @@ def train_expert(
     finally:
         if bar:
             bar.stop()
+    bad_step = (result.metrics or {}).get("non_finite_loss_step")
+    if bad_step is not None:
+        raise TrainingError(
+            f"training {plan.expert_name} stopped: the loss is not finite (NaN or infinite) at step {bad_step}; "
+            "nothing was written. Lower training.config.learning_rate, or check the data for empty answers"
+        )
     checkpoint = _chosen_checkpoint(result, plan)
     if checkpoint is None:
         raise TrainingError(f"training {plan.expert_name} produced no checkpoint")
-    out = (output_dir or expert_dir).resolve()
     with checkpoint.as_directory() as d:
-        _write_expert(expert_dir, out, Path(d), plan)
+        _write_expert(expert_dir, out, Path(d), plan, new_version)
     package = build_package(out, out)
     history = _read_progress(progress_file)
     losses = [h["loss"] for h in history if "loss" in h]
@@ -226,27 +245,74 @@ def _chosen_checkpoint(result: Any, plan: TrainPlan) -> Any:
     return result.checkpoint
 
 
-def _write_expert(source: Path, out: Path, checkpoint: Path, plan: TrainPlan) -> None:
-    """Copies the expert (when writing elsewhere) and puts the trained adapter and soft prompts in place."""
-    if out != source:
-        shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".runs", "*.expert"))
-    adapter_dir = out / plan.adapter_path
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy2(checkpoint / CHECKPOINT_ADAPTER / name, adapter_dir / name)
-    for sp in plan.soft_prompts:
-        target = out / sp.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(checkpoint / CHECKPOINT_SOFT_PROMPTS / f"{sp.name}.safetensors", target)
-    manifest_file = out / MANIFEST_FILE
-    raw = json.loads(manifest_file.read_text())
-    step = json.loads((checkpoint / "step.json").read_text())["step"]
-    raw["training"]["trained_on"] = dt.date.today().isoformat()
-    raw["training"]["checkpoint"] = f"checkpoint-{step}"
-    raw["training"]["base_model_version"] = plan.base_model_id
-    tmp = manifest_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(manifest_file)
+def _next_version(version: str, out: Path, plan: TrainPlan) -> str:
+    """The manifest's version, or, when `out` already holds a trained adapter, the next patch after the higher of
+    the two (a retrained expert never reuses the version of different weights)."""
+    weights = out / plan.adapter_path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return version
+    try:
+        current = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))["version"]
+        key = max(version_key(version), version_key(current))
+    except (OSError, ValueError, KeyError, TypeError):
+        key = version_key(version)
+    return f"{key[0]}.{key[1]}.{key[2] + 1}"
+
+
+def _clear_run(storage_path: str, local: bool, name: str) -> None:
+    """Removes an earlier run of this expert, so a fresh run does not resume it."""
+    if local:
+        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
+        return
+    from pyarrow import fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(storage_path)
+        run = f"{root.rstrip('/')}/{name}"
+        if fs.get_file_info(run).type != pafs.FileType.NotFound:
+            fs.delete_dir(run)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"storage {storage_path}: cannot clear the earlier run of {name}: {e}") from None
+
+
+def _write_expert(source: Path, out: Path, checkpoint: Path, plan: TrainPlan, version: str) -> None:
+    """Writes the trained expert into a new directory beside `out` and renames it into place: a reader (a server
+    rescanning its roots) sees the old expert or the new one, never a mix, and a failure leaves `out` as it was.
+    The new version drops `quality_metrics`, which described other weights, until `expertserve eval` runs."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
+    new = staging / "expert"
+    try:
+        # In place, everything of the expert stays (its data, earlier packages); elsewhere, not stale packages.
+        ignore = (
+            shutil.ignore_patterns(".runs") if out == source else shutil.ignore_patterns(".runs", "*.expert")
+        )
+        shutil.copytree(source, new, ignore=ignore, symlinks=True)
+        if out != source and out.is_dir():
+            for package in out.glob("*.expert"):
+                shutil.copy2(package, new / package.name)
+        adapter_dir = new / plan.adapter_path
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(checkpoint / CHECKPOINT_ADAPTER / name, adapter_dir / name)
+        for sp in plan.soft_prompts:
+            target = new / sp.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(checkpoint / CHECKPOINT_SOFT_PROMPTS / f"{sp.name}.safetensors", target)
+        manifest_file = new / MANIFEST_FILE
+        raw = json.loads(manifest_file.read_text(encoding="utf-8"))
+        step = json.loads((checkpoint / "step.json").read_text())["step"]
+        raw["version"] = version
+        raw.pop("quality_metrics", None)
+        raw["training"]["trained_on"] = dt.date.today().isoformat()
+        raw["training"]["checkpoint"] = f"checkpoint-{step}"
+        raw["training"]["base_model_version"] = plan.base_model_id
+        manifest_file.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out.exists():
+            os.replace(out, staging / "old")
+        os.replace(new, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _read_progress(path: Path) -> list[dict[str, Any]]:

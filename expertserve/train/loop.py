@@ -18,7 +18,8 @@ from typing import Any
 
 CHECKPOINT_ADAPTER = "adapter"
 CHECKPOINT_SOFT_PROMPTS = "soft_prompts"
-CHECKPOINT_STATE = "state.pt"
+CHECKPOINT_STATE = "optimizer.pt"
+CHECKPOINT_SCHEDULER = "scheduler.json"
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -75,15 +76,22 @@ def train_loop(config: dict[str, Any]) -> None:
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            step = _load_state(Path(d), inner, optimizer, scheduler)
-        if rank == 0:
-            _say(f"[expertserve] resumed {plan.expert_name} from step {step}")
+        step = _resume(checkpoint, inner, optimizer, scheduler, plan, rank)
 
-    train = [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.train_file))]
+    train = _answered(
+        [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.train_file))],
+        "training",
+        rank,
+        plan,
+    )
     shard = train[rank::world]
     valid = (
-        [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.valid_file))][:64]
+        _answered(
+            [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.valid_file))][:64],
+            "validation",
+            rank,
+            plan,
+        )
         if plan.valid_file and rank == 0
         else []
     )
@@ -104,6 +112,13 @@ def train_loop(config: dict[str, Any]) -> None:
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
+        loss_sum = _checked_loss(loss_sum, config, step + 1, world, device)
+        if not math.isfinite(loss_sum):
+            # Every worker stops here together (the check is all-reduced) and tells the driver, which reports it
+            # and writes nothing: a non-finite step would make every weight NaN from here on.
+            optimizer.zero_grad(set_to_none=True)
+            ray.train.report({**progress.last, "non_finite_loss_step": step + 1})
+            return
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -149,6 +164,43 @@ def _record_worker(config: dict[str, Any], rank: int) -> None:
             }
         )
     )
+
+
+def _answered(
+    examples: list[dict[str, list[int]]], split: str, rank: int, plan: Any
+) -> list[dict[str, list[int]]]:
+    """Drops examples whose answer was cut away by max_seq_length (no label left: their loss is 0/0), saying how
+    many."""
+    kept = [e for e in examples if any(label != -100 for label in e["labels"])]
+    dropped = len(examples) - len(kept)
+    if dropped and rank == 0:
+        _say(
+            f"[expertserve] {plan.expert_name}: dropped {dropped} of {len(examples)} {split} examples with no answer "
+            f"tokens left after truncation to max_seq_length {plan.max_seq_length}"
+        )
+    if not kept and split == "training":
+        raise ValueError(
+            f"every training example loses its answer at max_seq_length {plan.max_seq_length}; raise "
+            "training.config.max_seq_length"
+        )
+    return kept
+
+
+def _checked_loss(loss: float, config: dict[str, Any], step: int, world: int, device: Any) -> float:
+    """The step's loss, NaN on every worker when it is not finite on any (all-reduced), so all stop together.
+    `nan_at_step` injects a NaN for tests."""
+    import torch
+
+    if config.get("nan_at_step") == step:
+        loss = float("nan")
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            return float("nan")
+    return loss
 
 
 def _maybe_inject_failure(config: dict[str, Any], step: int) -> None:
@@ -228,6 +280,8 @@ def _eval_loss(module: Any, valid: list[dict[str, list[int]]], pad: int, device:
 
 
 def _save_state(d: Path, module: Any, optimizer: Any, scheduler: Any, step: int, plan: Any) -> None:
+    """A checkpoint that loads without unpickling code: adapter and soft prompts in safetensors, the optimizer's
+    tensors in a `weights_only` torch file, the scheduler and the step in JSON."""
     import torch
 
     from expertserve.engine.soft_prompts import save_soft_prompt
@@ -241,33 +295,88 @@ def _save_state(d: Path, module: Any, optimizer: Any, scheduler: Any, step: int,
     config_file.write_text(json.dumps(adapter_config, indent=2))
     for sp, tensor in zip(plan.soft_prompts, module.soft_prompts, strict=True):
         save_soft_prompt(d / CHECKPOINT_SOFT_PROMPTS / f"{sp.name}.safetensors", tensor)
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "soft_prompts": [t.detach().cpu() for t in module.soft_prompts],
-        },
-        d / CHECKPOINT_STATE,
-    )
+    torch.save({"optimizer": optimizer.state_dict()}, d / CHECKPOINT_STATE)
+    (d / CHECKPOINT_SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
     (d / "step.json").write_text(json.dumps({"step": step}))
 
 
-def _load_state(d: Path, module: Any, optimizer: Any, scheduler: Any) -> int:
+def _load_state(d: Path, module: Any, optimizer: Any, scheduler: Any, plan: Any) -> int:
+    """Restores a checkpoint written by `_save_state`. `torch.load(weights_only=True)` refuses any pickled object
+    that is not a tensor or a plain container, so a checkpoint crafted to run code fails here instead.
+
+    Raises:
+        Exception: The checkpoint is unreadable (the caller falls back to an older one).
+    """
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from expertserve.engine.soft_prompts import load_soft_prompt
+
+    step = json.loads((d / "step.json").read_text())["step"]
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step.json: expected a step number, got {step!r}")
+    state = torch.load(d / CHECKPOINT_STATE, weights_only=True)
     set_peft_model_state_dict(
         module.peft_model, load_file(str(d / CHECKPOINT_ADAPTER / "adapter_model.safetensors"))
     )
-    state = torch.load(d / CHECKPOINT_STATE, weights_only=False)
     with torch.no_grad():
-        for param, saved in zip(module.soft_prompts, state["soft_prompts"], strict=True):
-            param.copy_(saved)
+        for sp, param in zip(plan.soft_prompts, module.soft_prompts, strict=True):
+            param.copy_(load_soft_prompt(d / CHECKPOINT_SOFT_PROMPTS / f"{sp.name}.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    scheduler.load_state_dict(json.loads((d / CHECKPOINT_SCHEDULER).read_text()))
+    return step
+
+
+def _resume(checkpoint: Any, module: Any, optimizer: Any, scheduler: Any, plan: Any, rank: int) -> int:
+    """The step to continue from: the latest checkpoint's, or, when it cannot be read, the newest older one that
+    can (with a warning naming the one skipped). Raises when none can be read."""
+    tried = []
+    for candidate in _checkpoints_newest_first(checkpoint):
+        try:
+            with candidate.as_directory() as d:
+                step = _load_state(Path(d), module, optimizer, scheduler, plan)
+        except Exception as e:  # any unreadable part: try the one before
+            tried.append(candidate.path)
+            if rank == 0:
+                _say(
+                    f"[expertserve] warning: checkpoint {candidate.path} cannot be read ({type(e).__name__}: {e}); "
+                    "trying the previous one"
+                )
+            continue
+        if rank == 0:
+            _say(f"[expertserve] resumed {plan.expert_name} from step {step} ({candidate.path})")
+        return step
+    raise RuntimeError(f"no checkpoint of {plan.expert_name} can be read (tried {', '.join(tried)})")
+
+
+def _checkpoints_newest_first(latest: Any) -> list[Any]:
+    """The latest checkpoint, then its older siblings in the run's storage (by their step)."""
+    import ray.train
+
+    found = [latest]
+    try:
+        fs, parent = latest.filesystem, latest.path.rstrip("/").rsplit("/", 1)[0]
+        from pyarrow import fs as pafs
+
+        infos = fs.get_file_info(pafs.FileSelector(parent))
+        siblings = [
+            i.path for i in infos if i.type == pafs.FileType.Directory and "checkpoint" in i.base_name
+        ]
+    except Exception:  # storage that cannot be listed: only the latest is known
+        return found
+
+    def step_of(path: str) -> int:
+        try:
+            with fs.open_input_stream(f"{path}/step.json") as f:
+                return int(json.loads(f.read())["step"])
+        except Exception:
+            return -1
+
+    older = sorted(
+        (p for p in siblings if p.rstrip("/") != latest.path.rstrip("/")), key=step_of, reverse=True
+    )
+    return found + [ray.train.Checkpoint(path=p, filesystem=fs) for p in older]
 
 
 class _Progress:
@@ -279,6 +388,7 @@ class _Progress:
         self.file = Path(progress_file) if progress_file and rank == 0 else None
         self.t0 = self.last_t = time.monotonic()
         self.tokens = 0
+        self.last: dict[str, Any] = {"step": start_step}
 
     def update(self, step: int, loss: float, lr: float, tokens: int) -> dict[str, Any]:
         now = time.monotonic()
@@ -286,7 +396,7 @@ class _Progress:
         rate = self.tokens / max(now - self.t0, 1e-9)
         per_step = (now - self.t0) / max(step - self.start_step, 1)
         eta = per_step * (self.plan.total_steps - step)
-        metrics = {
+        self.last = metrics = {
             "step": step,
             "total_steps": self.plan.total_steps,
             "loss": loss,

@@ -94,6 +94,22 @@ class TrainPlan:
         return cls(**data)
 
 
+def _inside(loaded: LoadedManifest, field: str, rel: str) -> Path:
+    """A dataset path, which must stay inside the expert directory (no absolute paths, no `..` out of it,
+    no symbolic link pointing elsewhere): training reads what the manifest names, nothing else on the machine."""
+    root = loaded.root.resolve()
+    if Path(rel).is_absolute():
+        raise TrainingError(
+            f"{loaded.path}: {field}: expected a path inside the expert directory, got {rel!r}"
+        )
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise TrainingError(
+            f"{loaded.path}: {field}: {rel!r} resolves to {path}, outside the expert directory {root}"
+        )
+    return path
+
+
 def make_plan(
     loaded: LoadedManifest,
     *,
@@ -108,7 +124,7 @@ def make_plan(
     Raises:
         TrainingError: The expert has no adapter for the base model, or its dataset is missing or malformed.
     """
-    m, root = loaded.manifest, loaded.root
+    m = loaded.manifest
     cfg, ds = m.training.config, m.training.dataset
     adapter = m.adapter_for(base_model_id)
     if adapter is None:
@@ -127,11 +143,20 @@ def make_plan(
         )
     if not ds.path:
         raise TrainingError(f"{loaded.path}: training.dataset.path is not set")
-    train_file = root / ds.path
+    train_file = _inside(loaded, "training.dataset.path", ds.path)
     n_train = len(read_jsonl(train_file))
-    valid_file = root / ds.validation_path if ds.validation_path else None
+    valid_file = (
+        _inside(loaded, "training.dataset.validation_path", ds.validation_path)
+        if ds.validation_path
+        else None
+    )
     if valid_file is not None:
         read_jsonl(valid_file)
+    if n_train < workers:
+        raise TrainingError(
+            f"{train_file}: {n_train} training examples for {workers} workers; every worker needs at least one "
+            f"(use --workers {n_train} or fewer)"
+        )
 
     batch, accum = cfg.batch_size, cfg.gradient_accumulation_steps or 1
     steps_per_epoch = max(1, math.ceil(n_train / (batch * workers * accum)))

@@ -29,7 +29,15 @@ class TrainSettings(StrictModel):
     )
     base_model_id: str | None = Field(default=None, description="The id the manifest names for base_model.")
     storage: str | None = Field(
-        default=None, description="Runs and checkpoints; shared storage on multi-node clusters."
+        default=None,
+        description="Runs and checkpoints: a directory (a mounted shared file system on multi-node clusters) or "
+        "a URI Ray Train stores to (s3://, gs://, hdfs://, abfs://, file://).",
+    )
+    version: str | None = Field(
+        default=None,
+        pattern=r"^\d+\.\d+\.\d+$",
+        description="Version of the trained expert; default: the manifest's, with the patch number raised when "
+        "the output already holds a trained version.",
     )
     max_failures: int = Field(
         default=2, ge=0, description="Restarts from the latest checkpoint after a lost worker."
@@ -61,3 +69,28 @@ class TrainSettings(StrictModel):
             data.update({k: v for k, v in loaded.items() if not str(k).startswith("_")})
         data.update({k: v for k, v in cli.items() if v is not None})
         return cls.model_validate(data)
+
+
+# The URI schemes Ray Train's storage (pyarrow.fs) takes; anything else is refused before Ray starts.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
+def storage_location(value: str | None, default: Path) -> tuple[str, bool]:
+    """Where runs are stored, as Ray Train's `storage_path`, and whether it is a local directory.
+
+    Raises:
+        ValueError: A URI with a scheme Ray Train cannot store to (named, with the ones it can).
+    """
+    if value is None:
+        return str(default.resolve()), True
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return str(Path(value).expanduser().resolve()), True
+    if scheme.lower() not in STORAGE_SCHEMES or not rest.strip("/"):
+        raise ValueError(
+            f"storage: {value!r}: expected a directory or a URI of {', '.join(s + '://' for s in STORAGE_SCHEMES)} "
+            "with a bucket or path"
+        )
+    if scheme.lower() == "file":
+        return str(Path("/" + rest.lstrip("/")).resolve()), True
+    return value, False

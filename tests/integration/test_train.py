@@ -81,7 +81,7 @@ def test_two_workers_survive_a_lost_worker_resume_and_package(
         workers=2,
         base_model_dir=base,
         base_model_id=TINY_ID,
-        storage_dir=storage,
+        storage=storage,
         cpus_per_worker=0.5,
         output_dir=out,
         progress=False,
@@ -116,11 +116,69 @@ def test_two_workers_survive_a_lost_worker_resume_and_package(
         "the source expert stays untouched"
     )
 
-    # --resume continues the same run from its latest checkpoint (step 12) to a longer length.
+    # --resume continues the same run from its latest checkpoint (step 12) to a longer length; the retrained
+    # expert gets the next version, its package a new name, and no quality figures of the older weights.
     resumed = train_expert(expert, resume=True, max_steps=14, **common)
     new_steps = [h["step"] for h in resumed.history if "step" in h][len(result.history) - 1 :]
     assert new_steps[:2] == [13, 14], new_steps
-    assert json.loads((out / "manifest.json").read_text())["training"]["checkpoint"] == "checkpoint-14"
+    retrained = json.loads((out / "manifest.json").read_text())
+    assert retrained["training"]["checkpoint"] == "checkpoint-14" and retrained["version"] == "0.1.1"
+    assert "quality_metrics" not in retrained and resumed.package.name == "expert-demo-0.1.1.expert"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out", "runs"], "no staging directory left"
+
+    # The latest checkpoint (step 14) is replaced by one crafted to run code: resuming must not run it, must say
+    # which checkpoint it skipped, and must continue from the one before (step 12).
+    import torch
+
+    from expertserve.train.loop import CHECKPOINT_STATE
+
+    checkpoints = sorted(
+        (d for d in (storage / "expert-demo").glob("checkpoint_*") if d.is_dir()),
+        key=lambda d: json.loads((d / "step.json").read_text())["step"],
+    )
+    assert json.loads((checkpoints[-1] / "step.json").read_text())["step"] == 14
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer": _RunsCode(marker)}, checkpoints[-1] / CHECKPOINT_STATE)
+    again = train_expert(expert, resume=True, max_steps=15, version="2.0.0", **common)
+    steps = [h["step"] for h in again.history if "step" in h]
+    assert steps[-3:] == [13, 14, 15], steps
+    assert not marker.exists()
+    assert json.loads((out / "manifest.json").read_text())["version"] == "2.0.0"
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_non_finite_loss_stops_the_run_and_writes_nothing(
+    ray_cluster: None, tiny_expert: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from expertserve.train.launch import train_expert
+    from expertserve.train.plan import TrainingError
+
+    expert, base = tiny_expert
+    out = tmp_path / "out"
+    with pytest.raises(TrainingError, match="loss is not finite .* at step 3; nothing was written"):
+        train_expert(
+            expert,
+            workers=2,
+            cpus_per_worker=0.5,
+            base_model_dir=base,
+            base_model_id=TINY_ID,
+            storage=tmp_path / "runs",
+            output_dir=out,
+            max_steps=6,
+            nan_at_step=3,
+            progress=False,
+            log=lambda line: None,
+        )
+    assert not out.exists()
 
 
 def test_training_errors_are_reported_not_raised_as_tracebacks(
@@ -131,6 +189,4 @@ def test_training_errors_are_reported_not_raised_as_tracebacks(
 
     expert, base = tiny_expert
     with pytest.raises(TrainingError, match="no adapter for base model other-model"):
-        train_expert(
-            expert, base_model_dir=base, base_model_id="other-model", storage_dir=tmp_path, log=print
-        )
+        train_expert(expert, base_model_dir=base, base_model_id="other-model", storage=tmp_path, log=print)

@@ -99,3 +99,31 @@ def test_prompt_tokens_are_masked(tiny: tuple[Path, Any]) -> None:
     ]
     assert tok.decode(answer).startswith("yes") and tok.decode(answer).endswith("<|im_end|>\n")
     assert encoded["labels"][0] == IGNORE_INDEX
+
+
+class _RunsCode:
+    """Unpickling this runs a command: what a checkpoint planted on shared storage could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    import json
+    import pickle
+
+    import torch
+
+    from expertserve.train.loop import CHECKPOINT_STATE, _load_state
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "step.json").write_text(json.dumps({"step": 3}))
+    torch.save({"optimizer": _RunsCode(marker)}, tmp_path / CHECKPOINT_STATE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        _load_state(tmp_path, None, None, None, None)
+    assert not marker.exists()

@@ -87,3 +87,43 @@ def test_malformed_dataset_names_file_and_line(tmp_path: Path) -> None:
     (root / "data" / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
     with pytest.raises(DatasetError, match=r"train.jsonl:1: the last message must be the assistant's answer"):
         make_plan(load_manifest(root), base_model_dir=Path("/m"), base_model_id=BASE)
+
+
+def test_more_workers_than_examples_is_an_error_before_ray(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="3 training examples for 4 workers.*--workers 3"):
+        plan_for(tmp_path, n=3, workers=4)
+
+
+def test_a_dataset_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    root = make_expert(tmp_path / "expert-demo", manifest())
+    line = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    (root / "data" / "train.jsonl").write_bytes(f"{line}\n".encode() + b'{"messages": "caf\xe9"}\n')
+    with pytest.raises(DatasetError, match=r"train.jsonl:2: not UTF-8"):
+        make_plan(load_manifest(root), base_model_dir=Path("/m"), base_model_id=BASE)
+
+
+@pytest.mark.parametrize("where", ["/etc/passwd", "../outside.jsonl", "data/link.jsonl"])
+def test_dataset_paths_stay_inside_the_expert(tmp_path: Path, where: str) -> None:
+    data = manifest()
+    root = make_expert(tmp_path / "expert-demo", data)
+    (tmp_path / "outside.jsonl").write_text("{}\n")
+    (root / "data" / "link.jsonl").symlink_to(tmp_path / "outside.jsonl")
+    data["training"]["dataset"]["path"] = where
+    (root / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(
+        TrainingError, match=r"training.dataset.path: .*(inside|outside) the expert directory"
+    ):
+        make_plan(load_manifest(root), base_model_dir=Path("/m"), base_model_id=BASE)
+
+
+def test_storage_takes_what_ray_train_takes_and_refuses_other_schemes(tmp_path: Path) -> None:
+    from expertserve.train.settings import storage_location
+
+    assert storage_location(None, tmp_path) == (str(tmp_path.resolve()), True)
+    assert storage_location("s3://bucket/runs", tmp_path) == ("s3://bucket/runs", False)
+    assert storage_location("gs://bucket", tmp_path) == ("gs://bucket", False)
+    assert storage_location(f"file://{tmp_path}/r", tmp_path) == (str(tmp_path / "r"), True)
+    assert storage_location(str(tmp_path / "x"), tmp_path) == (str(tmp_path / "x"), True)
+    for bad in ("ftp://host/runs", "s3://", "mystore://x"):
+        with pytest.raises(ValueError, match="storage: .*expected a directory or a URI of s3://"):
+            storage_location(bad, tmp_path)

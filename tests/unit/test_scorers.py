@@ -115,3 +115,73 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
         read_jsonl(f)
     with pytest.raises(DatasetError, match="dataset file not found"):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.skipif(typescript.tsc_command() is None, reason="tsc is installed by scripts/setup.sh")
+def test_typescript_model_output_runs_in_a_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model output cannot pass by printing, and cannot read the caller's environment or files, start processes,
+    or outgrow its limits."""
+    monkeypatch.setenv("EXPERTSERVE_SCORER_SECRET", "leaked")
+    add = {"name": "add", "tests": [["1, 2", "3"], ["0, 0", "0"]]}
+    probe = {"name": "probe", "tests": [["", '"denied"']]}
+    node = "declare const require: any; declare const process: any;\n"
+    cases = [
+        # prints what the old harness printed, and a line shaped like the runner's, without computing anything
+        (
+            add,
+            'function add(a: number, b: number): number { return 0; }\nconsole.log("[true,true]");\n'
+            'console.log(\'abc[{"json":"3"},{"json":"0"}]\');',
+            False,
+        ),
+        (
+            add,
+            f"function add(a: number, b: number): number {{ return a + b; }}\n{node}process.exit(0);",
+            False,
+        ),
+        (
+            probe,
+            f'{node}function probe(): string {{ return process.env.EXPERTSERVE_SCORER_SECRET ?? "denied"; }}',
+            True,
+        ),
+        (
+            probe,
+            f"{node}function probe(): string {{ try {{ return require('fs').readFileSync('"
+            f"{REPO / 'experts/expert-typescript/data/test.jsonl'}', 'utf8'); }} catch {{ return 'denied'; }} }}",
+            True,
+        ),
+        (
+            probe,
+            f"{node}function probe(): string {{ try {{ require('child_process').execSync('id'); return 'ran'; }}"
+            " catch { return 'denied'; } }",
+            True,
+        ),
+        (
+            probe,
+            f"{node}function probe(): string {{ try {{ require('fs').writeFileSync('x', 'y'); return 'wrote'; }}"
+            " catch { return 'denied'; } }",
+            True,
+        ),
+        (
+            add,
+            "function add(a: number, b: number): number { const xs: number[] = [];"
+            " while (true) { xs.push(a); } }",
+            False,
+        ),
+    ]
+    scores = typescript.score_many([c[1] for c in cases], [c[0] for c in cases], timeout_s=3)
+    assert scores == [c[2] for c in cases]
+
+
+def test_the_sandbox_scrubs_the_environment_and_limits_resources(tmp_path: Path) -> None:
+    import sys
+
+    from expertserve.eval import sandbox
+
+    script = "import os, resource; print(sorted(os.environ), resource.getrlimit(resource.RLIMIT_FSIZE)[0], os.getcwd())"
+    out = sandbox.run([sys.executable, "-c", script], tmp_path)
+    assert out.returncode == 0 and out.stdout.split("]")[0] == "['HOME', 'LANG', 'NODE_OPTIONS', 'PATH'"
+    assert f"{2**20} {tmp_path}" in out.stdout
+    slow = sandbox.run(
+        [sys.executable, "-c", "while True: pass"], tmp_path, limits=sandbox.SandboxLimits(1, 5)
+    )
+    assert slow.returncode != 0 and not slow.timed_out  # stopped by the CPU limit
