@@ -116,8 +116,13 @@ def train_loop(config: dict[str, Any]) -> None:
         if not math.isfinite(loss_sum):
             # Every worker stops here together (the check is all-reduced) and tells the driver, which reports it
             # and writes nothing: a non-finite step would make every weight NaN from here on.
+            # Ray Train keeps metrics only with a checkpoint: a marker checkpoint carries the news (resuming skips it).
             optimizer.zero_grad(set_to_none=True)
-            ray.train.report({**progress.last, "non_finite_loss_step": step + 1})
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    (Path(tmp) / "non_finite.json").write_text(json.dumps({"step": step + 1}))
+                marker = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                ray.train.report({**progress.last, "non_finite_loss_step": step + 1}, checkpoint=marker)
             return
         if scaler:
             scaler.step(optimizer)

@@ -97,7 +97,12 @@ class PodSpec(_K):
     volumes: list[Volume] | None = None
 
 
+class PodMetadata(_K):
+    labels: dict[str, str]
+
+
 class PodTemplate(_K):
+    metadata: PodMetadata | None = None
     spec: PodSpec
 
 
@@ -120,8 +125,13 @@ class AutoscalerOptions(_K):
     upscalingMode: Literal["Default", "Aggressive", "Conservative"] | None = None
 
 
+class AuthOptions(_K):
+    mode: Literal["token", "disabled"]
+
+
 class RayClusterSpec(_K):
     rayVersion: str
+    authOptions: AuthOptions | None = None
     enableInTreeAutoscaling: bool | None = None
     autoscalerOptions: AutoscalerOptions | None = None
     headGroupSpec: HeadGroup
@@ -129,14 +139,15 @@ class RayClusterSpec(_K):
 
 
 class RayServiceSpec(_K):
-    serviceUnhealthySecondThreshold: int | None = None
-    deploymentUnhealthySecondThreshold: int | None = None
+    # serviceUnhealthySecondThreshold and deploymentUnhealthySecondThreshold are deprecated (no-ops since
+    # KubeRay 1.1): left out, so the schema refuses them.
     serveConfigV2: str
     rayClusterConfig: RayClusterSpec
 
 
 class RayJobSpec(_K):
     entrypoint: str
+    submissionMode: Literal["K8sJobMode", "HTTPMode", "SidecarMode"] | None = None
     runtimeEnvYAML: str | None = None
     shutdownAfterJobFinishes: bool
     ttlSecondsAfterFinished: int | None = None
@@ -176,6 +187,38 @@ class PersistentVolumeClaim(_K):
     spec: PVCSpec
 
 
+class LabelSelector(_K):
+    matchLabels: dict[str, str]
+
+
+class PeerSelector(_K):
+    podSelector: LabelSelector | None = None
+    namespaceSelector: LabelSelector | dict[str, str] | None = None
+
+
+class PolicyPort(_K):
+    protocol: Literal["TCP", "UDP"]
+    port: int = Field(ge=1, le=65535)
+
+
+class IngressRule(_K):
+    from_: list[PeerSelector] | None = Field(default=None, alias="from")
+    ports: list[PolicyPort] | None = None
+
+
+class NetworkPolicySpec(_K):
+    podSelector: LabelSelector
+    policyTypes: list[Literal["Ingress", "Egress"]]
+    ingress: list[IngressRule]
+
+
+class NetworkPolicy(_K):
+    apiVersion: Literal["networking.k8s.io/v1"]
+    kind: Literal["NetworkPolicy"]
+    metadata: Metadata
+    spec: NetworkPolicySpec
+
+
 class Kustomization(_K):
     apiVersion: Literal["kustomize.config.k8s.io/v1beta1"]
     kind: Literal["Kustomization"]
@@ -187,6 +230,7 @@ KINDS: dict[str, type[BaseModel]] = {
     "RayJob": RayJob,
     "RayCluster": RayCluster,
     "PersistentVolumeClaim": PersistentVolumeClaim,
+    "NetworkPolicy": NetworkPolicy,
     "Kustomization": Kustomization,
 }
 YAMLS = sorted(p for d in ("k8s", "cluster", "configs") for p in (REPO / d).rglob("*.yaml"))
@@ -318,11 +362,43 @@ def test_keys_come_from_a_secret_in_every_rayservice_container() -> None:
     for group in groups:
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
         for name, key in (("EXPERTSERVE_API_KEYS", "api-keys"), ("EXPERTSERVE_ADMIN_KEY", "admin-key")):
-            assert env[name]["valueFrom"]["secretKeyRef"] == {
-                "name": "expertserve-keys",
-                "key": key,
-                "optional": True,
-            }
+            # Not optional: without the Secret the pod does not start, instead of serving 0.0.0.0 without keys.
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "expertserve-keys", "key": key}
     assert (
         "api_keys" not in spec["spec"]["serveConfigV2"] and "admin_key" not in spec["spec"]["serveConfigV2"]
     )
+
+
+def _ray_clusters() -> list[tuple[str, dict[str, Any]]]:
+    where = {"RayService": "rayClusterConfig", "RayJob": "rayClusterSpec"}
+    return [
+        (path.name, doc["spec"][where[doc["kind"]]] if doc["kind"] in where else doc["spec"])
+        for path, doc in kubernetes_docs()
+        if doc["kind"] in (*where, "RayCluster")
+    ]
+
+
+def test_every_ray_cluster_uses_token_auth_and_the_network_policy_covers_its_pods() -> None:
+    policy = yaml.safe_load((REPO / "k8s" / "networkpolicy.yaml").read_text())
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    clusters = _ray_clusters()
+    assert {name for name, _ in clusters} == {"rayservice.yaml", "rayjob-train.yaml", "raycluster-dev.yaml"}
+    for name, cluster in clusters:
+        assert cluster["authOptions"] == {"mode": "token"}, name
+        for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+            template = group["template"]
+            assert selected.items() <= template["metadata"]["labels"].items(), name
+            for container in template["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert "RAY_AUTH_MODE" not in env, f"{name}: auth is set by authOptions, never disabled"
+    assert "RAY_AUTH_MODE" not in (REPO / "k8s" / "rayjob-train.yaml").read_text()
+    # Ray's ports: only from the app's own pods and the operator; 8000 from anywhere.
+    open_rules = [r for r in policy["spec"]["ingress"] if "from" not in r]
+    assert [p["port"] for r in open_rules for p in r["ports"]] == [8000]
+
+
+def test_deprecated_rayservice_fields_are_refused() -> None:
+    doc = copy.deepcopy(yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text()))
+    doc["spec"]["serviceUnhealthySecondThreshold"] = 900
+    with pytest.raises(ValidationError, match="serviceUnhealthySecondThreshold"):
+        check_object(doc)
