@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval", metavar="FILE", help='labelled JSONL: {"prompt" or "messages", "expert": name or null}'
     )
+    p.add_argument(
+        "--explain",
+        metavar="PROMPT",
+        help="route PROMPT and show the evidence: each candidate's score, nearest examples, keywords, the "
+        "prompt's intent cues and the margin",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--experts-dir", action="append", metavar="DIR", help="expert root (repeatable)")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""`expertserve route "PROMPT" [--json]` and `expertserve route --eval FILE [--json]`."""
+"""`expertserve route "PROMPT" [--json]`, `route --explain PROMPT`, `route --eval FILE [--json]`, `route --bench`."""
 
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ def run(args: Any) -> int:
     """Routes one prompt, or evaluates a labelled file."""
     from expertserve.routing.evaluate import evaluate, read_labelled
 
-    if sum(x is not None and x is not False for x in (args.prompt, args.eval, args.bench)) != 1:
-        raise UsageError("give one of PROMPT, --eval FILE, --bench")
+    if sum(x is not None and x is not False for x in (args.prompt, args.eval, args.bench, args.explain)) != 1:
+        raise UsageError("give one of PROMPT, --explain PROMPT, --eval FILE, --bench")
     if args.bench:
         return _bench(args)
     rows = read_labelled(Path(args.eval)) if args.eval else None
     router = build_router(args.experts_dir, args.base_model)
+    if args.explain is not None:
+        return _explain(router.explain(args.explain), as_json=args.json)
     if rows is None:
         decision = router.route(args.prompt)
         if args.json:
@@ -60,6 +62,32 @@ def run(args: Any) -> int:
     print("  " + " " * 20 + "".join(f"{n[:14]:>15}" for n in names))
     for a in names:
         print(f"  {a[:20]:<20}" + "".join(f"{report['confusion'][a].get(b, 0):>15}" for b in names))
+    return EXIT_OK
+
+
+def _explain(report: dict[str, Any], *, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(
+        f"{report['expert'] or 'base model'} (confidence {report['confidence']:.2f}, {report['method']}; "
+        f"margin over the runner-up {report['margin']:.3f})"
+    )
+    cues = report["cues"]
+    print(
+        f"  base model      score {report['base_score']:6.3f}  prose cues {cues['prose'] or 'none'}; "
+        f"artifact cues {cues['artifact'] or 'none'}"
+    )
+    for c in report["candidates"]:
+        evidence = f"keywords {c['keywords']}" if c["keywords"] else "no keywords"
+        if c["excluded"]:
+            evidence = f"excluded by {c['excluded']}"
+        print(
+            f"  {c['expert']:<15} score {c['score']:6.3f}  semantic {c['semantic']:5.3f}  "
+            f"confidence {c['confidence']:.2f}  {evidence}"
+        )
+        for n in c["nearest"]:
+            print(f"      {n['similarity']:5.3f}  {n['text'][:100]!r}")
     return EXIT_OK
 
 

@@ -189,12 +189,29 @@ class Routing(StrictModel):
         description="expertserve extension: example prompts this expert should answer (semantic routing).",
     )
 
+    patterns: list[Str] = Field(
+        default_factory=list,
+        description="expertserve extension: regular expressions (Python syntax, matched case-insensitively on the "
+        "normalised prompt); each match counts as a keyword hit, for evidence words cannot express (a pasted "
+        "table signature `name(col, col)`).",
+    )
+
     @field_validator("keywords", "exclude_keywords", "examples")
     @classmethod
     def _no_blank(cls, values: list[str]) -> list[str]:
         for i, v in enumerate(values):
             if not v.strip():
                 raise ValueError(f"item {i} is empty")
+        return values
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, values: list[str]) -> list[str]:
+        for i, v in enumerate(values):
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"item {i}: not a regular expression ({e}): {v!r}") from None
         return values
 
 

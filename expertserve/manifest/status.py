@@ -266,6 +266,7 @@ RULES: dict[str, Rule] = {
         "evaluate the reference router's hint expressions"
     ),
     "routing.priority": ROUTER("a small bonus that breaks ties between experts"),
+    "routing.patterns": ROUTER("regular expressions; each match counts as a keyword hit"),
     "routing.examples": ROUTER(
         "example prompts for semantic matching (with the description and sampled training prompts)"
     ),

@@ -139,3 +139,75 @@ def test_one_hundred_synthetic_experts(tmp_path: Path) -> None:
     for i in (0, 42, 99):
         decision = r.route(f"I have questions about topic{i}")
         assert decision.expert == f"expert-topic{i}" and len(decision.candidates) == 100
+
+
+def test_intent_cues_read_what_a_prompt_wants() -> None:
+    from expertserve.routing.intent import cues, is_fragment, languages
+
+    assert cues("What is the difference between a LEFT JOIN and an INNER JOIN?").wants_prose
+    assert not cues("Write a query over orders(id, total, customer)").prose
+    assert cues("delete old rows from logs(id, created_at, msg)").artifact
+    assert not cues("Explain what users(id, name) means").wants_prose  # both: no adjustment
+    assert is_fragment("now for 'Ana, 25'") and is_fragment("authors with more than three books")
+    assert is_fragment("what about Oslo") and not is_fragment("why is the sky blue?")
+    assert not is_fragment("tell me the weather in Oslo")
+    assert languages("Write a PHP function") == {"php"} and languages("a typed TS helper") == {"typescript"}
+    assert languages("convert this javascript to typescript") == {"javascript", "typescript"}
+    assert languages("Java, not JavaScript") == {"java", "javascript"}
+
+
+def test_prose_questions_go_to_the_base_model_and_artifacts_to_experts(two: Path) -> None:
+    r = router(two, base_score=0.3, prose_weight=0.8, artifact_weight=0.2, min_confidence=0.0)
+    assert r.route("write a sql query over the orders table").expert == "expert-sql"
+    asked = r.route("why do people write a sql query over the orders table?")
+    assert asked.expert is None and asked.base_score == pytest.approx(1.1)
+    assert r.route("sql query over the orders table").base_score == pytest.approx(0.1)  # starts with 'sql'
+
+
+def test_an_expert_for_another_language_is_penalised(tmp_path: Path) -> None:
+    expert(
+        tmp_path, "expert-ts", {"keywords": ["function"], "examples": ["write a typescript function"]}, "ts"
+    )
+    r = router(tmp_path, base_score=0.2, min_confidence=0.0, language_penalty=0.5)
+    assert r.route("write a typescript function that sums").expert == "expert-ts"
+    assert r.route("write a ruby function that sums").expert is None
+
+
+def test_manifest_patterns_count_as_keyword_hits(tmp_path: Path) -> None:
+    expert(
+        tmp_path,
+        "expert-sql",
+        {"keywords": ["sql"], "patterns": [r"\b\w+\(\w+(?:, \w+)+\)"], "examples": ["sql"]},
+        "sql",
+    )
+    r = router(tmp_path, base_score=0.1, keyword_bonus=0.2, min_confidence=0.0)
+    sql = r.route("orders(id, total) per customer").candidates[0]
+    assert sql.keywords == [r"/\b\w+\(\w+(?:, \w+)+\)/"] and sql.score == pytest.approx(0.2)
+    from pydantic import ValidationError
+
+    from expertserve.manifest.model import Routing
+
+    with pytest.raises(ValidationError, match="(?s)patterns.*not a regular expression"):
+        Routing.model_validate({"keywords": ["x"], "patterns": ["(unclosed"]})
+
+
+def test_a_fragment_continues_the_conversations_expert(two: Path) -> None:
+    r = router(two, base_score=0.3, min_confidence=0.0)
+    first = {"role": "user", "content": "extract fields into a json object from 'Ana, 25'"}
+    reply = {"role": "assistant", "content": '{"name": "Ana"}'}
+    follow = r.route_messages([first, reply, {"role": "user", "content": "now for 'Tom, 30'"}])
+    assert follow.expert == "expert-json" and follow.method == "follow-up"
+    switch = r.route_messages([first, reply, {"role": "user", "content": "why is the sky blue today?"}])
+    assert switch.expert is None
+
+
+def test_explain_shows_evidence_and_margin(two: Path) -> None:
+    r = router(two, base_score=0.3, min_confidence=0.0)
+    report = r.explain("write a sql query with group by over orders")
+    assert report["expert"] == "expert-sql" and report["margin"] > 0
+    sql = next(c for c in report["candidates"] if c["expert"] == "expert-sql")
+    assert sql["keywords"] == ["group by", "sql"]
+    assert sql["nearest"][0]["text"] == "write a sql query over the orders table"
+    assert report["cues"]["artifact"] and report["base_score"] == pytest.approx(
+        0.3 - r.config.artifact_weight
+    )

@@ -1,0 +1,142 @@
+"""What a prompt asks for, read from its form: prose (an explanation, an opinion, a comparison) or an artifact (code,
+a query, structured data), and whether a conversation's last turn is a fragment that continues the previous one.
+Pure Python.
+
+The router's semantic signal says what a prompt is *about*; these cues say what it *wants*. A question about SQL
+that wants prose belongs to the base model even though it is about SQL; a terse request with a pasted table
+`logs(id, created_at, msg)` wants a query even though it reads unlike the expert's examples. The cues are generic
+(no expert is named here): experts stay plain manifests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from expertserve.routing.lexical import normalise
+
+_PROSE_START = re.compile(
+    r"^(?:(?:hi|hello|hey|ok|okay|cool|thanks|thank you)[,.!]?\s+)?"
+    r"(?:what(?:'s| is| are| does| do)?|why|how (?:does|do|is|are|can|should|would)|when (?:should|do|is)|"
+    r"is|are|should|would|could you explain|can you explain|explain|describe|tell me (?:about|why|how)|compare|"
+    r"which is better)\b"
+)
+_PROSE_PHRASES = (
+    "difference between",
+    "pros and cons",
+    "history of",
+    "conceptually",
+    "in plain words",
+    "not code",
+    "no code",
+    "in your opinion",
+    "worth learning",
+    "better than",
+    "used for",
+    "why is",
+    "why would",
+    "advantages of",
+)
+# A pasted table `name(col, col, ...)`, a schema, a JSON object or a function signature: material to work on.
+_ARTIFACT_PATTERNS = (
+    re.compile(r"\b\w+\s*\(\s*\w+(?:\s+\w+)?(?:\s*,\s*\w+(?:\s+\w+)?)+\s*\)"),
+    re.compile(r"\bcreate table\b"),
+    re.compile(r"\{\s*\"?\w+\"?\s*[:,}]"),
+    re.compile(r"\binterface \w+|\btype \w+\s*=|=>|\w+\s*:\s*(?:string|number|boolean)\b"),
+)
+_ARTIFACT_START = re.compile(
+    r"^(?:(?:hi|hey|hello|ok|okay|please|pls|plz|so)[,.!]?\s+)?"
+    r"(?:write|give me (?:the|a|an)|make|create|implement|code|build|generate|turn|convert|parse|extract|pull out|"
+    r"produce|list|delete|insert|update|count|find|show|get|need|return|select|structure|sum|"
+    r"sql|json|ts|typescript|sqlite|regex)\b"
+)
+# Asking for a thing to be produced, anywhere in the prompt.
+_ARTIFACT_PHRASES = (
+    "give me a",
+    "give me the",
+    "as json",
+    "into json",
+    "to json",
+    "json object",
+    "structured object",
+    "the query",
+    "a query",
+    "write a function",
+    "a function that",
+    "->",
+)
+_FOLLOW_UP_START = re.compile(
+    r"^(?:now|and|same|then|next|again|also for|what about|do the same|same for|ok now)\b"
+)
+_QUESTION_START = re.compile(r"^(?:what|why|how|when|where|who|which|is|are|can|could|should|do|does|tell)\b")
+FRAGMENT_WORDS = 12
+# Programming and query languages a prompt may name. An expert whose own profile names none of the languages a
+# prompt names is the wrong one for it ("write a PHP function" is not for a TypeScript or SQL expert).
+LANGUAGES: dict[str, re.Pattern[str]] = {
+    name: re.compile(pattern)
+    for name, pattern in {
+        "python": r"\bpython\b",
+        "java": r"\bjava\b(?!script)",
+        "c": r"\b(?:in c|c function|c program|c code)\b",
+        "c++": r"c\+\+|\bcpp\b",
+        "c#": r"c#|\bcsharp\b",
+        "go": r"\bgolang\b|\bin go\b|\bgo (?:struct|function|program|code)\b",
+        "rust": r"\brust\b",
+        "ruby": r"\bruby\b",
+        "php": r"\bphp\b",
+        "kotlin": r"\bkotlin\b",
+        "swift": r"\bswift\b",
+        "scala": r"\bscala\b",
+        "perl": r"\bperl\b",
+        "shell": r"\bbash\b|\bshell script\b|\bzsh\b|\bpowershell\b",
+        "javascript": r"\bjavascript\b|\bjs\b",
+        "typescript": r"\btypescript\b|\bts\b",
+        "sql": r"\bsql\b|\bsqlite\b|\bpostgres(?:ql)?\b|\bmysql\b",
+        "haskell": r"\bhaskell\b",
+        "lua": r"\blua\b",
+        "dart": r"\bdart\b",
+        "elixir": r"\belixir\b",
+    }.items()
+}
+
+
+@dataclass(frozen=True)
+class Cues:
+    """The cues found in one prompt (each a short label, for explanations)."""
+
+    prose: tuple[str, ...]
+    artifact: tuple[str, ...]
+
+    @property
+    def wants_prose(self) -> bool:
+        """Prose cues and no artifact cue."""
+        return bool(self.prose) and not self.artifact
+
+
+def cues(prompt: str) -> Cues:
+    """The prose and artifact cues of a prompt."""
+    text = normalise(prompt)
+    prose = [f"starts like a question ({m.group(0)!r})" for m in [_PROSE_START.match(text)] if m]
+    prose += [f"{p!r}" for p in _PROSE_PHRASES if p in text]
+    artifact = [f"asks to {m.group(0).split()[-1]!r}" for m in [_ARTIFACT_START.match(text)] if m]
+    artifact += [f"contains {p.pattern[:24]!r}..." for p in _ARTIFACT_PATTERNS if p.search(text)]
+    artifact += [f"{p!r}" for p in _ARTIFACT_PHRASES if p in text]
+    return Cues(tuple(prose), tuple(artifact))
+
+
+def is_fragment(prompt: str) -> bool:
+    """A short last turn that reads as a continuation (`now for ...`, `and one that ...`, `authors with more than
+    three books`), not a new self-contained question."""
+    text = normalise(prompt)
+    words = text.split()
+    if not words or len(words) > FRAGMENT_WORDS:
+        return False
+    if _FOLLOW_UP_START.match(text):
+        return True
+    return not text.endswith("?") and not _QUESTION_START.match(text)
+
+
+def languages(text: str) -> frozenset[str]:
+    """The programming languages a text names."""
+    normal = normalise(text)
+    return frozenset(name for name, pattern in LANGUAGES.items() if pattern.search(normal))
