@@ -22,16 +22,26 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Tim
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 return Timed(0.0, time.perf_counter() - started, 0, f"HTTP {r.status_code}: {text[:300]}")
+            finished = False
             async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    finished = True
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:  # a failure after the 200 was sent: the request failed
+                    message = str(chunk["error"].get("message", chunk["error"]))[:300]
+                    return Timed(
+                        0.0, time.perf_counter() - started, 0, f"error event in the stream: {message}"
+                    )
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 # The first chunk that carries text: a role-only opening chunk is not a token.
                 if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                     first = time.perf_counter()
-    except (httpx.HTTPError, ValueError, KeyError) as e:
+            if not finished:
+                return Timed(0.0, time.perf_counter() - started, 0, "the stream ended without data: [DONE]")
+    except (httpx.HTTPError, ValueError, KeyError, AttributeError) as e:
         return Timed(0.0, time.perf_counter() - started, 0, f"{type(e).__name__}: {e}")
     done = time.perf_counter()
     return Timed((first or done) - started, done - started, tokens)

@@ -30,6 +30,7 @@ from expertserve.bench.load import run_load, run_sequential
 from expertserve.bench.servers import expertserve_server, free_port, vllm_server
 from expertserve.bench.stats import Timed, percentile, ratio, summarize
 from expertserve.bench.workload import Shape
+from expertserve.engine.hardware import choose_dtype, cpu_info
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class EngineSettings:
     max_cpu_loras: int = 48
     max_num_seqs: int = 32
     kv_cache_gib: int = 1
+    dtype: str = "auto"  # resolved once (expertserve/engine/hardware.py); both servers get the same one
     prefix_caching: bool = False
 
 
@@ -94,7 +96,8 @@ def machine() -> dict[str, Any]:
         "cores": len(os.sched_getaffinity(0)),
         "memory_gib": mem_gib,
         "device": device,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_info().model,
+        "cpu_info": cpu_info().to_dict(),
         "python": platform.python_version(),
         **versions,
     }
@@ -260,9 +263,12 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     make_experts(synth, ["expert-bench-nosoft"], template, model_id, seed=SEED + 1)
     stack_names = mixed_names[:STACK_EXPERTS]
 
+    dtype, why = choose_dtype(settings.dtype)
+    log(f"engine dtype: {dtype} ({why})")
     results: dict[str, Any] = {
         "size": size_name,
         "machine": machine(),
+        "dtype": {"requested": settings.dtype, "used": dtype, "why": why},
         "engine": asdict(settings),
         "shapes": asdict(size),
     }
@@ -280,6 +286,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         max_num_seqs=settings.max_num_seqs,
         kv_cache_gib=settings.kv_cache_gib,
         prefix_caching=settings.prefix_caching,
+        dtype=dtype,
     ) as url:
         log(f"      up after {time.monotonic() - started:.0f} s; stack workload")
         vllm_stack = stack(url, stack_names, size)

@@ -124,6 +124,7 @@ def vllm_server(
     max_num_seqs: int,
     kv_cache_gib: int,
     prefix_caching: bool,
+    dtype: str = "auto",
 ) -> Iterator[str]:
     """vLLM's OpenAI server with the same engine settings as expertserve's engine and every adapter named."""
     port = free_port()
@@ -149,6 +150,8 @@ def vllm_server(
         "--max-num-seqs",
         str(max_num_seqs),
         "--enforce-eager",
+        "--dtype",
+        dtype,
         "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
         "--lora-modules",
         *(f"{name}={path}" for name, path in adapters.items()),

@@ -52,7 +52,11 @@ def run(args: Any) -> int:
 
         keep_off_inference_cores(os.getpid())
     url = f"http://{config.host}:{config.port}"
+    from expertserve.engine.hardware import choose_dtype
+
     print(f"expertserve is serving {config.model_id} and its experts at {url}/v1", flush=True)
+    dtype, why = choose_dtype(config.engine.dtype)
+    print(f"  engine dtype {dtype}: {why}", flush=True)
     print(f"  curl {url}/v1/models", flush=True)
     if dashboard:
         print(f"  Ray dashboard: http://{dashboard}", flush=True)

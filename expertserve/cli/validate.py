@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from expertserve.cli.common import EXIT_FAIL, EXIT_OK, UsageError
+from expertserve.engine.hardware import choose_dtype
 from expertserve.errors import ExpertserveError, ManifestError, PackageError
 from expertserve.manifest.files import check_files, file_refs
 from expertserve.manifest.load import MANIFEST_FILE, LoadedManifest, load_manifest
@@ -26,16 +27,25 @@ def run(args: Any) -> int:
     ctx = RuntimeContext.detect()
     results = [validate_path(t, strict=args.strict, ctx=ctx) for t in targets]
     ok = all(r["valid"] for r in results)
+    dtype, why = choose_dtype("auto", gpu=ctx.device == "cuda")
     if args.json:
         print(
             json.dumps(
-                {"valid": ok, "strict": args.strict, "device": ctx.device, "results": results}, indent=2
+                {
+                    "valid": ok,
+                    "strict": args.strict,
+                    "device": ctx.device,
+                    "engine_dtype": {"dtype": dtype, "why": why},
+                    "results": results,
+                },
+                indent=2,
             )
         )
     else:
         for r in results:
             print(render(r))
         print(f"{sum(r['valid'] for r in results)} of {len(results)} valid")
+        print(f"served here with engine dtype {dtype} by default ({why})")
     return EXIT_OK if ok else EXIT_FAIL
 
 

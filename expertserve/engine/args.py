@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from expertserve.engine.config import EngineConfig
+from expertserve.engine.hardware import choose_dtype
 
 # With vLLM's default `auto` backend small models emit whitespace until max_tokens; xgrammar without any
 # whitespace keeps them on the grammar (the per-request whitespace flag is ignored by vLLM 0.32).
@@ -51,7 +52,7 @@ def engine_kwargs(
     """
     kwargs: dict[str, Any] = {
         "model": str(model_dir),
-        "dtype": config.dtype,
+        "dtype": choose_dtype(config.dtype)[0],
         "enable_lora": True,
         "max_loras": config.max_loras + reserved_loras,
         "max_lora_rank": lora_rank_slot(max_lora_rank),

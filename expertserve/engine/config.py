@@ -14,7 +14,9 @@ class EngineConfig(StrictModel):
     """The vLLM engine each replica holds."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Weights and activations dtype ('float32' for token-exact parity tests)."
+        default="auto",
+        description="Weights and activations dtype; auto: bfloat16 on a GPU or a CPU with native bf16 (AVX-512 "
+        "BF16, AMX), float32 on other CPUs, where it is faster (expertserve/engine/hardware.py).",
     )
     max_model_len: int | None = Field(
         default=None, ge=16, description="Context length; default: the model's."

@@ -100,3 +100,31 @@ def test_bench_refuses_bad_arguments_before_measuring(tmp_path: Path, capsys) ->
     assert main(["bench", "--quick", "--json", "/proc/no-such-dir/out.json"]) == 2
     err = capsys.readouterr().err
     assert "--quick and --size" in err and "is a directory" in err and "cannot write there" in err
+
+
+def test_the_load_generator_fails_streams_that_carry_an_error_or_end_early() -> None:
+    import asyncio
+    import json as _json
+
+    import httpx
+
+    from expertserve.bench.load import _one
+
+    def stream(*events: str) -> httpx.MockTransport:
+        body = "".join(f"data: {e}\n\n" for e in events).encode()
+        return httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+
+    content = _json.dumps({"choices": [{"delta": {"content": "hi"}}]})
+    usage = _json.dumps({"choices": [], "usage": {"completion_tokens": 1}})
+    error = _json.dumps({"error": {"message": "engine died", "type": "server_error"}})
+
+    async def one(transport: httpx.MockTransport):
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await _one(client, "http://x", {})
+
+    ok = asyncio.run(one(stream(content, usage, "[DONE]")))
+    assert ok.error is None and ok.output_tokens == 1
+    failed = asyncio.run(one(stream(content, error, "[DONE]")))
+    assert failed.error == "error event in the stream: engine died"
+    cut = asyncio.run(one(stream(content, usage)))
+    assert cut.error == "the stream ended without data: [DONE]"

@@ -42,6 +42,10 @@ PURE_MODULES = [
     "expertserve.engine.protocol",
     "expertserve.engine.config",
     "expertserve.engine.args",
+    "expertserve.engine.hardware",
+    "expertserve.routing.intent",
+    "expertserve.eval.sandbox",
+    "expertserve.packaging.trust",
     "expertserve.stats",
     "expertserve.bench.stats",
 ]
