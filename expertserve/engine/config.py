@@ -35,6 +35,13 @@ class EngineConfig(StrictModel):
         default=None,
         description="Prefix caching; default: on when an expert sets runtime.requires_kv_cache_persistence.",
     )
+    stream_interval_ms: float = Field(
+        default=50.0,
+        ge=0,
+        description="Engine replica -> ingress: after a request's first chunk (sent at once), the chunks of this "
+        "many milliseconds travel as one message (0: each engine step is a message). Non-streamed requests cross "
+        "as one message.",
+    )
     isolate_inference_cores: bool = Field(
         default=True,
         description="On CPU, with the Ray that `expertserve serve` starts: keep Ray's processes off the cores vLLM "

@@ -7,7 +7,7 @@ streams back.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -110,6 +110,7 @@ class Extras:
             None: none.
         prompt_logprobs: Log probabilities of the prompt tokens, with this many alternatives (echo); None: none.
         score_only: Generate nothing the client sees (OpenAI's `echo` with `max_tokens: 0`: prompt scoring).
+        whole: The client reads the answer whole (not streamed): the replica sends it in one message.
     """
 
     n: int = 1
@@ -119,6 +120,7 @@ class Extras:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     score_only: bool = False
+    whole: bool = False
 
 
 # The most alternatives per position vLLM returns (and what the ingress accepts for logprobs / top_logprobs).
@@ -230,3 +232,27 @@ class Chunk:
     load_seconds: float = 0.0
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+def coalesce(chunks: Sequence[Chunk]) -> list[Chunk]:
+    """Consecutive chunks joined per choice, in the order the choices first appear: one message carries what
+    several engine steps produced (text, token ids and log probabilities appended; the last finish reason and
+    counts; load time summed; prompt log probabilities from the first)."""
+    joined: dict[int, Chunk] = {}
+    for chunk in chunks:
+        before = joined.get(chunk.index)
+        if before is None:
+            joined[chunk.index] = chunk
+            continue
+        joined[chunk.index] = Chunk(
+            chunk.index,
+            before.text + chunk.text,
+            before.token_ids + chunk.token_ids,
+            chunk.finish_reason,
+            chunk.prompt_tokens,
+            chunk.completion_tokens,
+            before.load_seconds + chunk.load_seconds,
+            before.logprobs + chunk.logprobs,
+            before.prompt_logprobs or chunk.prompt_logprobs,
+        )
+    return list(joined.values())

@@ -529,6 +529,7 @@ class Ingress:
             logprobs=logprobs,
             prompt_logprobs=logprobs if echo and logprobs is not None else None,
             score_only=echo and req.max_tokens == 0,
+            whole=not req.stream,
         )
 
     def _message(self, index: int, message: Any) -> Message:
@@ -561,7 +562,7 @@ class Ingress:
             started = await _all_or_none([self._start(r) for r in engine_requests])
             stream = merged(started, req.n)
             first = await anext(stream, None)
-            tracker.first(first)
+            tracker.first(first, streamed=bool(req.stream))
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 return StreamingResponse(

@@ -86,9 +86,11 @@ class RequestTracker:
         self._open = True
         metrics.ongoing.inc()
 
-    def first(self, chunk: Chunk | None) -> None:
-        """The first chunk arrived (TTFT; the expert's load time on its replica)."""
-        self._metrics.ttft.labels(self.expert).observe(time.monotonic() - self.started)
+    def first(self, chunk: Chunk | None, *, streamed: bool = True) -> None:
+        """The first chunk arrived (TTFT, for streamed requests: a non-streamed answer arrives whole; the expert's
+        load time on its replica)."""
+        if streamed:
+            self._metrics.ttft.labels(self.expert).observe(time.monotonic() - self.started)
         if chunk is not None and chunk.load_seconds:
             self._metrics.adapter_load.labels(self.expert).set(chunk.load_seconds)
             self._metrics.lifecycle.labels("loaded").inc()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from ray import serve
 
 from expertserve.engine.config import EngineSettings
 from expertserve.engine.protocol import ExpertEngine, LoadedExpert
-from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec
+from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, coalesce
 
 logger = logging.getLogger("ray.serve")
 # Experts a replica keeps loaded; Serve routes an expert's requests to replicas that already hold it.
@@ -53,6 +54,7 @@ class EngineReplica:
 
             engine_cls = VLLMExpertEngine
         self.engine = engine_cls(settings)
+        self.interval_s = settings.engine.stream_interval_ms / 1000
         await self.engine.start()
         # The specs of the experts this replica was asked for: Serve's loader gets only the key.
         self._specs: dict[str, ExpertSpec] = {}
@@ -72,13 +74,35 @@ class EngineReplica:
             self._specs[request.expert.key] = request.expert
             resident = await self._expert(request.expert.key)
         load_seconds = resident.take_load_seconds() if resident else 0.0
+        source = self.engine.generate(request, resident.loaded if resident else None)
         try:
-            async for chunk in self.engine.generate(request, resident.loaded if resident else None):
-                yield dataclasses.replace(chunk, load_seconds=load_seconds)
+            async for chunk in self._coalesced(source, whole=request.extras.whole):
+                yield dataclasses.replace(chunk, load_seconds=chunk.load_seconds + load_seconds)
                 load_seconds = 0.0
         except asyncio.CancelledError:  # the client went away
             await self.engine.abort(request.request_id)
             raise
+
+    async def _coalesced(self, source: AsyncIterator[Chunk], *, whole: bool) -> AsyncIterator[Chunk]:
+        """Fewer, larger messages: every generated token used to cross Ray as its own message. The first chunk goes
+        at once (time to first token does not grow); after it, what arrives within `stream_interval_ms` goes
+        together; a non-streamed request (`whole`) goes as one message at the end."""
+        interval = self.interval_s
+        pending: list[Chunk] = []
+        sent_first = whole  # a whole answer has no early first chunk
+        last = time.monotonic()
+        async for chunk in source:
+            if not sent_first:
+                sent_first, last = True, time.monotonic()
+                yield chunk
+                continue
+            pending.append(chunk)
+            if not whole and (chunk.finish_reason is not None or time.monotonic() - last >= interval):
+                for joined in coalesce(pending):
+                    yield joined
+                pending, last = [], time.monotonic()
+        for joined in coalesce(pending):
+            yield joined
 
     async def check_health(self) -> None:
         """Serve's health check: the engine must be alive."""

@@ -392,7 +392,23 @@ def test_streams_send_the_role_once_and_token_ids_when_asked(url: str) -> None:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
-    assert [c["choices"][0]["token_ids"] for c in chunks] == [[i] for i in range(len(chunks))]
+    ids = [c["choices"][0]["token_ids"] for c in chunks]
+    # The first token comes alone and at once; the rest, produced within the stream interval, come together.
+    assert ids[0] == [0] and [i for part in ids for i in part] == list(range(sum(map(len, ids))))
+    assert len(ids) < sum(map(len, ids)), "chunks were coalesced between the engine replica and the ingress"
+
+
+def test_streamed_chunks_are_coalesced_per_interval(url: str) -> None:
+    """`slow:0.02`: a token every 20 ms; the 50 ms stream interval sends a few per message, the first alone."""
+    words = "slow:0.02 " + " ".join(f"w{i}" for i in range(16))
+    body = {"model": "expert-sql", "messages": [{"role": "user", "content": words}], "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [c["choices"][0]["delta"]["content"] for c in chunks]
+    whole = _chat(url, model="expert-sql", messages=[{"role": "user", "content": words}]).json()
+    assert "".join(texts).split()[4:] == whole["choices"][0]["message"]["content"].split()[4:]
+    tokens = whole["usage"]["completion_tokens"]
+    assert len(texts[0].split()) == 1 and 3 <= len(texts) <= tokens * 2 // 3, (len(texts), tokens)
 
 
 def test_chat_logprobs_streamed_and_whole(client: openai.OpenAI) -> None:

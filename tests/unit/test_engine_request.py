@@ -122,3 +122,26 @@ def test_ray_errors_by_name_without_importing_ray(name: str, status: int, code: 
     mapped = client_error(ray_error)
     assert mapped is not None and (mapped.status, mapped.code) == (status, code) and mapped.retry_after
     assert client_error(type(name, (Exception,), {})("not ray's")) is None
+
+
+def test_coalesce_joins_chunks_per_choice() -> None:
+    from expertserve.engine.request import Chunk, TokenLogprob, coalesce
+
+    lp = TokenLogprob("a", 1, -0.5, ())
+    chunks = [
+        Chunk(0, "he", (1,), None, 5, 1, 0.2, (lp,), (lp,)),
+        Chunk(1, "x", (9,), None, 5, 1),
+        Chunk(0, "llo", (2, 3), None, 5, 3, 0.0, (lp, lp)),
+        Chunk(0, "!", (4,), "stop", 5, 4),
+    ]
+    joined = coalesce(chunks)
+    assert [c.index for c in joined] == [0, 1]
+    first = joined[0]
+    assert (first.text, first.token_ids, first.finish_reason, first.completion_tokens) == (
+        "hello!",
+        (1, 2, 3, 4),
+        "stop",
+        4,
+    )
+    assert first.load_seconds == 0.2 and len(first.logprobs) == 3 and first.prompt_logprobs == (lp,)
+    assert joined[1] == chunks[1] and coalesce([]) == []
