@@ -57,8 +57,10 @@ class EngineConfig(StrictModel):
     )
     zero_adapter_for_base: bool | None = Field(
         default=None,
-        description="Send base-model requests through an all-zero LoRA adapter. Default: on CPU, where vLLM's "
-        "CPU LoRA kernels compute base rows of a mixed batch with the last adapter slot.",
+        description="true: every base-model request runs through an all-zero LoRA adapter (the old CPU "
+        "workaround); default (on CPU): only base requests with prompt log probabilities do, which vLLM's CPU LoRA "
+        "logits processor needs; the others run with no adapter, their rows masked by expertserve's vLLM plugin. "
+        "false: never.",
     )
 
 

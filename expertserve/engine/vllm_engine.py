@@ -1,8 +1,9 @@
 """The vLLM engine: one `AsyncLLM` with multi-LoRA, prompt embeddings (soft prompts) and xgrammar structured
 outputs, applying fully resolved requests as given.
 
-Base-model requests go through an all-zero adapter where vLLM's CPU LoRA kernels would otherwise compute them
-with the last adapter slot (see `EngineConfig.zero_adapter_for_base`).
+Base-model requests run without an adapter: expertserve's vLLM plugin (engine/vllm_patches.py) gives their rows no
+LoRA term in mixed CPU batches. Only base requests with prompt log probabilities go through an all-zero adapter, which
+vLLM's CPU LoRA logits processor needs (see `EngineConfig.zero_adapter_for_base`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ class VLLMExpertEngine(ExpertEngine):
         self.embedder = PromptEmbedder(load_input_embeddings(self.model_dir), self.llm.model_config.dtype)
         self.zero_lora = self._make_zero_adapter() if use_zero else None
 
+    def _base_lora(self, request: EngineRequest) -> Any:
+        """The adapter a request without one runs with: none (expertserve's vLLM plugin gives base rows of a mixed
+        CPU batch no LoRA term), except the all-zero adapter where vLLM 0.32's CPU LoRA logits processor fails
+        without one (two base rows with prompt log probabilities in one step), or where the config asks for it
+        for every base request (`zero_adapter_for_base: true`)."""
+        if self.zero_lora is None:
+            return None
+        if self.settings.engine.zero_adapter_for_base or request.extras.prompt_logprobs is not None:
+            return self.zero_lora
+        return None
+
     def _make_zero_adapter(self) -> Any:
         """An adapter whose weights are all zero: base-model output, but a real LoRA slot index."""
         import torch
@@ -150,7 +162,7 @@ class VLLMExpertEngine(ExpertEngine):
         prompt_tokens = len(ids) + (loaded.soft_prompt_tokens if loaded else 0)
         params = self._sampling_params(request, prompt_tokens)
         prompt = self.embedder.prompt(ids, loaded.soft_prompt if loaded else None)
-        lora = loaded.lora if loaded is not None and loaded.lora is not None else self.zero_lora
+        lora = loaded.lora if loaded is not None and loaded.lora is not None else self._base_lora(request)
         completion_tokens = [0] * params.n
         prompt_sent = [False] * params.n
         try:

@@ -15,6 +15,12 @@ dies ("subscript b has size 22 ... previously seen size 2"). expertserve's adapt
 (the manifest's target_modules allows attention and MLP projections only), so the embedding's LoRA term is
 zero and the base embedding is the exact result: that is what the patched forward returns when the sizes
 disagree.
+
+3. The CPU LoRA kernels (`bgmv_shrink`, `bgmv_expand`, `bgmv_expand_slice` in vllm/lora/ops/torch_ops) index the
+adapter weights with -1 for "no LoRA", which wraps to the last slot: a base-model row that shares a step with
+adapter rows is computed with another expert's adapter (the GPU kernels skip -1). The patched kernels zero the
+inputs of -1 rows, so those rows get no LoRA term, exactly as on GPU. Base-model requests then need no all-zero
+adapter (which made every base row pay the LoRA math).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ def register() -> None:
         return
     _patch_cpu_generator_rewind()
     _patch_lora_embedding()
+    _patch_cpu_lora_base_rows()
 
 
 class _CpuSafeGenerators(dict):
@@ -74,3 +81,35 @@ def _patch_lora_embedding() -> None:
 
     forward._expertserve = True  # type: ignore[attr-defined]
     VocabParallelEmbeddingWithLoRA.forward = forward
+
+
+def _masked(kernel):  # noqa: ANN001, ANN202 (vLLM's kernels are untyped)
+    """`kernel` with the inputs of rows whose LoRA index is -1 zeroed (their LoRA term is then zero)."""
+
+    def run(inputs, weights, output, indices, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if indices.numel() and bool((indices < 0).any()):
+            keep = (indices >= 0).to(inputs.dtype)
+            if inputs.shape[0] == keep.shape[0]:
+                inputs = inputs * keep.unsqueeze(-1)
+            indices = indices.clamp(min=0)
+        return kernel(inputs, weights, output, indices, *args, **kwargs)
+
+    run._expertserve = True  # type: ignore[attr-defined]
+    run.__wrapped__ = kernel  # type: ignore[attr-defined]
+    return run
+
+
+def _patch_cpu_lora_base_rows() -> None:
+    import vllm.lora.ops.torch_ops as package
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        original = getattr(lora_ops, name)
+        if getattr(original, "_expertserve", False):
+            continue
+        patched = _masked(original)
+        # lora_ops' own sgmv_* (prefill) call these through the module; the CPU wrapper imported them by name.
+        for module in (lora_ops, package, punica_cpu):
+            if hasattr(module, name):
+                setattr(module, name, patched)
