@@ -90,7 +90,7 @@ def build_app_from_config(
     return serve.deployment(
         ingress_cls,
         name="Ingress",
-        num_replicas=1,
+        num_replicas=rep.ingress_replicas,
         max_ongoing_requests=engines * rep.max_ongoing_requests + rep.max_queued_requests + INGRESS_HEADROOM,
         ray_actor_options={"num_cpus": 0},
     ).bind(engine, config, roots, settings=settings, embedder_cls=embedder_cls)

@@ -35,6 +35,11 @@ class ReplicaConfig(StrictModel):
     max_queued_requests: int = Field(
         default=128, ge=1, description="Queued requests before 503 + Retry-After."
     )
+    ingress_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Ingress (HTTP, routing) replicas; they agree on the experts through one state actor.",
+    )
     num_cpus: float = Field(default=1, gt=0, description="CPUs Ray reserves per engine replica.")
     num_gpus: float = Field(default=0, ge=0, description="GPUs per engine replica.")
     engine_retry_s: float = Field(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -45,6 +46,7 @@ from expertserve.serve.config import ServeConfig
 from expertserve.serve.engine_metrics import EngineMetrics
 from expertserve.serve.errors import RequestError, client_error
 from expertserve.serve.expert_checks import ServingContext, expert_problems, trust_problems, xgrammar_compiler
+from expertserve.serve.expert_state import StateFollower, state_actor
 from expertserve.serve.health import EngineHealth
 from expertserve.serve.metrics import Metrics, RequestTracker
 from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
@@ -141,6 +143,23 @@ class Ingress:
                 from expertserve.routing.embedder import Embedder as embedder_cls
             self.embedder = embedder_cls()
         self.reload()
+        self.follower = self._follow_expert_state()
+
+    def _follow_expert_state(self) -> StateFollower | None:
+        """Joins the app's expert state (serve/expert_state.py): this replica serves the current generation (its
+        first scan just read the roots) and follows later ones. None outside Serve."""
+        app_name = _app_name()
+        if app_name is None:
+            return None
+        import ray
+
+        actor = state_actor(app_name)
+        generation = ray.get(actor.current.remote())
+        follower = StateFollower(actor, _replica_id(), self.reload, generation, on_serve=_serve_generation)
+        _serve_generation(generation)
+        ray.get(actor.ack.remote(follower.replica, generation))
+        follower.start()
+        return follower
 
     @property
     def registry(self) -> Registry:
@@ -245,9 +264,29 @@ class Ingress:
 
     @app.post("/admin/experts/reload")
     async def route_reload(self, request: Request) -> dict[str, Any]:
+        """Rescans the roots here, then makes every ingress replica serve the new generation; answers with it
+        once they all do (503 naming the replicas that lag, after `RELOAD_WAIT_S`)."""
         self._auth(request, admin=True)
+        follower = self.follower
+        if follower is None:  # outside Serve (unit tests): one replica, nothing to agree with
+            return await asyncio.to_thread(self.reload)
+        generation = await follower.actor.bump.remote()
         # Off the event loop: scanning reads files and the router embeds every expert's examples.
-        return await asyncio.to_thread(self.reload)
+        answer: dict[str, Any] = await asyncio.to_thread(follower.reload_to, generation)
+        await follower.actor.ack.remote(follower.replica, generation)
+        deadline = time.monotonic() + RELOAD_WAIT_S
+        while lagging := await follower.actor.lagging.remote(generation):
+            if time.monotonic() > deadline:
+                raise RequestError(
+                    503,
+                    f"generation {generation} is not served by every ingress replica yet (lagging: "
+                    f"{', '.join(lagging)}); they pick it up on their own, retry to check",
+                    retry_after=2,
+                    code="reload_pending",
+                )
+            await asyncio.sleep(0.1)
+        replicas = await follower.actor.replicas.remote()
+        return {**answer, "generation": generation, "ingress_replicas": len(replicas)}
 
     @app.get("/metrics")
     async def route_metrics(self) -> PlainTextResponse:
@@ -693,6 +732,52 @@ def _failed(tracker: RequestTracker, error: BaseException) -> BaseException:
     mapped = client_error(error)
     tracker.failed(mapped.status if mapped else 500)
     return mapped or error
+
+
+# How long a reload waits for every ingress replica to serve the new generation before answering 503.
+RELOAD_WAIT_S = 30.0
+# The expert-state generation this process's ingress replica serves (one replica per process), for the header.
+_SERVED = {"generation": 0}
+
+
+def _serve_generation(generation: int) -> None:
+    _SERVED["generation"] = generation
+
+
+class GenerationHeader:
+    """ASGI middleware: every response carries `x-expertserve-generation`, the expert-state generation of the
+    replica that answered (pure ASGI, so streamed responses and client disconnects pass through untouched)."""
+
+    def __init__(self, asgi: Any) -> None:
+        self.asgi = asgi
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.asgi(scope, receive, send)
+            return
+
+        async def with_header(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-expertserve-generation", str(_SERVED["generation"]).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.asgi(scope, receive, with_header)
+
+
+app.add_middleware(GenerationHeader)
+
+
+def _replica_id() -> str:
+    """This ingress replica's id in Serve (its process id outside a replica context)."""
+    try:
+        from ray import serve
+
+        replica = serve.get_replica_context().replica_id
+        return str(getattr(replica, "unique_id", replica))
+    except Exception:
+        return f"pid-{os.getpid()}"
 
 
 def _app_name() -> str | None:

@@ -448,3 +448,51 @@ def test_completion_logprobs_echo_scoring_and_prompt_lists(client: openai.OpenAI
 def test_author_names_are_refused_where_the_template_has_none(url: str) -> None:
     r = _chat(url, model="expert-sql", messages=[{"role": "user", "content": "hi", "name": "ana"}])
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].name"
+
+
+@pytest.fixture(scope="module")
+def scaled(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A second app on the same Serve instance with two ingress replicas (and one engine replica)."""
+    from ray import serve
+
+    from expertserve.serve.app import build_app_from_config
+    from expertserve.serve.config import ServeConfig
+
+    root = tmp_path_factory.mktemp("fake-scaled")
+    experts = root / "experts"
+    _expert(experts, "expert-sql", {"keywords": ["sql"], "examples": ["write a sql query for orders"]})
+    config = ServeConfig.model_validate(
+        {
+            "model_dir": str(root),
+            "model_id": BASE,
+            "experts_dirs": [str(experts)],
+            "engine": {"max_model_len": 64},
+            "replicas": {"num_replicas": 1, "num_cpus": 0.1, "ingress_replicas": 2},
+            "routing": {"base_score": 0.3, "min_confidence": 0.0},
+        }
+    )
+    app = build_app_from_config(config, engine_cls=FakeEngine, embedder_cls=FakeEmbedder)
+    serve.run(app, name="scaled", route_prefix="/scaled")
+    try:
+        yield f"{url}/scaled", experts
+    finally:
+        serve.delete("scaled")
+
+
+def test_two_ingress_replicas_agree_on_the_experts_after_a_reload(scaled: tuple[str, Path]) -> None:
+    base, experts = scaled
+    before = [httpx.get(f"{base}/v1/models", timeout=30) for _ in range(6)]
+    generation = int(before[0].headers["x-expertserve-generation"])
+    assert {r.headers["x-expertserve-generation"] for r in before} == {str(generation)}
+    _expert(experts, "expert-new", {"keywords": ["new"], "examples": ["something new"]})
+    reloaded = httpx.post(f"{base}/admin/experts/reload", timeout=60)
+    assert reloaded.status_code == 200, reloaded.text
+    answer = reloaded.json()
+    assert answer["generation"] == generation + 1 and answer["ingress_replicas"] == 2
+    # Every one of 20 consecutive requests, whichever ingress replica takes it, lists the new expert.
+    for _ in range(20):
+        r = httpx.get(f"{base}/v1/models", timeout=30)
+        assert "expert-new" in {m["id"] for m in r.json()["data"]}
+        assert r.headers["x-expertserve-generation"] == str(generation + 1)
+    chat = _chat(base, model="expert-new")
+    assert chat.status_code == 200 and chat.headers["x-expertserve-generation"] == str(generation + 1)
