@@ -67,6 +67,8 @@ def build_app_from_config(
                 "min_replicas": rep.min_replicas,
                 "max_replicas": rep.max_replicas,
                 "target_ongoing_requests": rep.target_ongoing_requests,
+                "upscale_delay_s": rep.upscale_delay_s,
+                "downscale_delay_s": rep.downscale_delay_s,
             }
         }
         if rep.autoscaling

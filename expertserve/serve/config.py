@@ -30,7 +30,17 @@ class ReplicaConfig(StrictModel):
     autoscaling: bool = Field(default=False, description="Scale between min_replicas and max_replicas.")
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling lower bound.")
     max_replicas: int = Field(default=2, ge=1, description="Autoscaling upper bound.")
-    target_ongoing_requests: float = Field(default=8, gt=0, description="Autoscaling target per replica.")
+    target_ongoing_requests: float = Field(
+        default=8,
+        gt=0,
+        description="Autoscaling signal: requests running or queued per engine replica that Serve aims for.",
+    )
+    upscale_delay_s: float = Field(
+        default=10, ge=0, description="Autoscaling: how long the signal must stay above target before adding."
+    )
+    downscale_delay_s: float = Field(
+        default=120, ge=0, description="Autoscaling: how long it must stay below target before removing."
+    )
     max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica runs at once.")
     max_queued_requests: int = Field(
         default=128, ge=1, description="Queued requests before 503 + Retry-After."

@@ -496,3 +496,62 @@ def test_two_ingress_replicas_agree_on_the_experts_after_a_reload(scaled: tuple[
         assert r.headers["x-expertserve-generation"] == str(generation + 1)
     chat = _chat(base, model="expert-new")
     assert chat.status_code == 200 and chat.headers["x-expertserve-generation"] == str(generation + 1)
+
+
+def test_engine_replicas_scale_up_under_load_and_down_after(
+    url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Autoscaling on Serve's ongoing-requests signal: 1 engine replica, 8 slow requests at once (target 1 per
+    replica) -> more replicas; idle -> back to 1."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from expertserve.serve.app import build_app_from_config
+    from expertserve.serve.config import ServeConfig
+    from expertserve.serve.health import ENGINE_DEPLOYMENT
+
+    root = tmp_path_factory.mktemp("fake-autoscale")
+    config = ServeConfig.model_validate(
+        {
+            "model_dir": str(root),
+            "model_id": BASE,
+            "experts_dirs": [str(root / "experts")],
+            "engine": {"max_model_len": 64},
+            "replicas": {
+                "autoscaling": True,
+                "min_replicas": 1,
+                "max_replicas": 3,
+                "target_ongoing_requests": 1,
+                "upscale_delay_s": 0,
+                "downscale_delay_s": 2,
+                "num_cpus": 0.1,
+            },
+            "routing": {"enabled": False},
+        }
+    )
+    serve.run(
+        build_app_from_config(config, engine_cls=FakeEngine), name="autoscaled", route_prefix="/autoscaled"
+    )
+
+    def running() -> int:
+        status = serve.status().applications["autoscaled"].deployments[ENGINE_DEPLOYMENT]
+        return int(status.replica_states.get("RUNNING", 0))
+
+    try:
+        assert running() == 1
+        slow = {"role": "user", "content": "slow:1.0 " + "w " * 12}
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_chat, f"{url}/autoscaled", model=BASE, messages=[slow]) for _ in range(8)]
+            peak, deadline = 1, time.monotonic() + 40
+            while time.monotonic() < deadline and peak < 2:
+                peak = max(peak, running())
+                time.sleep(0.5)
+            assert all(f.result().status_code == 200 for f in futures)
+        assert peak >= 2, "no scale-up under load"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and running() > 1:
+            time.sleep(1)
+        assert running() == 1, "no scale-down when idle"
+    finally:
+        serve.delete("autoscaled")
