@@ -221,6 +221,7 @@ class Chunk:
         logprobs: One entry per new token, when the request asked for log probabilities.
         prompt_logprobs: One entry per prompt token (the first has no log probability), on the first chunk of
             each choice, when the request asked for prompt log probabilities.
+        replica: The engine replica that produced it (set by the replica on the first chunk it sends).
     """
 
     index: int
@@ -232,6 +233,7 @@ class Chunk:
     load_seconds: float = 0.0
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    replica: str = ""
 
 
 def coalesce(chunks: Sequence[Chunk]) -> list[Chunk]:
@@ -254,5 +256,6 @@ def coalesce(chunks: Sequence[Chunk]) -> list[Chunk]:
             before.load_seconds + chunk.load_seconds,
             before.logprobs + chunk.logprobs,
             before.prompt_logprobs or chunk.prompt_logprobs,
+            before.replica or chunk.replica,
         )
     return list(joined.values())

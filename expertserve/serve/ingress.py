@@ -602,6 +602,8 @@ class Ingress:
             stream = merged(started, req.n)
             first = await anext(stream, None)
             tracker.first(first, streamed=bool(req.stream))
+            if first is not None and first.replica:
+                headers["x-expertserve-replica"] = first.replica
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 return StreamingResponse(

@@ -55,6 +55,7 @@ class EngineReplica:
             engine_cls = VLLMExpertEngine
         self.engine = engine_cls(settings)
         self.interval_s = settings.engine.stream_interval_ms / 1000
+        self.replica_id = _replica_id()
         await self.engine.start()
         # The specs of the experts this replica was asked for: Serve's loader gets only the key.
         self._specs: dict[str, ExpertSpec] = {}
@@ -76,9 +77,12 @@ class EngineReplica:
         load_seconds = resident.take_load_seconds() if resident else 0.0
         source = self.engine.generate(request, resident.loaded if resident else None)
         try:
+            replica = self.replica_id
             async for chunk in self._coalesced(source, whole=request.extras.whole):
-                yield dataclasses.replace(chunk, load_seconds=chunk.load_seconds + load_seconds)
-                load_seconds = 0.0
+                yield dataclasses.replace(
+                    chunk, load_seconds=chunk.load_seconds + load_seconds, replica=replica
+                )
+                load_seconds, replica = 0.0, ""
         except asyncio.CancelledError:  # the client went away
             await self.engine.abort(request.request_id)
             raise
@@ -107,3 +111,14 @@ class EngineReplica:
     async def check_health(self) -> None:
         """Serve's health check: the engine must be alive."""
         await self.engine.check_health()
+
+
+def _replica_id() -> str:
+    """This engine replica's id in Serve (`x-expertserve-replica`), or the process id outside a replica."""
+    import os
+
+    try:
+        replica = serve.get_replica_context().replica_id
+        return str(getattr(replica, "unique_id", replica))
+    except Exception:
+        return f"pid-{os.getpid()}"

@@ -520,3 +520,16 @@ def test_metrics_include_vllms_engine_series(server: Server) -> None:
     # Prefix-cache series exist only where prefix caching is on (not on this server).
     wanted = {n for n in re.findall(r"ray_vllm_\w+", dashboard) if "prefix_cache" not in n}
     assert wanted <= names, sorted(wanted - names)
+
+
+def test_responses_name_the_engine_replica_and_the_expert_generation(server: Server) -> None:
+    body = {"model": "expert-beta", "messages": HELLO, "max_tokens": 3}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.headers["x-expertserve-replica"]
+    assert int(r.headers["x-expertserve-generation"]) >= 0
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=120
+    ) as s:
+        assert s.headers["x-expertserve-replica"] == r.headers["x-expertserve-replica"]  # one engine replica
+    models = httpx.get(f"{server.url}/v1/models", timeout=30)
+    assert models.headers["x-expertserve-generation"] == r.headers["x-expertserve-generation"]

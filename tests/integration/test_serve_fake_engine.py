@@ -56,6 +56,8 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _expert(experts, "expert-json", {"keywords": ["json"], "examples": ["extract the fields into json"]})
     _expert(experts, "expert-broken", {"keywords": ["broken"]}, broken=True)
     _expert(experts, "expert-greedy", {"keywords": ["greedy"]}, temperature=0.0)
+    # Asked for by one test only, so no other test has loaded it on a replica.
+    _expert(experts, "expert-affinity", {"keywords": ["affinity"]})
     port = free_port()
     config = ServeConfig.model_validate(
         {
@@ -106,7 +108,7 @@ def _chat(url: str, **body: Any) -> httpx.Response:
 
 def test_health_and_models(url: str, client: openai.OpenAI) -> None:
     health = httpx.get(f"{url}/healthz").json()
-    assert health["status"] == "ok" and health["experts"] == 4 and health["engine_replicas"] == 2
+    assert health["status"] == "ok" and health["experts"] == 5 and health["engine_replicas"] == 2
     assert httpx.get(f"{url}/readyz").json()["status"] == "ok"
     assert httpx.get(f"{url}/livez").json() == {"status": "ok"}
     assert {m.id for m in client.models.list()} == {
@@ -116,6 +118,7 @@ def test_health_and_models(url: str, client: openai.OpenAI) -> None:
         "expert-json",
         "expert-broken",
         "expert-greedy",
+        "expert-affinity",
     }
 
 
@@ -211,9 +214,13 @@ def test_auto_routes_to_the_expert_that_matches(url: str) -> None:
 
 
 def test_an_experts_requests_go_to_the_replica_that_loaded_it(url: str) -> None:
+    headers: dict[str, set[str]] = {}
+
     def answer() -> tuple[str, int]:
-        text = _chat(url, model="expert-json", max_tokens=3).json()["choices"][0]["message"]["content"]
+        r = _chat(url, model="expert-affinity", max_tokens=3)
+        text = r.json()["choices"][0]["message"]["content"]
         replica, loads = (part.split("=")[1] for part in text.split()[1:3])
+        headers.setdefault(replica, set()).add(r.headers["x-expertserve-replica"])
         return replica, int(loads)
 
     # Serve learns where an expert is loaded from the replica's report; give it a moment after the first load.
@@ -226,6 +233,9 @@ def test_an_experts_requests_go_to_the_replica_that_loaded_it(url: str) -> None:
     later = [answer() for _ in range(8)]
     assert all(r == replica for r, _ in later), later
     assert all(loads == 1 for _, loads in later), "the replica loaded the expert once and kept it"
+    # x-expertserve-replica names the engine replica that answered: one name per replica, never shared.
+    named = [h for hs in headers.values() for h in hs]
+    assert all(len(hs) == 1 for hs in headers.values()) and len(set(named)) == len(named)
 
 
 def test_metrics_settle_after_requests(url: str) -> None:
