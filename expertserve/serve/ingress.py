@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -50,6 +49,7 @@ from expertserve.serve.expert_state import StateFollower, state_actor
 from expertserve.serve.health import EngineHealth
 from expertserve.serve.metrics import Metrics, RequestTracker
 from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from expertserve.serve.replica import replica_id
 from expertserve.serve.responses import (
     INTERNAL_ERROR,
     SSE_DONE,
@@ -155,7 +155,7 @@ class Ingress:
 
         actor = state_actor(app_name)
         generation = ray.get(actor.current.remote())
-        follower = StateFollower(actor, _replica_id(), self.reload, generation, on_serve=_serve_generation)
+        follower = StateFollower(actor, replica_id(), self.reload, generation, on_serve=_serve_generation)
         _serve_generation(generation)
         ray.get(actor.ack.remote(follower.replica, generation))
         follower.start()
@@ -769,17 +769,6 @@ class GenerationHeader:
 
 
 app.add_middleware(GenerationHeader)
-
-
-def _replica_id() -> str:
-    """This ingress replica's id in Serve (its process id outside a replica context)."""
-    try:
-        from ray import serve
-
-        replica = serve.get_replica_context().replica_id
-        return str(getattr(replica, "unique_id", replica))
-    except Exception:
-        return f"pid-{os.getpid()}"
 
 
 def _app_name() -> str | None:

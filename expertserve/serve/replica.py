@@ -55,7 +55,7 @@ class EngineReplica:
             engine_cls = VLLMExpertEngine
         self.engine = engine_cls(settings)
         self.interval_s = settings.engine.stream_interval_ms / 1000
-        self.replica_id = _replica_id()
+        self.replica_id = replica_id()
         await self.engine.start()
         # The specs of the experts this replica was asked for: Serve's loader gets only the key.
         self._specs: dict[str, ExpertSpec] = {}
@@ -113,8 +113,8 @@ class EngineReplica:
         await self.engine.check_health()
 
 
-def _replica_id() -> str:
-    """This engine replica's id in Serve (`x-expertserve-replica`), or the process id outside a replica."""
+def replica_id() -> str:
+    """This Serve replica's id (an engine replica's is `x-expertserve-replica`), or the process id outside one."""
     import os
 
     try:
