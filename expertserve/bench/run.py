@@ -29,6 +29,7 @@ from expertserve.bench import workload
 from expertserve.bench.load import run_load, run_sequential
 from expertserve.bench.servers import expertserve_server, free_port, vllm_server
 from expertserve.bench.stats import Timed, percentile, ratio, summarize
+from expertserve.bench.vllm_client import run_vllm_client
 from expertserve.bench.workload import Shape
 from expertserve.engine.hardware import choose_dtype, cpu_info
 
@@ -290,6 +291,10 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     ) as url:
         log(f"      up after {time.monotonic() - started:.0f} s; stack workload")
         vllm_stack = stack(url, stack_names, size)
+        log("      stack workload with vLLM's benchmark client")
+        vllm_client = run_vllm_client(
+            url, model_id, model_dir, stack_names, size.stack, SEED, work / "client-vllm.log"
+        )
 
     log("[2/2] expertserve (Ray Serve + vLLM engine)")
     port = free_port()
@@ -308,6 +313,10 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     ) as url:
         log(f"      up after {time.monotonic() - t0:.0f} s; stack workload")
         ours_stack = stack(url, stack_names, size)
+        log("      stack workload with vLLM's benchmark client")
+        ours_client = run_vllm_client(
+            url, model_id, model_dir, stack_names, size.stack, SEED, work / "client-expertserve.log"
+        )
         log("      many experts: base only, 1, 8, 32")
         experts = mixed(url, model_id, mixed_names, size)
         log("      cold vs warm")
@@ -332,6 +341,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
             )
         },
     }
+    results["vllm_client"] = {"vllm": vllm_client, "expertserve": ours_client}
     results["experts"] = experts
     results["cold_warm"] = cold
     results["routing"] = route
@@ -341,6 +351,10 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         {
             "stack_throughput_ratio": results["stack"]["ratios"]["output_tokens_per_s"],
             "stack_ttft_p50_ratio": results["stack"]["ratios"]["ttft_ms_p50"],
+            "stack_throughput_ratio_vllm_client": _client_ratio(
+                ours_client, vllm_client, "output_throughput"
+            ),
+            "stack_ttft_p50_ratio_vllm_client": _client_ratio(ours_client, vllm_client, "median_ttft_ms"),
             "mixed1_throughput_ratio": ratio(experts["mixed1"]["output_tokens_per_s"], base_tps),
             "mixed8_throughput_ratio": ratio(experts["mixed8"]["output_tokens_per_s"], base_tps),
             "mixed32_throughput_ratio": ratio(experts["mixed32"]["output_tokens_per_s"], base_tps),
@@ -353,8 +367,15 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
             "errors": sum(
                 s["errors"]
                 for s in [vllm_stack, ours_stack, *experts.values(), soft["with"], soft["without"]]
-            ),
+            )
+            + sum(int(c.get("failed") or 0) for c in (vllm_client, ours_client)),
             "elapsed_s": round(time.monotonic() - started, 1),
         }
     )
     return results
+
+
+def _client_ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> float:
+    """ours / theirs for one of vLLM's client figures; NaN when either run failed."""
+    a, b = ours.get(key), theirs.get(key)
+    return ratio(a, b) if isinstance(a, int | float) and isinstance(b, int | float) else math.nan

@@ -65,6 +65,8 @@ class Target:
 FIGURES = {
     "stack_throughput_ratio": "stack output tok/s, ours / vLLM server",
     "stack_ttft_p50_ratio": "stack TTFT p50, ours / vLLM server",
+    "stack_throughput_ratio_vllm_client": "same, measured by vllm bench serve: tok/s",
+    "stack_ttft_p50_ratio_vllm_client": "same, measured by vllm bench serve: TTFT p50",
     "mixed8_throughput_ratio": "8 experts mixed / base only, output tok/s",
     "mixed32_throughput_ratio": "32 experts mixed / base only, output tok/s",
     "cold_warm_ttft_ratio": "cold / warm TTFT p50",

@@ -41,6 +41,11 @@ def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path)
     shape = results["shapes"]["stack"]
     for server in ("vllm", "expertserve"):
         assert results["stack"][server]["output_tokens"] == shape["requests"] * shape["max_tokens"], server
+        # vLLM's own benchmark client did the same work on both servers.
+        client = results["vllm_client"][server]
+        assert client["completed"] == shape["requests"] and client["failed"] == 0, (server, client)
+    assert {"model", "flags", "native_bf16"} <= set(results["machine"]["cpu_info"])
+    assert results["dtype"]["used"] in ("float32", "bfloat16") and results["dtype"]["why"]
     # `auto` chose among the shipped experts (or the base model), never a synthetic one.
     assert set(results["routing"]["chosen"]) <= {
         "expert-sql",
