@@ -9,6 +9,7 @@ from pathlib import Path
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HOME_ENV = "EXPERTSERVE_HOME"
 INSTALL_ENV = "EXPERTSERVE_INSTALL_DIR"
+STORE_CACHE_ENV = "EXPERTSERVE_STORE_CACHE"
 
 
 def home_dir() -> Path:
@@ -21,6 +22,11 @@ def install_dir(explicit: str | Path | None = None) -> Path:
     if explicit:
         return Path(explicit).expanduser()
     return Path(os.environ.get(INSTALL_ENV) or home_dir() / "experts").expanduser()
+
+
+def store_cache_dir() -> Path:
+    """Where this node mirrors expert stores (shared storage URIs; see packaging/store.py). Per node, never shared."""
+    return Path(os.environ.get(STORE_CACHE_ENV) or home_dir() / "stores").expanduser()
 
 
 def models_dir() -> Path:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +106,49 @@ def make_expert(root: Path, data: dict[str, Any] | None = None, *, files: bool =
             (root / ds[key]).parent.mkdir(parents=True, exist_ok=True)
             (root / ds[key]).write_text('{"messages": []}\n')
     return root
+
+
+# Credentials an S3-compatible test server accepts; pyarrow and boto read them from the environment.
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "experts") -> Iterator[str]:
+    """moto's S3 server (a real HTTP server, installed from the package registries) on a free loopback port, with
+    `bucket` created; yields the base URI of an expert store in it (`s3://bucket/store?endpoint_override=...`).
+    The caller puts `S3_ENV` into the environment of every process that opens the store."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/{bucket}", method="PUT")
+                urllib.request.urlopen(request, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start on port {port}") from None
+                time.sleep(0.2)
+        yield f"s3://{bucket}/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

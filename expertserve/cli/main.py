@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--experts-dir",
         action="append",
         metavar="DIR",
-        help="expert root to scan (repeatable; default: ./experts then the install directory)",
+        help="expert root to scan: a directory or a store URI (repeatable; default: ./experts then the install "
+        "directory)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler="expertserve.cli.packages:run_list")
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dir",
         metavar="DIR",
-        help="install directory (default: $EXPERTSERVE_INSTALL_DIR or ~/.cache/expertserve/experts)",
+        help="install directory, or a store URI (s3://, gs://, abfs://, hdfs://, file://) that servers mirror "
+        "(default: $EXPERTSERVE_INSTALL_DIR or ~/.cache/expertserve/experts)",
     )
     p.add_argument("--public-key", metavar="KEY", help="require a signature by this key")
     p.add_argument(

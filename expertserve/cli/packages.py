@@ -9,7 +9,7 @@ from typing import Any
 
 from expertserve.cli.common import EXIT_FAIL, EXIT_OK, UsageError
 from expertserve.models.offline import DEFAULT_MODEL
-from expertserve.packaging import archive, signing
+from expertserve.packaging import archive, signing, store
 from expertserve.packaging.trust import TrustPolicy
 from expertserve.registry import Registry
 from expertserve.serve.config import ServeConfig
@@ -70,6 +70,22 @@ def run_install(args: Any) -> int:
         [*args.trusted_key, *(config.trusted_keys if config else [])],
         allow_untrusted=args.allow_untrusted or bool(config and config.allow_untrusted),
     )
+    if args.dir and store.is_store(args.dir):
+        try:
+            uri = store.check_uri(args.dir)
+        except store.StoreError as e:
+            raise UsageError(f"--dir: {e}") from None
+        where, info = store.upload(Path(args.file), uri, public_key=key, policy=policy, force=args.force)
+        trust = (
+            "signed by a trusted key"
+            if policy.trusts(info.signer)
+            else "NOT signed by a trusted key (allowed)"
+        )
+        print(
+            f"uploaded {args.file} to {where} ({trust}); servers with this store among their expert roots "
+            "serve it after their next reload"
+        )
+        return EXIT_OK
     root = install_dir(args.dir)
     target = archive.install_package(Path(args.file), root, public_key=key, policy=policy, force=args.force)
     provenance = archive.read_provenance(target) or {}
@@ -95,8 +111,10 @@ def run_keygen(args: Any) -> int:
 
 def run_list(args: Any) -> int:
     """Lists registered experts; exit 1 when some could not be registered."""
-    roots = [Path(d) for d in args.experts_dir] if args.experts_dir else [Path("experts"), install_dir()]
+    wanted = args.experts_dir or [Path("experts"), install_dir()]
+    roots, store_problems = store.local_roots(wanted)
     registry = Registry.scan(roots)
+    registry.problems[:0] = store_problems
     rows = []
     for record in registry:
         reason = record.unservable_reason(DEFAULT_MODEL.model_id)

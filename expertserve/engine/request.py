@@ -29,6 +29,8 @@ class ExpertSpec:
             under the same version is a different expert to the engine, so it is loaded again, never stale.
         adapter_dir: Directory of the LoRA adapter trained for the served base model.
         soft_prompt_files: Soft-prompt files, in manifest order (prepended in that order).
+        store: The shared store (URI) the expert's files are mirrored from; an engine replica on a node whose mirror
+            lacks them syncs the store first (packaging/store.py). None: a local expert.
     """
 
     name: str
@@ -36,6 +38,7 @@ class ExpertSpec:
     content_id: str
     adapter_dir: str | None
     soft_prompt_files: tuple[str, ...] = ()
+    store: str | None = None
 
     @property
     def key(self) -> str:

@@ -24,6 +24,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -189,8 +190,12 @@ def install_package(
     force: bool = False,
     policy: TrustPolicy | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    layout: Callable[[PackageInfo], str] | None = None,
 ) -> Path:
     """Verifies a package and installs it as `<install_root>/<name>/<version>/`; returns that directory.
+
+    `layout` names the directory under `<name>/` instead of the version (a store's mirror names it after the
+    package's hash too, see packaging/store.py).
 
     The installed directory records where it came from in `.provenance.json` (package hash, signer, time), which
     the server's trust policy reads.
@@ -205,7 +210,7 @@ def install_package(
         info, tree = extract_verified(path, staging / "tree", public_key, limits=limits)
         if policy is not None:
             policy.check(info.signer, f"{path}: {info.name} {info.version}")
-        target = install_root / info.name / info.version
+        target = install_root / info.name / (layout(info) if layout else info.version)
         if target.exists() and not force:
             raise PackageError(
                 f"{info.name} {info.version} is already installed at {target} (pass --force to replace it)"

@@ -17,13 +17,14 @@ INGRESS_HEADROOM = 1024
 def resolve_settings(config: ServeConfig) -> tuple[EngineSettings, list[str]]:
     """The engine settings (model dir, LoRA rank from the registry, prefix caching) and the expert roots."""
     from expertserve.models import offline
+    from expertserve.packaging.store import is_store, local_roots
     from expertserve.registry import Registry
     from expertserve.settings import default_expert_roots
 
     model_dir = Path(config.model_dir).resolve() if config.model_dir else offline.prepared_model_dir()
     dirs = config.experts_dirs if config.experts_dirs is not None else default_expert_roots()
-    roots = [str(Path(d).resolve()) for d in dirs]
-    registry = Registry.scan(roots)
+    roots = [str(d) if is_store(str(d)) else str(Path(d).resolve()) for d in dirs]
+    registry = Registry.scan(local_roots(roots)[0])
     rank = config.engine.max_lora_rank or lora_rank_slot(registry.max_lora_rank(config.model_id))
     wants_cache = any(
         r.manifest.runtime and r.manifest.runtime.requires_kv_cache_persistence for r in registry

@@ -9,6 +9,7 @@ expert (Serve model multiplexing). Every client mistake becomes an OpenAI error 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -38,6 +39,7 @@ from expertserve.engine.request import (
 )
 from expertserve.errors import ExpertNotFound, ExpertNotServable, ExpertserveError
 from expertserve.manifest.status import RuntimeContext, field_statuses
+from expertserve.packaging.store import is_store, local_roots, store_of
 from expertserve.packaging.trust import TrustPolicy
 from expertserve.registry import ExpertRecord, Registry
 from expertserve.serve.body import parse_body
@@ -124,6 +126,7 @@ class Ingress:
         self.engine = engine
         self.config = config
         self.roots = roots
+        self.stores = [r for r in roots if is_store(r)]
         self.serving = (
             ServingContext.of(Path(settings.model_dir), config.model_id, settings.max_lora_rank)
             if settings is not None
@@ -303,7 +306,9 @@ class Ingress:
         keeps its last valid version; one whose files this server cannot serve is listed as broken, with why. The
         answer lists every problem (`problems`)."""
         previous = self.registry
-        fresh = Registry.scan(self.roots, previous=previous, check=self._check)
+        paths, store_problems = local_roots(self.roots)  # stores synced into this node's mirrors
+        fresh = Registry.scan(paths, previous=previous, check=self._check)
+        fresh.problems[:0] = store_problems
         before = {r.name: (r.version, r.content_id) for r in previous}
         after = {r.name: (r.version, r.content_id) for r in fresh}
         router = None
@@ -540,6 +545,8 @@ class Ingress:
         extras = self._extras(req)
         check_sampling(sampling, extras)
         spec = record.engine_spec(self.config.model_id) if record else None
+        if record is not None and spec is not None and self.stores:
+            spec = dataclasses.replace(spec, store=store_of(record.root, self.stores))
         if isinstance(req, ChatCompletionRequest):
             messages = tuple(self._message(i, m) for i, m in enumerate(req.messages))
             if tool_plan is not None:

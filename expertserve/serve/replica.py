@@ -12,12 +12,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from ray import serve
 
 from expertserve.engine.config import EngineSettings
 from expertserve.engine.protocol import ExpertEngine, LoadedExpert
 from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, coalesce
+from expertserve.errors import ExpertLoadError
 
 logger = logging.getLogger("ray.serve")
 # Experts a replica keeps loaded; Serve routes an expert's requests to replicas that already hold it.
@@ -63,6 +65,8 @@ class EngineReplica:
     @serve.multiplexed(max_num_models_per_replica=MAX_EXPERTS_PER_REPLICA)
     async def _expert(self, key: str) -> Resident:
         spec = self._specs[key]
+        if spec.store is not None:
+            await asyncio.to_thread(fetch_from_store, spec)
         resident = Resident(await self.engine.load_expert(spec))
         logger.info("expert %s loaded on this replica in %.3f s", key, resident.loaded.load_seconds)
         return resident
@@ -111,6 +115,38 @@ class EngineReplica:
     async def check_health(self) -> None:
         """Serve's health check: the engine must be alive."""
         await self.engine.check_health()
+
+
+def fetch_from_store(spec: ExpertSpec) -> None:
+    """Makes an expert from a shared store present on this node: a mirrored expert's path names its package's hash,
+    so files present at the path are the ones the ingress registered; absent ones come from a sync of the store.
+
+    Raises:
+        ExpertLoadError: The store no longer holds that package (replaced or removed since the ingress's scan).
+    """
+    from expertserve.packaging import store
+
+    files = [p for p in (spec.adapter_dir, *spec.soft_prompt_files) if p]
+    if all(Path(p).exists() for p in files) or spec.store is None:
+        return
+    try:
+        result = store.sync(spec.store)
+    except store.StoreError as e:
+        raise ExpertLoadError(spec.name, f"its files are not on this node and {e}") from None
+    missing = [p for p in files if not Path(p).exists()]
+    if missing:
+        problems = "; ".join(result.problems)
+        raise ExpertLoadError(
+            spec.name,
+            f"{spec.store} no longer holds the package this server registered ({missing[0]} is not in this node's "
+            f"mirror after a sync{'; ' + problems if problems else ''}): reload the experts",
+        )
+    logger.info(
+        "expert %s fetched from %s onto this node (%d packages installed)",
+        spec.key,
+        spec.store,
+        len(result.installed),
+    )
 
 
 def replica_id() -> str:

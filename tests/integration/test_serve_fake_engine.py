@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.fakes import FakeEmbedder, FakeEngine
 from tests.fuzz import FAKE_EXAMPLES, HEADERS, bodies, check_response, seed_corpus, send
-from tests.helpers import REPO, make_expert, manifest
+from tests.helpers import REPO, S3_ENV, make_expert, manifest, s3_server
 
 pytestmark = pytest.mark.slow
 BASE = "fake-base"
@@ -82,6 +82,9 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
             "RAY_AUTH_MODE": "disabled",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            # The `scaled` app's shared expert store (an S3 server on loopback) and this node's mirror of it.
+            **S3_ENV,
+            "EXPERTSERVE_STORE_CACHE": str(root / "store-cache"),
         }
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
@@ -461,21 +464,30 @@ def test_author_names_are_refused_where_the_template_has_none(url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def scaled(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A second app on the same Serve instance with two ingress replicas (and one engine replica)."""
-    from ray import serve
-
-    from expertserve.serve.app import build_app_from_config
-    from expertserve.serve.config import ServeConfig
-
+def scaled(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, str]]:
+    """A second app on the same Serve instance with two ingress replicas (and one engine replica); its expert roots
+    are a directory and a shared store on an S3 server."""
     root = tmp_path_factory.mktemp("fake-scaled")
     experts = root / "experts"
     _expert(experts, "expert-sql", {"keywords": ["sql"], "examples": ["write a sql query for orders"]})
+    with s3_server() as s3:
+        yield from _scaled_app(url, root, experts, s3)
+
+
+def _scaled_app(url: str, root: Path, experts: Path, s3: str) -> Iterator[tuple[str, Path, str]]:
+    from ray import serve
+
+    from expertserve.packaging import signing
+    from expertserve.serve.app import build_app_from_config
+    from expertserve.serve.config import ServeConfig
+
+    public = signing.generate_key(root / "signing.key")
     config = ServeConfig.model_validate(
         {
             "model_dir": str(root),
             "model_id": BASE,
-            "experts_dirs": [str(experts)],
+            "experts_dirs": [str(experts), s3],
+            "trusted_keys": [public],
             "engine": {"max_model_len": 64},
             "replicas": {"num_replicas": 1, "num_cpus": 0.1, "ingress_replicas": 2},
             "routing": {"base_score": 0.3, "min_confidence": 0.0},
@@ -484,17 +496,30 @@ def scaled(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     app = build_app_from_config(config, engine_cls=FakeEngine, embedder_cls=FakeEmbedder)
     serve.run(app, name="scaled", route_prefix="/scaled")
     try:
-        yield f"{url}/scaled", experts
+        yield f"{url}/scaled", experts, s3
     finally:
         serve.delete("scaled")
 
 
-def test_two_ingress_replicas_agree_on_the_experts_after_a_reload(scaled: tuple[str, Path]) -> None:
-    base, experts = scaled
+def test_two_ingress_replicas_agree_on_the_experts_after_a_reload(scaled: tuple[str, Path, str]) -> None:
+    """The new expert is installed into the shared store (S3) from the CLI: each ingress replica syncs its node's
+    mirror of the store when it reloads."""
+    from expertserve.cli.main import main
+    from expertserve.packaging import archive
+
+    base, experts, s3 = scaled
     before = [httpx.get(f"{base}/v1/models", timeout=30) for _ in range(6)]
     generation = int(before[0].headers["x-expertserve-generation"])
     assert {r.headers["x-expertserve-generation"] for r in before} == {str(generation)}
-    _expert(experts, "expert-new", {"keywords": ["new"], "examples": ["something new"]})
+    _expert(experts.parent / "new", "expert-new", {"keywords": ["new"], "examples": ["something new"]})
+    package = archive.build_package(
+        experts.parent / "new" / "expert-new",
+        experts.parent / "packages",
+        sign_key=experts.parent / "signing.key",
+    )
+    public = str(experts.parent / "signing.key.pub")
+    assert main(["install", str(package), "--dir", s3, "--trusted-key", public]) == 0
+    assert "expert-new" not in {m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]}
     reloaded = httpx.post(f"{base}/admin/experts/reload", timeout=60)
     assert reloaded.status_code == 200, reloaded.text
     answer = reloaded.json()

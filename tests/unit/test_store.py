@@ -1,0 +1,173 @@
+"""Expert stores (packaging/store.py): packages uploaded to a shared store and mirrored per node, each verified on
+the node. A `file://` store here; tests/integration/test_store_s3.py runs the same against an S3 server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from expertserve.cli.main import main
+from expertserve.errors import PackageError
+from expertserve.packaging import archive, store
+from expertserve.registry import Registry
+from tests.helpers import make_expert, manifest
+
+
+def upload_(*args, **kwargs) -> str:
+    return store.upload(*args, **kwargs)[0]
+
+
+def package(tmp_path: Path, name: str = "expert-demo", version: str = "0.1.0") -> Path:
+    data = manifest(name=name, version=version)
+    expert = make_expert(tmp_path / "src" / f"{name}-{version}", data)
+    return archive.build_package(expert, tmp_path / "packages")
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Switches the mirror cache between two 'nodes' (separate cache directories)."""
+
+    def use(name: str) -> Path:
+        cache = tmp_path / f"node-{name}"
+        monkeypatch.setenv("EXPERTSERVE_STORE_CACHE", str(cache))
+        return cache
+
+    use("a")
+    return use
+
+
+def test_a_package_in_the_store_is_mirrored_and_served_by_every_node(tmp_path: Path, node) -> None:
+    uri = f"file://{tmp_path}/store"
+    where = upload_(package(tmp_path), uri)
+    assert where == f"{uri}/expert-demo/0.1.0.expert"
+    paths = {}
+    for name in ("a", "b"):
+        cache = node(name)
+        roots, problems = store.local_roots([uri])
+        assert problems == []
+        assert roots[0].is_relative_to(cache)
+        registry = Registry.scan(roots)
+        record = registry.get("expert-demo")
+        assert record.version == "0.1.0"
+        assert record.provenance["package_sha256"]
+        paths[name] = record.root.relative_to(roots[0])
+    # The same bytes under the same relative path on both nodes: an engine on either finds what the ingress saw.
+    assert paths["a"] == paths["b"]
+
+
+def test_sync_installs_once_then_follows_replacements_and_removals(tmp_path: Path, node) -> None:
+    uri = f"file://{tmp_path}/store"
+    upload_(package(tmp_path), uri)
+    first = store.sync(uri)
+    assert first.installed == ["expert-demo/0.1.0.expert"]
+    assert store.sync(uri).installed == []  # unchanged: nothing downloaded again
+    old_dirs = list((first.root / "expert-demo").iterdir())
+
+    with pytest.raises(PackageError, match="already in the store"):
+        upload_(package(tmp_path / "v2"), uri)
+    replacement = make_expert(tmp_path / "v3" / "expert-demo", manifest(description="changed"))
+    upload_(archive.build_package(replacement, tmp_path / "v3" / "out"), uri, force=True)
+    replaced = store.sync(uri)
+    assert replaced.installed == ["expert-demo/0.1.0.expert"]
+    new_dirs = list((first.root / "expert-demo").iterdir())
+    assert (
+        len(new_dirs) == 1 and new_dirs != old_dirs
+    )  # the old content is gone, the new one has its own path
+    assert Registry.scan([first.root]).get("expert-demo").manifest.description == "changed"
+
+    (tmp_path / "store" / "expert-demo" / "0.1.0.expert").unlink()
+    gone = store.sync(uri)
+    assert gone.removed == ["expert-demo/0.1.0.expert"]
+    assert len(Registry.scan([first.root])) == 0
+
+
+def test_a_tampered_package_in_the_store_is_reported_and_the_rest_still_mirror(tmp_path: Path, node) -> None:
+    uri = f"file://{tmp_path}/store"
+    upload_(package(tmp_path), uri)
+    upload_(package(tmp_path, "expert-other"), uri)
+    bad = tmp_path / "store" / "expert-other" / "0.1.0.expert"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    result = store.sync(uri)
+    assert result.installed == ["expert-demo/0.1.0.expert"]
+    assert len(result.problems) == 1 and "expert-other/0.1.0.expert" in result.problems[0]
+    assert [r.name for r in Registry.scan([result.root])] == ["expert-demo"]
+
+
+def test_a_store_that_cannot_be_opened_keeps_the_last_mirror(tmp_path: Path, node) -> None:
+    uri = f"file://{tmp_path}/store"
+    upload_(package(tmp_path), uri)
+    roots, _ = store.local_roots([uri])
+    # The same mirror, its store now unreachable (here: a file where the directory was).
+    (tmp_path / "store").rename(tmp_path / "moved")
+    (tmp_path / "store").write_text("not a directory")
+    roots2, problems = store.local_roots([uri])
+    assert roots2 == roots
+    assert len(problems) == 1 and "serving this node's last mirror" in problems[0]
+    assert len(Registry.scan(roots2)) == 1
+
+
+@pytest.mark.parametrize("uri", ["ftp://host/x", "s3://", "s3:///", "nfs://server/path"])
+def test_unknown_or_empty_store_uris_are_refused(uri: str) -> None:
+    with pytest.raises(store.StoreError, match="expected a URI of"):
+        store.check_uri(uri)
+
+
+def test_install_into_a_store_from_the_cli(tmp_path: Path, node, capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"file://{tmp_path}/store"
+    pkg = package(tmp_path)
+    # Unsigned: refused without --allow-untrusted, as for a local install, and nothing is written.
+    assert main(["install", str(pkg), "--dir", uri]) != 0
+    assert "signed" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+    assert main(["install", str(pkg), "--dir", uri, "--allow-untrusted"]) == 0
+    out = capsys.readouterr().out
+    assert f"{uri}/expert-demo/0.1.0.expert" in out
+    assert main(["install", str(pkg), "--dir", "ftp://nowhere/x", "--allow-untrusted"]) == 2
+    assert "expected a URI of" in capsys.readouterr().err
+    assert main(["list", "--experts-dir", uri, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [e["name"] for e in listed["experts"]] == ["expert-demo"]
+
+
+def test_an_engine_replica_on_another_node_fetches_what_the_ingress_registered(tmp_path: Path, node) -> None:
+    from expertserve.errors import ExpertLoadError
+    from expertserve.serve.replica import fetch_from_store
+
+    uri = f"file://{tmp_path}/store"
+    upload_(package(tmp_path), uri)
+    roots, _ = store.local_roots([uri])  # the ingress's node (a) scans
+    record = Registry.scan(roots).get("expert-demo")
+    spec = record.engine_spec("HuggingFaceTB/SmolLM2-135M-Instruct")
+    spec = type(spec)(**{**spec.__dict__, "store": store.store_of(record.root, [uri])})
+    assert spec.store == uri
+
+    # Node b's mirror is elsewhere: the spec's paths name node a's. Switch the mirror root to b and rewrite the
+    # spec as b's ingress would have (same relative paths), then fetch.
+    cache_a = node("a")
+    cache_b = node("b")
+    moved = {
+        "adapter_dir": spec.adapter_dir.replace(str(cache_a), str(cache_b)),
+        "soft_prompt_files": tuple(p.replace(str(cache_a), str(cache_b)) for p in spec.soft_prompt_files),
+    }
+    on_b = type(spec)(**{**spec.__dict__, **moved})
+    assert not Path(on_b.adapter_dir).exists()
+    fetch_from_store(on_b)
+    assert Path(on_b.adapter_dir, "adapter_model.safetensors").is_file()
+
+    # Replaced in the store after node a's scan: node c cannot get those bytes any more, and says so.
+    replacement = make_expert(tmp_path / "v2" / "expert-demo", manifest(description="changed"))
+    upload_(archive.build_package(replacement, tmp_path / "v2" / "out"), uri, force=True)
+    cache_c = node("c")
+    on_c = type(spec)(
+        **{
+            **spec.__dict__,
+            "adapter_dir": spec.adapter_dir.replace(str(cache_a), str(cache_c)),
+            "soft_prompt_files": tuple(p.replace(str(cache_a), str(cache_c)) for p in spec.soft_prompt_files),
+        }
+    )
+    with pytest.raises(ExpertLoadError, match="no longer holds the package.*reload the experts"):
+        fetch_from_store(on_c)
