@@ -2,7 +2,10 @@
 # A local multi-node Ray cluster on one machine, for development and tests: a head and N more nodes, each a
 # separate `ray start` on loopback with its own ports.
 #   cluster/local-cluster.sh start [N_WORKERS] [CPUS_PER_NODE]   prints RAY_ADDRESS and the dashboard URL
+#   cluster/local-cluster.sh kill-node I                           kills worker node I at once (a node failure)
 #   cluster/local-cluster.sh stop                                  stops only this cluster's processes
+# Each node mirrors shared expert stores into its own directory ($DIR/<node>/stores, as EXPERTSERVE_STORE_CACHE),
+# as separate machines would: nothing one node fetched is visible to another.
 # State (ports, temp dir) lives in $EXPERTSERVE_CLUSTER_DIR (default /tmp/expertserve-local-cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,14 +45,19 @@ start)
     gcs=$(free_port); dash=$(free_port)
     # The session directory names this cluster in every process's command line: `stop` finds them by it.
     # shellcheck disable=SC2046 (node_ports gives several words on purpose)
-    timeout 120 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$gcs" --dashboard-host=127.0.0.1 \
+    EXPERTSERVE_STORE_CACHE="$DIR/head/stores" timeout 120 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$gcs" --dashboard-host=127.0.0.1 \
         --dashboard-port="$dash" --ray-client-server-port="$(free_port)" $(node_ports) \
         --num-cpus="$cpus" --temp-dir="$DIR/ray" --resources='{"head_node": 1}' \
         --disable-usage-stats > "$DIR/head.log" 2>&1 || fail_with_logs "the head node did not start"
     for i in $(seq 1 "$workers"); do
+        manager=$(free_port)
+        echo "$manager" > "$DIR/worker-$i.node-manager-port"
         # shellcheck disable=SC2046
-        timeout 120 "$RAY" start --address="127.0.0.1:$gcs" --node-ip-address=127.0.0.1 --num-cpus="$cpus" \
-            $(node_ports) \
+        EXPERTSERVE_STORE_CACHE="$DIR/worker-$i/stores" timeout 120 "$RAY" start --address="127.0.0.1:$gcs" \
+            --node-ip-address=127.0.0.1 --num-cpus="$cpus" --node-manager-port="$manager" \
+            --object-manager-port="$(free_port)" --metrics-export-port="$(free_port)" \
+            --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
+            --runtime-env-agent-port="$(free_port)" \
             --min-worker-port=0 --max-worker-port=0 --resources="{\"worker_node_$i\": 1}" \
             --disable-usage-stats > "$DIR/worker-$i.log" 2>&1 || fail_with_logs "worker node $i did not start"
     done
@@ -89,6 +97,16 @@ PY
     echo "http://127.0.0.1:$dash" > "$DIR/dashboard"
     echo "RAY_ADDRESS=127.0.0.1:$gcs"
     echo "dashboard: http://127.0.0.1:$dash  (ray job submit --address http://127.0.0.1:$dash ...)"
+    ;;
+kill-node)
+    i=${2:?usage: $0 kill-node I}
+    port=$(cat "$DIR/worker-$i.node-manager-port" 2>/dev/null) || { echo "no worker node $i in $DIR" >&2; exit 2; }
+    raylet=$(pgrep -f -- "raylet.*--node_manager_port=$port" | head -n 1) || true
+    [ -n "$raylet" ] || { echo "worker node $i is not running" >&2; exit 1; }
+    # The raylet and every process below it (its workers, the node's agents), at once: a machine that died.
+    kill_tree() { for child in $(pgrep -P "$1"); do kill_tree "$child"; done; kill -KILL "$1" 2>/dev/null || true; }
+    kill_tree "$raylet"
+    echo "killed worker node $i (raylet $raylet)"
     ;;
 stop)
     [ -d "$DIR/ray" ] || { echo "no local cluster in $DIR"; exit 0; }

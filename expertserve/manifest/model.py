@@ -246,6 +246,12 @@ class Runtime(StrictModel):
     attention_kernel: Literal["sdpa", "flash-v1", "flash-v2", "xformers", "vanilla"] | None = Field(
         default=None, description="Preferred attention kernel."
     )
+    min_replicas: Int | None = Field(
+        default=None,
+        ge=1,
+        description="Engine replicas that keep this expert loaded (warm), so its traffic is never pinned to one "
+        "replica (expertserve extension; the server config's replicas.expert_min_replicas overrides it).",
+    )
 
 
 class DatasetSource(OpenMap):

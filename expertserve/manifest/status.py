@@ -290,6 +290,10 @@ RULES: dict[str, Rule] = {
         "find their cached prefixes"
     ),
     "runtime.attention_kernel": _attention_kernel,
+    "runtime.min_replicas": SERVE(
+        "kept loaded on this many engine replicas (at most the running count), checked after every reload and "
+        "every 30 s; the server config's replicas.expert_min_replicas overrides it"
+    ),
     # Training data
     "training.dataset.path": TRAIN("training split (JSONL chat examples)"),
     "training.dataset.validation_path": TRAIN("validation split: eval loss on its first 64 examples"),

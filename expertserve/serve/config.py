@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -49,6 +49,11 @@ class ReplicaConfig(StrictModel):
         default=1,
         ge=1,
         description="Ingress (HTTP, routing) replicas; they agree on the experts through one state actor.",
+    )
+    expert_min_replicas: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="Per expert name, the engine replicas that keep it loaded (over the manifest's "
+        "runtime.min_replicas; default 1: loaded where its requests go).",
     )
     num_cpus: float = Field(default=1, gt=0, description="CPUs Ray reserves per engine replica.")
     num_gpus: float = Field(default=0, ge=0, description="GPUs per engine replica.")
@@ -89,7 +94,9 @@ class ServeConfig(StrictModel):
     )
     experts_dirs: list[str] | None = Field(
         default=None,
-        description="Expert roots; default: the repository's experts/ and the install directory.",
+        description="Expert roots, searched in order: directories, or URIs of shared stores of .expert packages "
+        "(s3://, gs://, abfs://, hdfs://, file://) that every node mirrors and verifies; default: the repository's "
+        "experts/ and the install directory.",
     )
     decoding_defaults: str | None = Field(default=None, description="JSON file of server decoding defaults.")
     ignore_manifest_decoding: bool = Field(
@@ -120,6 +127,16 @@ class ServeConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Replicas and autoscaling.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Routing of `model: auto`.")
+
+    @field_validator("experts_dirs")
+    @classmethod
+    def _stores(cls, roots: list[str] | None) -> list[str] | None:
+        from expertserve.packaging.store import StoreError, check_uri, is_store
+
+        try:
+            return None if roots is None else [check_uri(r) if is_store(r) else r for r in roots]
+        except StoreError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("trusted_keys")
     @classmethod

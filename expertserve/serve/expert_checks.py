@@ -34,6 +34,7 @@ class ServingContext:
             name; empty when unknown.
         template_uses_name: Whether the base model's chat template renders a message's author `name`.
         template_has_tools: Whether the base model's chat template renders a `tools` list.
+        prefix_caching: Whether the engines run with prefix caching (None: not known, nothing checked).
     """
 
     base_model: str
@@ -42,9 +43,12 @@ class ServingContext:
     modules: frozenset[str] = frozenset()
     template_uses_name: bool = False
     template_has_tools: bool = False
+    prefix_caching: bool | None = None
 
     @classmethod
-    def of(cls, model_dir: Path, base_model: str, max_lora_rank: int) -> ServingContext:
+    def of(
+        cls, model_dir: Path, base_model: str, max_lora_rank: int, *, prefix_caching: bool | None = None
+    ) -> ServingContext:
         """Read from the base model's config.json and safetensors headers (no weights are loaded)."""
         hidden = None
         config = model_dir / "config.json"
@@ -64,6 +68,7 @@ class ServingContext:
             frozenset(modules),
             bool(re.search(r"message(\.name|\[['\"]name['\"]\])", template)),
             bool(re.search(r"\btools\b", template)),
+            prefix_caching,
         )
 
 
@@ -91,6 +96,12 @@ def expert_problems(
         return problems
     adapter, adapter_dir = found
     problems += _adapter_problems(adapter_dir, ctx)
+    runtime = record.manifest.runtime
+    if ctx.prefix_caching is False and runtime is not None and runtime.requires_kv_cache_persistence:
+        problems.append(
+            "runtime.requires_kv_cache_persistence: the running engines have prefix caching off (they were "
+            "started before this expert was added; restart the server, or set engine.prefix_caching: true)"
+        )
     for sp, path in record.soft_prompts:
         width = soft_prompt_shape(path)[1]
         if ctx.hidden_size is not None and width != ctx.hidden_size:

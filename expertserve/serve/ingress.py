@@ -30,6 +30,7 @@ from expertserve.engine.config import EngineSettings
 from expertserve.engine.request import (
     Chunk,
     EngineRequest,
+    ExpertSpec,
     Extras,
     Kind,
     Message,
@@ -66,6 +67,7 @@ from expertserve.serve.responses import (
 from expertserve.serve.streams import merged
 from expertserve.serve.tools import ToolPlan, render_tool_turn, with_manifest
 from expertserve.serve.tools import plan as plan_tools
+from expertserve.serve.warm import Warmer, warm_targets
 
 # Serve configures this logger in replicas (stderr and log files); a logger of our own would print nothing.
 logger = logging.getLogger("ray.serve")
@@ -128,7 +130,12 @@ class Ingress:
         self.roots = roots
         self.stores = [r for r in roots if is_store(r)]
         self.serving = (
-            ServingContext.of(Path(settings.model_dir), config.model_id, settings.max_lora_rank)
+            ServingContext.of(
+                Path(settings.model_dir),
+                config.model_id,
+                settings.max_lora_rank,
+                prefix_caching=settings.prefix_caching,
+            )
             if settings is not None
             else ServingContext(config.model_id, max_lora_rank=2**31)
         )
@@ -147,6 +154,24 @@ class Ingress:
             self.embedder = embedder_cls()
         self.reload()
         self.follower = self._follow_expert_state()
+        self.warmer = self._start_warmer()
+
+    def _start_warmer(self) -> Warmer | None:
+        """Keeps experts with a replica minimum loaded on that many engine replicas (serve/warm.py). None outside
+        Serve."""
+        if _app_name() is None:
+            return None
+        overrides = self.config.replicas.expert_min_replicas
+        warmer = Warmer(
+            self.engine,
+            lambda: warm_targets(self.registry, self.config.model_id, overrides, self._with_store),
+        )
+        warmer.start()
+        return warmer
+
+    def _with_store(self, record: ExpertRecord, spec: ExpertSpec) -> ExpertSpec:
+        """The spec with the shared store its files are mirrored from, if any (packaging/store.py)."""
+        return dataclasses.replace(spec, store=store_of(record.root, self.stores)) if self.stores else spec
 
     def _follow_expert_state(self) -> StateFollower | None:
         """Joins the app's expert state (serve/expert_state.py): this replica serves the current generation (its
@@ -321,6 +346,9 @@ class Ingress:
             router = Router(fresh, self.embedder, base_model=self.config.model_id, config=routing)
         self.experts = Experts(fresh, router)
         self._log_changes(fresh, before)
+        warmer: Warmer | None = getattr(self, "warmer", None)  # the first scan runs before the warmer exists
+        if warmer is not None:
+            warmer.poke()
         return {
             "added": sorted(set(after) - set(before)),
             "removed": sorted(set(before) - set(after)),
@@ -544,9 +572,7 @@ class Ingress:
             constraint = Constraint("json_schema", tool_plan.schema, "request")
         extras = self._extras(req)
         check_sampling(sampling, extras)
-        spec = record.engine_spec(self.config.model_id) if record else None
-        if record is not None and spec is not None and self.stores:
-            spec = dataclasses.replace(spec, store=store_of(record.root, self.stores))
+        spec = self._with_store(record, record.engine_spec(self.config.model_id)) if record else None
         if isinstance(req, ChatCompletionRequest):
             messages = tuple(self._message(i, m) for i, m in enumerate(req.messages))
             if tool_plan is not None:

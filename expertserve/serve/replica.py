@@ -71,6 +71,17 @@ class EngineReplica:
         logger.info("expert %s loaded on this replica in %.3f s", key, resident.loaded.load_seconds)
         return resident
 
+    async def warm(self, spec: ExpertSpec) -> tuple[str, bool]:
+        """Loads the expert here if this replica does not hold it (serve/warm.py); returns this replica's id and
+        whether it holds the expert now. Serve learns that this replica holds it, and routes its requests here too."""
+        self._specs[spec.key] = spec
+        try:
+            await self._expert(spec.key)
+        except ExpertLoadError as e:
+            logger.warning("warming %s: %s", spec.key, e)
+            return self.replica_id, False
+        return self.replica_id, True
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         """Streams the request's chunks, its expert loaded first (once per replica). The first chunk after a load
         carries the load time (`load_seconds`), so the ingress sees each load once."""

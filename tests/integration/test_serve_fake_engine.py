@@ -26,9 +26,17 @@ HELLO = [{"role": "user", "content": "hello world"}]
 
 
 def _expert(
-    root: Path, name: str, routing: dict[str, Any], *, broken: bool = False, temperature: float = 0.1
+    root: Path,
+    name: str,
+    routing: dict[str, Any],
+    *,
+    broken: bool = False,
+    temperature: float = 0.1,
+    runtime: dict[str, Any] | None = None,
 ) -> None:
     data = manifest(name=name, description=f"{name} answers")
+    if runtime:
+        data["runtime"] = runtime
     data["base_models"][0]["name"] = BASE
     data["routing"] = routing
     data["training"]["decoding"] = {"temperature": temperature, "max_tokens": 12}
@@ -58,6 +66,8 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _expert(experts, "expert-greedy", {"keywords": ["greedy"]}, temperature=0.0)
     # Asked for by one test only, so no other test has loaded it on a replica.
     _expert(experts, "expert-affinity", {"keywords": ["affinity"]})
+    # Kept loaded on both engine replicas by the ingress (runtime.min_replicas; serve/warm.py).
+    _expert(experts, "expert-popular", {"keywords": ["popular"]}, runtime={"min_replicas": 2})
     port = free_port()
     config = ServeConfig.model_validate(
         {
@@ -111,7 +121,7 @@ def _chat(url: str, **body: Any) -> httpx.Response:
 
 def test_health_and_models(url: str, client: openai.OpenAI) -> None:
     health = httpx.get(f"{url}/healthz").json()
-    assert health["status"] == "ok" and health["experts"] == 5 and health["engine_replicas"] == 2
+    assert health["status"] == "ok" and health["experts"] == 6 and health["engine_replicas"] == 2
     assert httpx.get(f"{url}/readyz").json()["status"] == "ok"
     assert httpx.get(f"{url}/livez").json() == {"status": "ok"}
     assert {m.id for m in client.models.list()} == {
@@ -122,6 +132,7 @@ def test_health_and_models(url: str, client: openai.OpenAI) -> None:
         "expert-broken",
         "expert-greedy",
         "expert-affinity",
+        "expert-popular",
     }
 
 
@@ -239,6 +250,23 @@ def test_an_experts_requests_go_to_the_replica_that_loaded_it(url: str) -> None:
     # x-expertserve-replica names the engine replica that answered: one name per replica, never shared.
     named = [h for hs in headers.values() for h in hs]
     assert all(len(hs) == 1 for hs in headers.values()) and len(set(named)) == len(named)
+
+
+def test_an_expert_with_a_replica_minimum_is_loaded_on_that_many_replicas_and_served_by_both(
+    url: str,
+) -> None:
+    """expert-popular asks for 2 replicas (runtime.min_replicas): the ingress warms it on both engine replicas
+    without a request, each loads it once, and Serve sends its requests to both instead of pinning one."""
+    seen: dict[str, set[int]] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(seen) < 2:
+        r = _chat(url, model="expert-popular", max_tokens=3)
+        text = r.json()["choices"][0]["message"]["content"]
+        replica, loads = (part.split("=")[1] for part in text.split()[1:3])
+        seen.setdefault(replica, set()).add(int(loads))
+        time.sleep(0.2)
+    assert len(seen) == 2, f"served by one replica only: {seen}"
+    assert all(loads == {1} for loads in seen.values()), seen
 
 
 def test_metrics_settle_after_requests(url: str) -> None:

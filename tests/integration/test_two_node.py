@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from expertserve.bench.servers import free_port
-from tests.helpers import REPO, make_expert, manifest
+from tests.helpers import REPO, S3_ENV, make_expert, manifest, s3_server
 
 pytestmark = pytest.mark.slow
 TINY_ID = "tiny-test-model"
@@ -41,6 +42,11 @@ def test_two_node_cluster_trains_across_nodes_and_serves(tmp_path: Path) -> None
 
 
 def _scenario(tmp_path: Path) -> None:
+    with s3_server() as store:
+        _scenario_with_store(tmp_path, store)
+
+
+def _scenario_with_store(tmp_path: Path, store: str) -> None:
     from expertserve.models.tiny import build_tiny_model
 
     base = build_tiny_model(tmp_path / "tiny")
@@ -65,6 +71,8 @@ def _scenario(tmp_path: Path) -> None:
         "RAY_AUTH_MODE": "disabled",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "EXPERTSERVE_STORE": store,  # read by _serve_across_nodes
+        **S3_ENV,  # every node opens the shared expert store
     }
     # The script bounds its own waits (2 x 120 s per `ray start`, 150 s for readiness) and prints the cluster's
     # logs when it gives up, so this timeout only catches a hang of the script itself.
@@ -115,42 +123,7 @@ def _scenario(tmp_path: Path) -> None:
         assert len(nodes) == 2, "the two workers should run on different nodes"
         assert (out / "expert-demo-0.1.0.expert").is_file()
 
-        # configs/serve.yaml as shipped, on a free port (a previous run's proxy may still hold 8000).
-        serve_config = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
-        port = free_port()
-        serve_config["http_options"]["port"] = port
-        (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_config))
-        deploy = run(
-            ["serve", "deploy", str(tmp_path / "serve.yaml"), "--address", dashboard], env, timeout=120
-        )
-        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        r = httpx.post(
-            f"{url}/v1/chat/completions",
-            timeout=120,
-            json={
-                "model": "expert-sql",
-                "max_tokens": 16,
-                "temperature": 0,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": "Schema:\nCREATE TABLE iris (species TEXT);\n"
-                        "Question: How many rows are in the iris table?",
-                    }
-                ],
-            },
-        )
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["content"]
+        _serve_across_nodes(tmp_path, env, dashboard, cluster_dir)
     finally:
         run(["serve", "shutdown", "-y", "--address", dashboard], env, timeout=120)
         stopped = run(["bash", "cluster/local-cluster.sh", "stop"], env, timeout=120)
@@ -158,3 +131,120 @@ def _scenario(tmp_path: Path) -> None:
     leftover = subprocess.run(["pgrep", "-f", str(cluster_dir)], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"
     shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+SHARED = "expert-json-shared"
+
+
+def _serve_across_nodes(tmp_path: Path, env: dict[str, str], dashboard: str, cluster_dir: Path) -> None:
+    """configs/serve.yaml with two ingress and two engine replicas, the repository's experts and a shared store (S3)
+    as expert roots. An expert installed into the store and reloaded is served through both ingress replicas; its
+    requests stay on the replicas that hold it; the worker node killed under load costs no client a 500."""
+    from expertserve.packaging import archive, signing
+
+    store = env["EXPERTSERVE_STORE"]
+    public = signing.generate_key(tmp_path / "keys" / "signing.key")
+    serve_config = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    port = free_port()  # a previous run's proxy may still hold 8000
+    serve_config["http_options"]["port"] = port
+    serve_config["applications"][0]["args"] = {
+        "experts_dirs": [str(REPO / "experts"), store],
+        "trusted_keys": [public],
+        "replicas": {"num_replicas": 2, "ingress_replicas": 2, "num_cpus": 1},
+    }
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_config))
+    deploy = run(["serve", "deploy", str(tmp_path / "serve.yaml"), "--address", dashboard], env, timeout=120)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    assert _chat(url, "expert-sql").status_code == 200
+
+    # A shipped expert under a new name, signed, installed into the store from the CLI, then reloaded.
+    shared = tmp_path / SHARED
+    shutil.copytree(REPO / "experts" / "expert-json", shared)
+    data = json.loads((shared / "manifest.json").read_text())
+    data["name"] = SHARED
+    (shared / "manifest.json").write_text(json.dumps(data, indent=2))
+    package = archive.build_package(shared, tmp_path / "packages", sign_key=tmp_path / "keys" / "signing.key")
+    install = run(
+        [
+            sys.executable,
+            "-m",
+            "expertserve",
+            "install",
+            str(package),
+            "--dir",
+            store,
+            "--trusted-key",
+            public,
+        ],
+        env,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    reloaded = httpx.post(f"{url}/admin/experts/reload", timeout=120)
+    assert reloaded.status_code == 200, reloaded.text
+    answer = reloaded.json()
+    assert SHARED in answer["added"] and answer["ingress_replicas"] == 2, answer
+    for _ in range(20):
+        r = httpx.get(f"{url}/v1/models", timeout=30)
+        assert SHARED in {m["id"] for m in r.json()["data"]}
+        assert r.headers["x-expertserve-generation"] == str(answer["generation"])
+
+    # Placement: sequential requests for one expert go to replicas that already hold it.
+    replicas = []
+    for _ in range(16):
+        r = _chat(url, SHARED)
+        assert r.status_code == 200, r.text
+        replicas.append(r.headers["x-expertserve-replica"])
+    held = sum(r in replicas[:i] for i, r in enumerate(replicas) if i >= 2)
+    assert held / (len(replicas) - 2) >= 0.9, replicas
+    # Whichever node's engine loaded it found it in that node's own mirror of the store.
+    mirrors = [p for p in cluster_dir.glob("*/stores/*/" + SHARED) if any(p.iterdir())]
+    assert mirrors, "no node mirrored the shared store"
+
+    # Under load, the worker node dies: the head keeps answering, and no client sees a 500.
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client(model: str) -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(_chat(url, model).status_code)
+            except httpx.HTTPError:
+                statuses.append(-1)
+
+    threads = [
+        threading.Thread(target=client, args=(m,)) for m in (SHARED, "expert-sql", SHARED, "expert-sql")
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(5)
+    killed = run(["bash", "cluster/local-cluster.sh", "kill-node", "1"], env, timeout=60)
+    assert killed.returncode == 0, killed.stdout + killed.stderr
+    time.sleep(20)
+    stop.set()
+    for t in threads:
+        t.join(timeout=180)
+    after = [_chat(url, m).status_code for m in (SHARED, "expert-sql", SHARED, "expert-sql")]
+    assert 500 not in statuses and -1 not in statuses, statuses
+    assert after == [200] * 4, after
+
+
+def _chat(url: str, model: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=180,
+        json={
+            "model": model,
+            "max_tokens": 8,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Name: Ada, age 36. Extract name and age."}],
+        },
+    )

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import pytest
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from expertserve.serve.config import ServeConfig
 from tests.helpers import REPO
@@ -87,9 +87,21 @@ class PVCSource(_K):
     claimName: str
 
 
+class EmptyDirSource(_K):
+    sizeLimit: str | None = None
+    medium: str | None = None
+
+
 class Volume(_K):
     name: str
-    persistentVolumeClaim: PVCSource
+    persistentVolumeClaim: PVCSource | None = None
+    emptyDir: EmptyDirSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Volume:
+        if (self.persistentVolumeClaim is None) == (self.emptyDir is None):
+            raise ValueError("a volume needs exactly one source: persistentVolumeClaim or emptyDir")
+        return self
 
 
 class PodSpec(_K):

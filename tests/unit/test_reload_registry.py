@@ -101,3 +101,17 @@ def test_the_serving_context_reads_the_base_model(tmp_path: Path) -> None:
     )
     ctx = ServingContext.of(tmp_path, BASE, max_lora_rank=12)
     assert (ctx.hidden_size, ctx.max_lora_rank, ctx.modules) == (64, 16, frozenset({"q_proj", "norm"}))
+
+
+def test_an_expert_that_needs_prefix_caching_is_not_servable_on_engines_without_it(tmp_path: Path) -> None:
+    import dataclasses
+
+    make_expert(
+        tmp_path / "expert-cache",
+        manifest(name="expert-cache", runtime={"requires_kv_cache_persistence": True}),
+    )
+    record = Registry.scan([tmp_path]).get("expert-cache")
+    off = dataclasses.replace(CTX, prefix_caching=False)
+    assert any("prefix caching off" in p and "restart the server" in p for p in expert_problems(record, off))
+    assert expert_problems(record, dataclasses.replace(CTX, prefix_caching=True)) == []
+    assert expert_problems(record, CTX) == []  # unknown engine settings: nothing claimed

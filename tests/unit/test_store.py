@@ -171,3 +171,16 @@ def test_an_engine_replica_on_another_node_fetches_what_the_ingress_registered(t
     )
     with pytest.raises(ExpertLoadError, match="no longer holds the package.*reload the experts"):
         fetch_from_store(on_c)
+
+
+def test_the_server_config_names_a_store_uri_it_cannot_open() -> None:
+    from expertserve.serve.config import ConfigError, ServeConfig
+
+    assert ServeConfig.load(
+        None, environ={}, overrides={"experts_dirs": ["experts", "s3://bucket/x"]}
+    ).experts_dirs == [
+        "experts",
+        "s3://bucket/x",
+    ]
+    with pytest.raises(ConfigError, match="experts_dirs.*expected a URI of"):
+        ServeConfig.load(None, environ={}, overrides={"experts_dirs": ["ftp://host/x"]})
