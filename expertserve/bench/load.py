@@ -22,6 +22,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Tim
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 return Timed(0.0, time.perf_counter() - started, 0, f"HTTP {r.status_code}: {text[:300]}")
+            replica = r.headers.get("x-expertserve-replica", "")
+            loaded = "x-expertserve-expert-load-ms" in r.headers
             finished = False
             async for line in r.aiter_lines():
                 if line == "data: [DONE]":
@@ -44,7 +46,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Tim
     except (httpx.HTTPError, ValueError, KeyError, AttributeError) as e:
         return Timed(0.0, time.perf_counter() - started, 0, f"{type(e).__name__}: {e}")
     done = time.perf_counter()
-    return Timed((first or done) - started, done - started, tokens)
+    return Timed((first or done) - started, done - started, tokens, replica=replica, loaded=loaded)
 
 
 async def _run(

@@ -215,6 +215,19 @@ def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str,
     }
 
 
+def placement(url: str, experts: list[str], size: Size) -> dict[str, Any]:
+    """Scenario 6, on a server with 2 engine replicas: the 8-expert mix after one request per expert. `held_share`:
+    the share of requests answered by a replica that already held their expert (no load on the way, from
+    `x-expertserve-expert-load-ms`); `replicas`: how many engine replicas answered."""
+    _warm(url, experts)
+    timed, wall = run_load(url, workload.requests(experts, size.mixed, SEED + 1), size.mixed.concurrency)
+    out = summarize(timed, wall)
+    ok = [t for t in timed if t.error is None]
+    out["held_share"] = sum(not t.loaded for t in ok) / len(ok) if ok else math.nan
+    out["replicas"] = len({t.replica for t in ok if t.replica})
+    return out
+
+
 def _check(timed: list[Timed], what: str) -> None:
     errors = [t.error for t in timed if t.error]
     if errors:
@@ -276,7 +289,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     }
     started = time.monotonic()
 
-    log(f"[1/2] vLLM OpenAI server ({model_id}, {STACK_EXPERTS} adapters, --enable-lora)")
+    log(f"[1/3] vLLM OpenAI server ({model_id}, {STACK_EXPERTS} adapters, --enable-lora)")
     with vllm_server(
         model_dir,
         model_id,
@@ -297,7 +310,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
             url, model_id, model_dir, stack_names, size.stack, SEED, work / "client-vllm.log"
         )
 
-    log("[2/2] expertserve (Ray Serve + vLLM engine)")
+    log("[2/3] expertserve (Ray Serve + vLLM engine)")
     port = free_port()
     config = {
         "model_dir": str(model_dir),
@@ -327,6 +340,14 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         log("      soft prompt")
         soft = soft_prompt(url, "expert-bench-soft", "expert-bench-nosoft", size)
 
+    log("[3/3] expertserve with 2 engine replicas: placement of the 8-expert mix")
+    two = {**config, "port": free_port(), "replicas": {"num_replicas": 2, "num_cpus": 1}}
+    (work / "expertserve-2.json").write_text(json.dumps(two, indent=2))
+    with expertserve_server(
+        work / "expertserve-2.json", work / "expertserve-2.log", settings.kv_cache_gib
+    ) as url:
+        place = placement(url, mixed_names[:8], size)
+
     results["stack"] = {
         "vllm": vllm_stack,
         "expertserve": ours_stack,
@@ -347,6 +368,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     results["cold_warm"] = cold
     results["routing"] = route
     results["softprompt"] = soft
+    results["placement"] = place
     base_tps = experts["base"]["output_tokens_per_s"]
     results.update(
         {
@@ -365,9 +387,13 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
             "softprompt_throughput_ratio": ratio(
                 soft["with"]["output_tokens_per_s"], soft["without"]["output_tokens_per_s"]
             ),
+            "placement_held_share": place["held_share"],
+            "placement_throughput_ratio": ratio(
+                place["output_tokens_per_s"], experts["mixed8"]["output_tokens_per_s"]
+            ),
             "errors": sum(
                 s["errors"]
-                for s in [vllm_stack, ours_stack, *experts.values(), soft["with"], soft["without"]]
+                for s in [vllm_stack, ours_stack, *experts.values(), soft["with"], soft["without"], place]
             )
             + sum(int(c.get("failed") or 0) for c in (vllm_client, ours_client)),
             "elapsed_s": round(time.monotonic() - started, 1),

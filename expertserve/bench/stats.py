@@ -17,6 +17,10 @@ class Timed:
     latency: float
     output_tokens: int
     error: str | None = None
+    replica: str = ""  # the engine replica that answered (x-expertserve-replica), where the server says
+    loaded: bool = (
+        False  # the request waited for its expert to load on that replica (x-expertserve-expert-load-ms)
+    )
 
 
 def summarize(timed: list[Timed], wall: float) -> dict[str, Any]:
@@ -72,6 +76,8 @@ FIGURES = {
     "cold_warm_ttft_ratio": "cold / warm TTFT p50",
     "routing_added_ms_p50": "routing added latency p50 (ms)",
     "softprompt_throughput_ratio": "with / without soft prompt, output tok/s",
+    "placement_held_share": "2 engine replicas, 8 experts: share on a holder",
+    "placement_throughput_ratio": "2 engine replicas / 1, 8 experts, output tok/s",
 }
 # The targets, printed next to each figure; tests never assert them. Figures without one print "-".
 TARGETS = {

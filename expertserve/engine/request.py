@@ -29,8 +29,10 @@ class ExpertSpec:
             under the same version is a different expert to the engine, so it is loaded again, never stale.
         adapter_dir: Directory of the LoRA adapter trained for the served base model.
         soft_prompt_files: Soft-prompt files, in manifest order (prepended in that order).
-        store: The shared store (URI) the expert's files are mirrored from; an engine replica on a node whose mirror
-            lacks them syncs the store first (packaging/store.py). None: a local expert.
+        store: The shared store (URI) the expert's files are mirrored from; an engine replica reads them from its own
+            node's mirror of it, syncing the store first where that lacks them (packaging/store.py). None: a local
+            expert.
+        mirror: The mirror directory the paths above are under on the ingress's node (each node has its own).
     """
 
     name: str
@@ -39,6 +41,7 @@ class ExpertSpec:
     adapter_dir: str | None
     soft_prompt_files: tuple[str, ...] = ()
     store: str | None = None
+    mirror: str | None = None
 
     @property
     def key(self) -> str:

@@ -40,7 +40,7 @@ from expertserve.engine.request import (
 )
 from expertserve.errors import ExpertNotFound, ExpertNotServable, ExpertserveError
 from expertserve.manifest.status import RuntimeContext, field_statuses
-from expertserve.packaging.store import is_store, local_roots, store_of
+from expertserve.packaging.store import is_store, local_roots, mirror_dir, store_of
 from expertserve.packaging.trust import TrustPolicy
 from expertserve.registry import ExpertRecord, Registry
 from expertserve.serve.body import parse_body
@@ -171,7 +171,10 @@ class Ingress:
 
     def _with_store(self, record: ExpertRecord, spec: ExpertSpec) -> ExpertSpec:
         """The spec with the shared store its files are mirrored from, if any (packaging/store.py)."""
-        return dataclasses.replace(spec, store=store_of(record.root, self.stores)) if self.stores else spec
+        store = store_of(record.root, self.stores) if self.stores else None
+        return (
+            spec if store is None else dataclasses.replace(spec, store=store, mirror=str(mirror_dir(store)))
+        )
 
     def _follow_expert_state(self) -> StateFollower | None:
         """Joins the app's expert state (serve/expert_state.py): this replica serves the current generation (its
@@ -637,6 +640,10 @@ class Ingress:
             tracker.first(first, streamed=bool(req.stream))
             if first is not None and first.replica:
                 headers["x-expertserve-replica"] = first.replica
+            if (
+                first is not None and first.load_seconds > 0
+            ):  # this request waited for its expert to load there
+                headers["x-expertserve-expert-load-ms"] = f"{first.load_seconds * 1000:.0f}"
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 return StreamingResponse(

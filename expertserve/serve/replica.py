@@ -66,7 +66,7 @@ class EngineReplica:
     async def _expert(self, key: str) -> Resident:
         spec = self._specs[key]
         if spec.store is not None:
-            await asyncio.to_thread(fetch_from_store, spec)
+            spec = await asyncio.to_thread(fetch_from_store, spec)
         resident = Resident(await self.engine.load_expert(spec))
         logger.info("expert %s loaded on this replica in %.3f s", key, resident.loaded.load_seconds)
         return resident
@@ -128,18 +128,29 @@ class EngineReplica:
         await self.engine.check_health()
 
 
-def fetch_from_store(spec: ExpertSpec) -> None:
-    """Makes an expert from a shared store present on this node: a mirrored expert's path names its package's hash,
-    so files present at the path are the ones the ingress registered; absent ones come from a sync of the store.
+def fetch_from_store(spec: ExpertSpec) -> ExpertSpec:
+    """The spec with its paths in this node's mirror of the expert's store, the files there. A mirrored expert's
+    directory names its package's hash, so files present at the path are the ones the ingress registered; absent
+    ones come from a sync of the store.
 
     Raises:
-        ExpertLoadError: The store no longer holds that package (replaced or removed since the ingress's scan).
+        ExpertLoadError: The store no longer holds that package (replaced or removed since the ingress's scan), or
+            cannot be reached while this node lacks the files.
     """
     from expertserve.packaging import store
 
-    files = [p for p in (spec.adapter_dir, *spec.soft_prompt_files) if p]
-    if all(Path(p).exists() for p in files) or spec.store is None:
-        return
+    if spec.store is None or spec.mirror is None:
+        return spec
+    here = str(store.mirror_dir(spec.store))
+    local = dataclasses.replace(
+        spec,
+        adapter_dir=_moved(spec.adapter_dir, spec.mirror, here) if spec.adapter_dir else None,
+        soft_prompt_files=tuple(_moved(p, spec.mirror, here) for p in spec.soft_prompt_files),
+        mirror=here,
+    )
+    files = [p for p in (local.adapter_dir, *local.soft_prompt_files) if p]
+    if all(Path(p).exists() for p in files):
+        return local
     try:
         result = store.sync(spec.store)
     except store.StoreError as e:
@@ -153,11 +164,17 @@ def fetch_from_store(spec: ExpertSpec) -> None:
             f"mirror after a sync{'; ' + problems if problems else ''}): reload the experts",
         )
     logger.info(
-        "expert %s fetched from %s onto this node (%d packages installed)",
+        "expert %s fetched from %s into this node's mirror (%d packages installed)",
         spec.key,
         spec.store,
         len(result.installed),
     )
+    return local
+
+
+def _moved(path: str, mirror: str, here: str) -> str:
+    """`path` under the ingress node's mirror, as the same path under this node's."""
+    return str(Path(here) / Path(path).relative_to(mirror))
 
 
 def replica_id() -> str:

@@ -53,6 +53,8 @@ def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path)
         "expert-typescript",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
     }
+    # The placement server's two engine replicas both answered, and the share is a share.
+    assert results["placement"]["replicas"] == 2 and 0 <= results["placement_held_share"] <= 1
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in FIGURES.values():
         assert label in proc.stdout

@@ -229,12 +229,14 @@ def test_auto_routes_to_the_expert_that_matches(url: str) -> None:
 
 def test_an_experts_requests_go_to_the_replica_that_loaded_it(url: str) -> None:
     headers: dict[str, set[str]] = {}
+    waited: list[bool] = []  # per request: did it wait for a load (x-expertserve-expert-load-ms)
 
     def answer() -> tuple[str, int]:
         r = _chat(url, model="expert-affinity", max_tokens=3)
         text = r.json()["choices"][0]["message"]["content"]
         replica, loads = (part.split("=")[1] for part in text.split()[1:3])
         headers.setdefault(replica, set()).add(r.headers["x-expertserve-replica"])
+        waited.append("x-expertserve-expert-load-ms" in r.headers)
         return replica, int(loads)
 
     # Serve learns where an expert is loaded from the replica's report; give it a moment after the first load.
@@ -247,6 +249,7 @@ def test_an_experts_requests_go_to_the_replica_that_loaded_it(url: str) -> None:
     later = [answer() for _ in range(8)]
     assert all(r == replica for r, _ in later), later
     assert all(loads == 1 for _, loads in later), "the replica loaded the expert once and kept it"
+    assert waited[0] and not any(waited[-8:]), waited  # the first request loaded it; the later ones found it
     # x-expertserve-replica names the engine replica that answered: one name per replica, never shared.
     named = [h for hs in headers.values() for h in hs]
     assert all(len(hs) == 1 for hs in headers.values()) and len(set(named)) == len(named)

@@ -150,7 +150,14 @@ def _serve_across_nodes(tmp_path: Path, env: dict[str, str], dashboard: str, clu
     serve_config["applications"][0]["args"] = {
         "experts_dirs": [str(REPO / "experts"), store],
         "trusted_keys": [public],
-        "replicas": {"num_replicas": 2, "ingress_replicas": 2, "num_cpus": 1},
+        # Two CPUs per engine replica: one on each node. The shared expert is kept loaded on both, so the worker
+        # node's engine fetches it from the store into that node's own mirror.
+        "replicas": {
+            "num_replicas": 2,
+            "ingress_replicas": 2,
+            "num_cpus": 2,
+            "expert_min_replicas": {SHARED: 2},
+        },
     }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_config))
     deploy = run(["serve", "deploy", str(tmp_path / "serve.yaml"), "--address", dashboard], env, timeout=120)
@@ -205,9 +212,12 @@ def _serve_across_nodes(tmp_path: Path, env: dict[str, str], dashboard: str, clu
         replicas.append(r.headers["x-expertserve-replica"])
     held = sum(r in replicas[:i] for i, r in enumerate(replicas) if i >= 2)
     assert held / (len(replicas) - 2) >= 0.9, replicas
-    # Whichever node's engine loaded it found it in that node's own mirror of the store.
-    mirrors = [p for p in cluster_dir.glob("*/stores/*/" + SHARED) if any(p.iterdir())]
-    assert mirrors, "no node mirrored the shared store"
+    # Both engine replicas answered for it, and each node has it in its own mirror of the store.
+    assert len(set(replicas)) == 2, replicas
+    for node in ("head", "worker-1"):
+        assert any(p.iterdir() for p in cluster_dir.glob(f"{node}/stores/*/{SHARED}")), (
+            f"{node} did not mirror it"
+        )
 
     # Under load, the worker node dies: the head keeps answering, and no client sees a 500.
     statuses: list[int] = []

@@ -128,3 +128,13 @@ def test_the_load_generator_fails_streams_that_carry_an_error_or_end_early() -> 
     assert failed.error == "error event in the stream: engine died"
     cut = asyncio.run(one(stream(content, usage)))
     assert cut.error == "the stream ended without data: [DONE]"
+    placed = httpx.MockTransport(
+        lambda request: httpx.Response(
+            200,
+            content=f"data: {content}\n\ndata: {usage}\n\ndata: [DONE]\n\n".encode(),
+            headers={"x-expertserve-replica": "r1", "x-expertserve-expert-load-ms": "12"},
+        )
+    )
+    loaded = asyncio.run(one(placed))
+    assert (loaded.replica, loaded.loaded) == ("r1", True)
+    assert (ok.replica, ok.loaded) == ("", False)

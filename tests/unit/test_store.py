@@ -134,43 +134,35 @@ def test_install_into_a_store_from_the_cli(tmp_path: Path, node, capsys: pytest.
 
 
 def test_an_engine_replica_on_another_node_fetches_what_the_ingress_registered(tmp_path: Path, node) -> None:
+    import dataclasses
+
     from expertserve.errors import ExpertLoadError
     from expertserve.serve.replica import fetch_from_store
 
     uri = f"file://{tmp_path}/store"
     upload_(package(tmp_path), uri)
+    cache_a = node("a")
     roots, _ = store.local_roots([uri])  # the ingress's node (a) scans
     record = Registry.scan(roots).get("expert-demo")
     spec = record.engine_spec("HuggingFaceTB/SmolLM2-135M-Instruct")
-    spec = type(spec)(**{**spec.__dict__, "store": store.store_of(record.root, [uri])})
-    assert spec.store == uri
+    spec = dataclasses.replace(
+        spec, store=store.store_of(record.root, [uri]), mirror=str(store.mirror_dir(uri))
+    )
+    assert spec.store == uri and spec.adapter_dir.startswith(str(cache_a))
 
-    # Node b's mirror is elsewhere: the spec's paths name node a's. Switch the mirror root to b and rewrite the
-    # spec as b's ingress would have (same relative paths), then fetch.
-    cache_a = node("a")
-    cache_b = node("b")
-    moved = {
-        "adapter_dir": spec.adapter_dir.replace(str(cache_a), str(cache_b)),
-        "soft_prompt_files": tuple(p.replace(str(cache_a), str(cache_b)) for p in spec.soft_prompt_files),
-    }
-    on_b = type(spec)(**{**spec.__dict__, **moved})
-    assert not Path(on_b.adapter_dir).exists()
-    fetch_from_store(on_b)
+    cache_b = node("b")  # an engine replica on node b: its own, empty mirror
+    on_b = fetch_from_store(spec)
+    assert on_b.adapter_dir.startswith(str(cache_b)) and on_b.key == spec.key
     assert Path(on_b.adapter_dir, "adapter_model.safetensors").is_file()
+    assert all(Path(p).is_file() and p.startswith(str(cache_b)) for p in on_b.soft_prompt_files)
+    assert fetch_from_store(spec) == on_b  # present now: no second sync needed
 
     # Replaced in the store after node a's scan: node c cannot get those bytes any more, and says so.
     replacement = make_expert(tmp_path / "v2" / "expert-demo", manifest(description="changed"))
     upload_(archive.build_package(replacement, tmp_path / "v2" / "out"), uri, force=True)
-    cache_c = node("c")
-    on_c = type(spec)(
-        **{
-            **spec.__dict__,
-            "adapter_dir": spec.adapter_dir.replace(str(cache_a), str(cache_c)),
-            "soft_prompt_files": tuple(p.replace(str(cache_a), str(cache_c)) for p in spec.soft_prompt_files),
-        }
-    )
+    node("c")
     with pytest.raises(ExpertLoadError, match="no longer holds the package.*reload the experts"):
-        fetch_from_store(on_c)
+        fetch_from_store(spec)
 
 
 def test_the_server_config_names_a_store_uri_it_cannot_open() -> None:
