@@ -44,13 +44,19 @@ class Size:
     warm_repeats: int
     routing_pairs: int
     soft: Shape
+    many_experts: int  # registered for the Zipf scenario
+    many: Shape
 
 
 SIZES = {
-    "smoke": Size(Shape(6, 3, 4), Shape(32, 8, 2), 2, 2, 3, Shape(6, 3, 4)),
-    "quick": Size(Shape(48, 8, 32), Shape(48, 8, 16), 4, 3, 16, Shape(24, 8, 32)),
-    "full": Size(Shape(192, 16, 64), Shape(192, 16, 32), 8, 4, 40, Shape(96, 16, 64)),
+    "smoke": Size(Shape(6, 3, 4), Shape(32, 8, 2), 2, 2, 3, Shape(6, 3, 4), 40, Shape(32, 8, 2)),
+    "quick": Size(Shape(48, 8, 32), Shape(48, 8, 16), 4, 3, 16, Shape(24, 8, 32), 1000, Shape(96, 8, 16)),
+    "full": Size(
+        Shape(192, 16, 64), Shape(192, 16, 32), 8, 4, 40, Shape(96, 16, 64), 1000, Shape(384, 16, 32)
+    ),
 }
+ZIPF_S = 1.1
+MANY_DISTINCT_WEIGHTS = 16  # weight files drawn for the many experts; the rest are hard links to them
 STACK_EXPERTS = 3  # like the shipped experts
 MIXED_SIZES = (1, 8, 32)
 SOFT_TOKENS = 16  # expert-json's soft prompt length
@@ -228,6 +234,74 @@ def placement(url: str, experts: list[str], size: Size) -> dict[str, Any]:
     return out
 
 
+def many(url: str, experts: list[str], size: Size) -> dict[str, Any]:
+    """Scenario 7: Zipf-distributed traffic (s = 1.1, in `experts` order) over many registered experts, none loaded
+    before: throughput, adapter loads per second, and TTFT of the requests that waited for their expert's load
+    (cold) against those that found it loaded (warm)."""
+    order = workload.zipf_order(experts, size.many.requests, SEED + 7, ZIPF_S)
+    bodies = workload.requests(experts, size.many, SEED + 1, order=order)
+    counters = _engine_counters(url)
+    timed, wall = run_load(url, bodies, size.many.concurrency)
+    out = summarize(timed, wall)
+    ok = [t for t in timed if t.error is None]
+    cold = [1000 * t.ttft for t in ok if t.loaded]
+    warm = [1000 * t.ttft for t in ok if not t.loaded]
+    out.update(
+        {
+            "experts": len(experts),
+            "distinct_requested": len(set(order)),
+            "loads": len(cold),
+            "loads_per_s": len(cold) / wall if wall else math.nan,
+            "cold_ttft_ms_p50": percentile(cold, 50),
+            "cold_ttft_ms_p99": percentile(cold, 99),
+            "warm_ttft_ms_p50": percentile(warm, 50),
+            "warm_ttft_ms_p99": percentile(warm, 99),
+            # From the engines' own counters in /metrics, over this run (Ray exports them every few seconds).
+            "engine_loads": (deltas := _counter_deltas(url, counters))["expert_loads"],
+            "engine_evictions": deltas["expert_evictions"],
+        }
+    )
+    return out
+
+
+def _engine_counters(url: str) -> dict[str, float]:
+    """The engine replicas' expert load and eviction totals in `/metrics` (absent ones: 0)."""
+    import httpx
+
+    totals = {"expert_loads": 0.0, "expert_evictions": 0.0}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        for key in totals:
+            if name in (f"ray_expertserve_engine_{key}", f"ray_expertserve_engine_{key}_total"):
+                totals[key] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def _counter_deltas(url: str, before: dict[str, float], wait_s: float = 15.0) -> dict[str, float]:
+    """What the engine counters rose by since `before`. Ray exports them every few seconds: read until the loads
+    have moved, or `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        after = _engine_counters(url)
+        if after["expert_loads"] > before["expert_loads"] or time.monotonic() > deadline:
+            return {key: after[key] - before[key] for key in after}
+        time.sleep(1)
+
+
+def _register(url: str, expected: int) -> float:
+    """Reloads the server's experts; returns how long the reload took (s). Raises when it did not add `expected`."""
+    import httpx
+
+    started = time.perf_counter()
+    r = httpx.post(f"{url}/admin/experts/reload", timeout=600)
+    took = time.perf_counter() - started
+    r.raise_for_status()
+    added = len(r.json()["added"])
+    if added != expected:
+        raise RuntimeError(f"the reload added {added} experts, expected {expected}: {r.text[:500]}")
+    return took
+
+
 def _check(timed: list[Timed], what: str) -> None:
     errors = [t.error for t in timed if t.error]
     if errors:
@@ -277,6 +351,10 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     )
     make_experts(synth, ["expert-bench-nosoft"], template, model_id, seed=SEED + 1)
     stack_names = mixed_names[:STACK_EXPERTS]
+    # Registered while the server runs (a reload), after the other scenarios: a root that starts empty.
+    many_root = work / "experts-many"
+    many_root.mkdir(parents=True, exist_ok=True)
+    many_names = [f"expert-bench-many-{i:04d}" for i in range(size.many_experts)]
 
     dtype, why = choose_dtype(settings.dtype)
     log(f"engine dtype: {dtype} ({why})")
@@ -315,7 +393,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     config = {
         "model_dir": str(model_dir),
         "model_id": model_id,
-        "experts_dirs": [str(repo / "experts"), str(synth)],
+        "experts_dirs": [str(repo / "experts"), str(synth), str(many_root)],
         "port": port,
         "ray_dashboard": False,  # vLLM's own server runs without one: same processes on the same cores
         "engine": asdict(settings),
@@ -339,6 +417,18 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         route = routing(url, routing_prompts(size.routing_pairs, repo))
         log("      soft prompt")
         soft = soft_prompt(url, "expert-bench-soft", "expert-bench-nosoft", size)
+        log(f"      {size.many_experts} experts registered by a reload, Zipf traffic (s = {ZIPF_S})")
+        make_experts(
+            many_root,
+            many_names,
+            template,
+            model_id,
+            seed=SEED + 2,
+            distinct_weights=MANY_DISTINCT_WEIGHTS,
+        )
+        register_s = _register(url, len(many_names))
+        zipf = many(url, many_names, size)
+        zipf["register_s"] = register_s
 
     log("[3/3] expertserve with 2 engine replicas: placement of the 8-expert mix")
     two = {**config, "port": free_port(), "replicas": {"num_replicas": 2, "num_cpus": 1}}
@@ -369,6 +459,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     results["routing"] = route
     results["softprompt"] = soft
     results["placement"] = place
+    results["many"] = zipf
     base_tps = experts["base"]["output_tokens_per_s"]
     results.update(
         {
@@ -387,13 +478,25 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
             "softprompt_throughput_ratio": ratio(
                 soft["with"]["output_tokens_per_s"], soft["without"]["output_tokens_per_s"]
             ),
+            "many_throughput_ratio": ratio(
+                zipf["output_tokens_per_s"], experts["mixed8"]["output_tokens_per_s"]
+            ),
+            "many_cold_warm_ttft_p99_ratio": ratio(zipf["cold_ttft_ms_p99"], zipf["warm_ttft_ms_p99"]),
             "placement_held_share": place["held_share"],
             "placement_throughput_ratio": ratio(
                 place["output_tokens_per_s"], experts["mixed8"]["output_tokens_per_s"]
             ),
             "errors": sum(
                 s["errors"]
-                for s in [vllm_stack, ours_stack, *experts.values(), soft["with"], soft["without"], place]
+                for s in [
+                    vllm_stack,
+                    ours_stack,
+                    *experts.values(),
+                    soft["with"],
+                    soft["without"],
+                    place,
+                    zipf,
+                ]
             )
             + sum(int(c.get("failed") or 0) for c in (vllm_client, ours_client)),
             "elapsed_s": round(time.monotonic() - started, 1),

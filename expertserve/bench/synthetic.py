@@ -4,6 +4,7 @@ adapter, and optionally a soft prompt. Each is a valid expert directory the regi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -55,12 +56,15 @@ def make_experts(
     seed: int = 0,
     soft_tokens: int = 0,
     hidden_size: int | None = None,
+    distinct_weights: int | None = None,
 ) -> list[Path]:
     """Writes one expert directory per name under `root` (replacing earlier copies) and returns them.
 
     Weights: A like PEFT's initialisation scale, B small but non-zero, so every adapter changes the output and
     costs what a trained one costs. With `soft_tokens`, each expert also gets a random soft prompt of that many
-    rows of `hidden_size`.
+    rows of `hidden_size`. With `distinct_weights`, only that many weight files are drawn and the other experts'
+    are hard links to them (a thousand experts without gigabytes of random numbers; the engine still loads each
+    expert's file as its own adapter).
     """
     from safetensors.numpy import load_file, save_file
 
@@ -70,16 +74,20 @@ def make_experts(
     tensors = load_file(str(template.root / "adapter" / "adapter_model.safetensors"))
     config = json.loads((template.root / "adapter" / "adapter_config.json").read_text())
     rng = np.random.default_rng(seed)
-    out = []
-    for name in names:
+    out: list[Path] = []
+    for index, name in enumerate(names):
         expert = root / name
         shutil.rmtree(expert, ignore_errors=True)
         (expert / "adapter").mkdir(parents=True)
-        weights = {
-            k: (rng.standard_normal(v.shape) * (0.02 if "lora_A" in k else 0.005)).astype(v.dtype)
-            for k, v in tensors.items()
-        }
-        save_file(weights, str(expert / "adapter" / "adapter_model.safetensors"))
+        weights_file = expert / "adapter" / "adapter_model.safetensors"
+        if distinct_weights and index >= distinct_weights:
+            os.link(out[index % distinct_weights] / "adapter" / "adapter_model.safetensors", weights_file)
+        else:
+            weights = {
+                k: (rng.standard_normal(v.shape) * (0.02 if "lora_A" in k else 0.005)).astype(v.dtype)
+                for k, v in tensors.items()
+            }
+            save_file(weights, str(weights_file))
         (expert / "adapter" / "adapter_config.json").write_text(
             json.dumps({**config, "base_model_name_or_path": model_id}, indent=2)
         )

@@ -58,14 +58,25 @@ def prompts(n: int, seed: int) -> list[str]:
     return out
 
 
-def requests(models: list[str], shape: Shape, seed: int) -> list[dict[str, Any]]:
-    """Chat completion bodies spread round-robin over `models` (shuffled by `seed`), each generating exactly
-    `shape.max_tokens` tokens (`ignore_eos`), greedy, streamed with usage."""
+def zipf_order(models: list[str], n: int, seed: int, s: float = 1.1) -> list[str]:
+    """`n` models drawn independently with Zipf weights (rank k has weight 1/k^s, ranks in `models` order)."""
     if not models:
         raise ValueError("models: at least one model is needed")
-    rng = random.Random(seed)
-    order = [models[i % len(models)] for i in range(shape.requests)]
-    rng.shuffle(order)
+    weights = [1 / (k**s) for k in range(1, len(models) + 1)]
+    return random.Random(seed).choices(models, weights=weights, k=n)
+
+
+def requests(
+    models: list[str], shape: Shape, seed: int, order: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Chat completion bodies spread round-robin over `models` (shuffled by `seed`), or in the given `order`, each
+    generating exactly `shape.max_tokens` tokens (`ignore_eos`), greedy, streamed with usage."""
+    if not models:
+        raise ValueError("models: at least one model is needed")
+    if order is None:
+        rng = random.Random(seed)
+        order = [models[i % len(models)] for i in range(shape.requests)]
+        rng.shuffle(order)
     return [
         {
             "model": model,

@@ -2,7 +2,8 @@
 
 The engines report them through vLLM's Ray stat logger (`engine.engine_metrics`), so they live in Ray's metrics,
 which every Ray node exports in Prometheus text on its metrics port. `/metrics` appends the `vllm` series of every
-node (Ray labels each with the worker, that is the engine replica, that reported it), read at most once a second,
+node, and the engine replicas' expert loads and evictions (`ray_expertserve_engine_expert_loads_total`,
+`ray_expertserve_engine_expert_evictions_total`), (Ray labels each with the worker, that is the engine replica, that reported it), read at most once a second,
 never waiting more than a second.
 """
 
@@ -50,5 +51,10 @@ def _scrape() -> str:
             ).text
         except httpx.HTTPError:
             continue
-        lines += [line for line in text.splitlines() if "vllm" in line.split("{", 1)[0]]
+        lines += [line for line in text.splitlines() if _ours(line.split("{", 1)[0])]
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _ours(name: str) -> bool:
+    """vLLM's series, and the engine replicas' own (`ray_expertserve_engine_*`: expert loads and evictions)."""
+    return "vllm" in name or "expertserve_engine_" in name

@@ -33,7 +33,10 @@ class Metrics:
         )
         self.tokens = Counter("expertserve_tokens", "Tokens processed", ["expert", "kind"], registry=r)
         self.adapter_load = Gauge(
-            "expertserve_adapter_load_seconds", "Last adapter + soft prompt load time", ["expert"], registry=r
+            "expertserve_adapter_load_seconds",
+            "Last wait of a request for its expert's adapter + soft prompt load",
+            ["expert"],
+            registry=r,
         )
         self.ongoing = Gauge(
             "expertserve_requests_in_flight", "Requests being processed (queue depth)", registry=r

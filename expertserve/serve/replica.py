@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 
@@ -29,19 +30,24 @@ MAX_EXPERTS_PER_REPLICA = 16
 class Resident:
     """An expert held by this replica, as Serve's multiplexing keeps it (Serve calls `__del__` when it evicts)."""
 
-    def __init__(self, loaded: LoadedExpert):
+    def __init__(self, loaded: LoadedExpert, evictions: Any = None):
         self.loaded = loaded
-        self._reported = False
+        self.loaded_at = time.monotonic()
+        self._evictions = evictions
 
-    def take_load_seconds(self) -> float:
-        """The load time, the first time it is asked; 0 after."""
-        if self._reported:
-            return 0.0
-        self._reported = True
-        return self.loaded.load_seconds
+    def waited(self, since: float) -> float:
+        """How long a request that asked for this expert at `since` waited for its load: the request that started
+        the load and every one that joined it waited; one that found it loaded did not (0)."""
+        return max(0.0, self.loaded_at - since)
 
     def __del__(self) -> None:  # Serve calls it on eviction; vLLM's own adapter LRU frees the weights
+        # Serve calls it when it evicts, and Python again when it collects the object: count one release.
+        if getattr(self, "_released", False):
+            return
+        self._released = True
         logger.info("expert %s released by this replica (evicted, least recently used)", self.loaded.spec.key)
+        if self._evictions is not None:
+            self._evictions.inc()
 
 
 class EngineReplica:
@@ -61,13 +67,24 @@ class EngineReplica:
         await self.engine.start()
         # The specs of the experts this replica was asked for: Serve's loader gets only the key.
         self._specs: dict[str, ExpertSpec] = {}
+        from ray.util.metrics import Counter
+
+        # In Ray's metrics, exported with the vLLM series in the ingress's /metrics (serve/engine_metrics.py).
+        self._loads = Counter(
+            "expertserve_engine_expert_loads", description="Experts loaded by engine replicas."
+        )
+        self._evictions = Counter(
+            "expertserve_engine_expert_evictions",
+            description="Experts released by engine replicas to make room (least recently used).",
+        )
 
     @serve.multiplexed(max_num_models_per_replica=MAX_EXPERTS_PER_REPLICA)
     async def _expert(self, key: str) -> Resident:
         spec = self._specs[key]
         if spec.store is not None:
             spec = await asyncio.to_thread(fetch_from_store, spec)
-        resident = Resident(await self.engine.load_expert(spec))
+        resident = Resident(await self.engine.load_expert(spec), self._evictions)
+        self._loads.inc()
         logger.info("expert %s loaded on this replica in %.3f s", key, resident.loaded.load_seconds)
         return resident
 
@@ -83,13 +100,16 @@ class EngineReplica:
         return self.replica_id, True
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Chunk]:
-        """Streams the request's chunks, its expert loaded first (once per replica). The first chunk after a load
-        carries the load time (`load_seconds`), so the ingress sees each load once."""
+        """Streams the request's chunks, its expert loaded first (once per replica). The first chunk of a request
+        that waited for its expert's load carries how long it waited (`load_seconds`; 0 when the expert was
+        loaded already)."""
         resident = None
+        load_seconds = 0.0
         if request.expert is not None:
             self._specs[request.expert.key] = request.expert
+            asked = time.monotonic()
             resident = await self._expert(request.expert.key)
-        load_seconds = resident.take_load_seconds() if resident else 0.0
+            load_seconds = resident.waited(asked)
         source = self.engine.generate(request, resident.loaded if resident else None)
         try:
             replica = self.replica_id

@@ -54,7 +54,10 @@ def test_ratio_and_verdicts() -> None:
         "mixed8_throughput_ratio",
         "cold_warm_ttft_ratio",
         "routing_added_ms_p50",
+        "many_throughput_ratio",
+        "many_cold_warm_ttft_p99_ratio",
     }
+    assert verdict("many_cold_warm_ttft_p99_ratio", 2.5) == "FAIL"
 
 
 def test_table_prints_every_headline_figure() -> None:
@@ -138,3 +141,16 @@ def test_the_load_generator_fails_streams_that_carry_an_error_or_end_early() -> 
     loaded = asyncio.run(one(placed))
     assert (loaded.replica, loaded.loaded) == ("r1", True)
     assert (ok.replica, ok.loaded) == ("", False)
+
+
+def test_zipf_traffic_favours_the_first_ranks_and_is_fixed_by_its_seed() -> None:
+    from expertserve.bench.workload import zipf_order
+
+    names = [f"e{i}" for i in range(1000)]
+    order = zipf_order(names, 2000, seed=1)
+    assert order == zipf_order(names, 2000, seed=1)
+    counts = {n: order.count(n) for n in ("e0", "e1", "e9", "e99")}
+    # Rank 1 takes about 1/H(1000, 1.1) ~ 17 % of the traffic; rank 2 about 2^-1.1 of that.
+    assert 0.12 < counts["e0"] / 2000 < 0.22
+    assert counts["e0"] > counts["e1"] > counts["e9"] > counts["e99"]
+    assert len(set(order)) > 300  # a long tail: most requests are not for the top experts
