@@ -53,6 +53,11 @@ def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path)
         "expert-typescript",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
     }
+    # Many experts: every synthetic one registered by the reload; the Zipf run loaded experts as it went, and the
+    # loads the requests saw are at least the distinct experts they asked for (each loaded at least once).
+    many = results["many"]
+    assert many["experts"] == 40 and many["errors"] == 0
+    assert many["loads"] >= many["distinct_requested"] >= 1
     # The placement server's two engine replicas both answered, and the share is a share.
     assert results["placement"]["replicas"] == 2 and 0 <= results["placement_held_share"] <= 1
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
