@@ -387,6 +387,8 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         vllm_client = run_vllm_client(
             url, model_id, model_dir, stack_names, size.stack, SEED, work / "client-vllm.log"
         )
+        log("      base model only (no adapter)")
+        vllm_base = _summary(url, workload.requests([model_id], size.mixed, SEED + 1), size.mixed.concurrency)
 
     log("[2/3] expertserve (Ray Serve + vLLM engine)")
     port = free_port()
@@ -455,6 +457,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     }
     results["vllm_client"] = {"vllm": vllm_client, "expertserve": ours_client}
     results["experts"] = experts
+    results["base_only"] = {"vllm": vllm_base, "expertserve": experts["base"]}
     results["cold_warm"] = cold
     results["routing"] = route
     results["softprompt"] = soft
@@ -469,6 +472,9 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
                 ours_client, vllm_client, "output_throughput"
             ),
             "stack_ttft_p50_ratio_vllm_client": _client_ratio(ours_client, vllm_client, "median_ttft_ms"),
+            "base_throughput_ratio": ratio(
+                experts["base"]["output_tokens_per_s"], vllm_base["output_tokens_per_s"]
+            ),
             "mixed1_throughput_ratio": ratio(experts["mixed1"]["output_tokens_per_s"], base_tps),
             "mixed8_throughput_ratio": ratio(experts["mixed8"]["output_tokens_per_s"], base_tps),
             "mixed32_throughput_ratio": ratio(experts["mixed32"]["output_tokens_per_s"], base_tps),
@@ -491,6 +497,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
                 for s in [
                     vllm_stack,
                     ours_stack,
+                    vllm_base,
                     *experts.values(),
                     soft["with"],
                     soft["without"],

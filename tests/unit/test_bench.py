@@ -56,6 +56,7 @@ def test_ratio_and_verdicts() -> None:
         "routing_added_ms_p50",
         "many_throughput_ratio",
         "many_cold_warm_ttft_p99_ratio",
+        "base_throughput_ratio",
     }
     assert verdict("many_cold_warm_ttft_p99_ratio", 2.5) == "FAIL"
 
