@@ -277,15 +277,18 @@ def _engine_counters(url: str) -> dict[str, float]:
     return totals
 
 
-def _counter_deltas(url: str, before: dict[str, float], wait_s: float = 15.0) -> dict[str, float]:
-    """What the engine counters rose by since `before`. Ray exports them every few seconds: read until the loads
-    have moved, or `wait_s`."""
+def _counter_deltas(url: str, before: dict[str, float], wait_s: float = 30.0) -> dict[str, float]:
+    """What the engine counters rose by since `before`. Ray exports them every few seconds: read until two reads
+    3 s apart agree and show the run's loads, or `wait_s`."""
     deadline = time.monotonic() + wait_s
-    while True:
-        after = _engine_counters(url)
-        if after["expert_loads"] > before["expert_loads"] or time.monotonic() > deadline:
-            return {key: after[key] - before[key] for key in after}
-        time.sleep(1)
+    last = _engine_counters(url)
+    while time.monotonic() < deadline:
+        time.sleep(3)
+        now = _engine_counters(url)
+        if now == last and now["expert_loads"] > before["expert_loads"]:
+            break
+        last = now
+    return {key: last[key] - before[key] for key in last}
 
 
 def _register(url: str, expected: int) -> float:
