@@ -95,5 +95,5 @@ def build_app_from_config(
         name="Ingress",
         num_replicas=rep.ingress_replicas,
         max_ongoing_requests=engines * rep.max_ongoing_requests + rep.max_queued_requests + INGRESS_HEADROOM,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "resources": dict(rep.ingress_resources)},
     ).bind(engine, config, roots, settings=settings, embedder_cls=embedder_cls)

@@ -50,6 +50,12 @@ class ReplicaConfig(StrictModel):
         ge=1,
         description="Ingress (HTTP, routing) replicas; they agree on the experts through one state actor.",
     )
+    ingress_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each ingress replica asks for (e.g. {head_node: 0.01}), to keep the "
+        "ingress on the nodes that run Serve's HTTP proxy: the proxy answers 500 for requests in flight on an ingress "
+        "replica whose node dies, while requests on a dead engine replica are re-sent by the ingress.",
+    )
     expert_min_replicas: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict,
         description="Per expert name, the engine replicas that keep it loaded (over the manifest's "

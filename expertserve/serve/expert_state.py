@@ -56,9 +56,10 @@ class ExpertState:
         return {r: g for r, (g, at) in self.seen.items() if now - at <= LIVE_S}
 
 
-def state_actor(app_name: str | None) -> Any:
+def state_actor(app_name: str | None, resources: dict[str, float] | None = None) -> Any:
     """The app's state actor, created by whichever ingress replica asks first. Detached, so it outlives the
-    replica that created it (a replaced replica must not take the generation with it)."""
+    replica that created it (a replaced replica must not take the generation with it); placed with the ingress's
+    `resources`, so it lives where the ingress replicas do (not on a node whose loss would take it along)."""
     import ray
 
     return (
@@ -69,6 +70,7 @@ def state_actor(app_name: str | None) -> Any:
             get_if_exists=True,
             lifetime="detached",
             num_cpus=0,
+            resources=dict(resources or {}),
         )
         .remote()
     )

@@ -184,7 +184,7 @@ class Ingress:
             return None
         import ray
 
-        actor = state_actor(app_name)
+        actor = state_actor(app_name, self.config.replicas.ingress_resources)
         generation = ray.get(actor.current.remote())
         follower = StateFollower(actor, replica_id(), self.reload, generation, on_serve=_serve_generation)
         _serve_generation(generation)

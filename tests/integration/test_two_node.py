@@ -151,10 +151,13 @@ def _serve_across_nodes(tmp_path: Path, env: dict[str, str], dashboard: str, clu
         "experts_dirs": [str(REPO / "experts"), store],
         "trusted_keys": [public],
         # Two CPUs per engine replica: one on each node. The shared expert is kept loaded on both, so the worker
-        # node's engine fetches it from the store into that node's own mirror.
+        # node's engine fetches it from the store into that node's own mirror. The ingress replicas stay on the
+        # head, where the HTTP proxy is (HeadOnly): Ray Serve's proxy answers 500 for requests in flight on an
+        # ingress replica whose node dies, while a dead engine replica's requests are re-sent by the ingress.
         "replicas": {
             "num_replicas": 2,
             "ingress_replicas": 2,
+            "ingress_resources": {"head_node": 0.01},
             "num_cpus": 2,
             "expert_min_replicas": {SHARED: 2},
         },
