@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,7 @@ def upload(
         policy.check(info.signer, f"{package}: {info.name} {info.version}")
     fs, base = open_store(uri)
     target = f"{base}/{info.name}/{info.version}{SUFFIX}"
-    where = f"{uri.split('?')[0].rstrip('/')}/{info.name}/{info.version}{SUFFIX}"
+    where = f"{_shown(uri)}/{info.name}/{info.version}{SUFFIX}"
     try:
         if not force and fs.get_file_info(target).type != pafs.FileType.NotFound:
             raise PackageError(
@@ -183,7 +183,7 @@ def sync(uri: str) -> SyncResult:
             try:
                 installed = _install(fs, info.path, rel, mirror)
             except (PackageError, OSError) as e:
-                result.problems.append(f"{uri.split('?')[0].rstrip('/')}/{rel}: {_first_line(e)}")
+                result.problems.append(f"{_shown(uri)}/{rel}: {_first_line(e)}")
                 continue
             if known is not None and known["dir"] != installed:
                 _remove(mirror, known["dir"])
@@ -212,13 +212,11 @@ def local_roots(roots: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     return paths, problems
 
 
-def store_of(path: str | Path, stores: Sequence[str]) -> str | None:
-    """The store among `stores` whose mirror holds `path` on this node, or None (a local expert)."""
+def store_of(path: str | Path, mirrors: Mapping[str, Path]) -> str | None:
+    """The store whose mirror (`mirrors`: store URI -> this node's `mirror_dir`) holds `path`, or None (a local
+    expert)."""
     resolved = Path(path)
-    for uri in stores:
-        if resolved.is_relative_to(mirror_dir(uri)):
-            return uri
-    return None
+    return next((uri for uri, mirror in mirrors.items() if resolved.is_relative_to(mirror)), None)
 
 
 def _install(fs: Any, path: str, rel: str, mirror: Path) -> str:
@@ -229,6 +227,11 @@ def _install(fs: Any, path: str, rel: str, mirror: Path) -> str:
             shutil.copyfileobj(src, out, 1 << 20)
         target = install_package(local, mirror, layout=expert_dir_name, force=True)
     return str(target.relative_to(mirror))
+
+
+def _shown(uri: str) -> str:
+    """The URI without its query (endpoint options), as messages name a package in the store."""
+    return uri.split("?")[0].rstrip("/")
 
 
 def _relative(path: str, base: str) -> str:

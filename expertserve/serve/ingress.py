@@ -128,7 +128,8 @@ class Ingress:
         self.engine = engine
         self.config = config
         self.roots = roots
-        self.stores = [r for r in roots if is_store(r)]
+        # Each store's mirror on this node, once: the request path asks which store an expert came from.
+        self.mirrors = {r: mirror_dir(r) for r in roots if is_store(r)}
         self.serving = (
             ServingContext.of(
                 Path(settings.model_dir),
@@ -152,6 +153,7 @@ class Ingress:
             if embedder_cls is None:
                 from expertserve.routing.embedder import Embedder as embedder_cls
             self.embedder = embedder_cls()
+        self.warmer: Warmer | None = None  # started below, once the first scan has run
         self.reload()
         self.follower = self._follow_expert_state()
         self.warmer = self._start_warmer()
@@ -171,9 +173,9 @@ class Ingress:
 
     def _with_store(self, record: ExpertRecord, spec: ExpertSpec) -> ExpertSpec:
         """The spec with the shared store its files are mirrored from, if any (packaging/store.py)."""
-        store = store_of(record.root, self.stores) if self.stores else None
+        store = store_of(record.root, self.mirrors) if self.mirrors else None
         return (
-            spec if store is None else dataclasses.replace(spec, store=store, mirror=str(mirror_dir(store)))
+            spec if store is None else dataclasses.replace(spec, store=store, mirror=str(self.mirrors[store]))
         )
 
     def _follow_expert_state(self) -> StateFollower | None:
@@ -349,9 +351,8 @@ class Ingress:
             router = Router(fresh, self.embedder, base_model=self.config.model_id, config=routing)
         self.experts = Experts(fresh, router)
         self._log_changes(fresh, before)
-        warmer: Warmer | None = getattr(self, "warmer", None)  # the first scan runs before the warmer exists
-        if warmer is not None:
-            warmer.poke()
+        if self.warmer is not None:
+            self.warmer.poke()
         return {
             "added": sorted(set(after) - set(before)),
             "removed": sorted(set(before) - set(after)),

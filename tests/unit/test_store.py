@@ -146,7 +146,9 @@ def test_an_engine_replica_on_another_node_fetches_what_the_ingress_registered(t
     record = Registry.scan(roots).get("expert-demo")
     spec = record.engine_spec("HuggingFaceTB/SmolLM2-135M-Instruct")
     spec = dataclasses.replace(
-        spec, store=store.store_of(record.root, [uri]), mirror=str(store.mirror_dir(uri))
+        spec,
+        store=store.store_of(record.root, {uri: store.mirror_dir(uri)}),
+        mirror=str(store.mirror_dir(uri)),
     )
     assert spec.store == uri and spec.adapter_dir.startswith(str(cache_a))
 
