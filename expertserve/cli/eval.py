@@ -1,4 +1,4 @@
-"""`expertserve eval EXPERT_DIR [--json] [--limit N] [--no-write]`."""
+"""`expertserve eval EXPERT_DIR [--json] [--limit N] [--no-write] [--split test|valid] [--expert-only]`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def run(args: Any) -> int:
         expert_dir,
         limit=args.limit,
         write=not args.no_write,
+        split=args.split,
+        expert_only=args.expert_only,
         base_model_dir=Path(args.base_model) if args.base_model else None,
         base_model_id=args.base_model_id,
         log=lambda line: print(
@@ -32,13 +34,18 @@ def run(args: Any) -> int:
         print(json.dumps(report.to_dict(), indent=2), file=out)
         return EXIT_OK
     lines = [
-        f"{report.expert}: {report.metric} on {report.n} held-out examples ({report.seconds:.0f} s)",
-        f"  base model  {report.base_score:6.1%}",
-        f"  expert      {report.expert_score:6.1%}   ({100 * report.improvement:+.1f} points)",
+        f"{report.expert}: {report.metric} on {report.n} {report.split} examples ({report.seconds:.0f} s)"
     ]
+    if args.expert_only:
+        lines.append(f"  expert      {report.expert_score:6.1%}")
+    else:
+        lines += [
+            f"  base model  {report.base_score:6.1%}",
+            f"  expert      {report.expert_score:6.1%}   ({100 * report.improvement:+.1f} points)",
+        ]
     lines += [f"  {name:<11} {score:6.1%}" for name, score in report.ablation.items()]
     lines.append(f"  decoding: {report.decoding}")
-    if not args.no_write:
+    if not args.no_write and args.split == "test" and not args.expert_only:
         lines.append(f"  written to {expert_dir / 'manifest.json'} (quality_metrics)")
     print("\n".join(lines), file=out)
     return EXIT_OK

@@ -166,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N test examples only")
     p.add_argument("--no-write", action="store_true", help="do not write quality_metrics into the manifest")
+    p.add_argument(
+        "--split",
+        choices=["test", "valid"],
+        default="test",
+        help="the split to score (default test); choose settings on valid, which never writes quality_metrics",
+    )
+    p.add_argument(
+        "--expert-only", action="store_true", help="score the expert alone (no base model, no ablation)"
+    )
     p.add_argument("--base-model", metavar="DIR", help="base model directory (default: the prepared SmolLM2)")
     p.add_argument("--base-model-id", metavar="ID", help="the id the manifest names for --base-model")
     p.set_defaults(handler="expertserve.cli.eval:run")

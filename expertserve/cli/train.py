@@ -104,4 +104,6 @@ def run(args: Any) -> int:
     )
     print(f"trained {result.expert_dir.name}: {result.steps} steps in {result.seconds:.0f} s, {loss}")
     print(f"expert: {result.expert_dir}\npackage: {result.package}")
+    if result.loss_plot:
+        print(f"loss curve: {result.loss_plot}")
     return EXIT_OK

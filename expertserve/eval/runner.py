@@ -18,6 +18,9 @@ from expertserve.eval.scorers import SCORERS
 from expertserve.manifest.load import load_manifest
 from expertserve.models import offline
 
+# --split name -> the dataset field naming its file.
+SPLITS = {"test": "test_path", "valid": "validation_path"}
+
 
 class EvalError(ExpertserveError):
     """The expert cannot be evaluated (no scorer, no test split, no trained adapter)."""
@@ -30,13 +33,14 @@ class EvalReport:
     expert: str
     metric: str
     n: int
-    base_score: float
+    base_score: float | None  # None with expert_only
     expert_score: float
-    improvement: float
+    improvement: float | None
     ablation: dict[str, float]
     decoding: str
     seconds: float
     failures: list[dict[str, str]] = field(default_factory=list)
+    split: str = "test"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (`--json`)."""
@@ -50,13 +54,18 @@ def evaluate(
     base_model_dir: Path | None = None,
     base_model_id: str | None = None,
     write: bool = True,
+    split: str = "test",
+    expert_only: bool = False,
     engine: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Scores base model and expert; writes quality_metrics into the manifest when `write`.
 
+    `split="valid"` scores the validation split, the one to choose settings on; quality_metrics are never
+    written from it (they report the test split). `expert_only` skips the base model and the ablation.
+
     Raises:
-        EvalError: No scorer, no test split, or no trained adapter for the base model.
+        EvalError: No scorer, no such split, or no trained adapter for the base model.
     """
     start = time.monotonic()
     loaded = load_manifest(expert_dir)
@@ -64,10 +73,13 @@ def evaluate(
     scorer_name = m.evaluation.scorer if m.evaluation else None
     if scorer_name is None:
         raise EvalError(f"{loaded.path}: evaluation.scorer is not set (one of {', '.join(SCORERS)})")
-    if not m.training.dataset.test_path:
-        raise EvalError(f"{loaded.path}: training.dataset.test_path is not set")
+    if split not in SPLITS:
+        raise EvalError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    split_path = getattr(m.training.dataset, SPLITS[split])
+    if not split_path:
+        raise EvalError(f"{loaded.path}: training.dataset.{SPLITS[split]} is not set")
     scorer = SCORERS[scorer_name]
-    test_file = loaded.root / m.training.dataset.test_path
+    test_file = loaded.root / split_path
     examples = read_jsonl(test_file)[:limit]
     base_id = base_model_id or offline.DEFAULT_MODEL.model_id
     entry = m.adapter_for(base_id)
@@ -90,7 +102,9 @@ def evaluate(
     soft = load_soft_prompts([loaded.root / sp.path for sp in m.soft_prompts])
     lora = (m.name, 1, str(adapter_dir))
     conditions: dict[str, tuple[Any, Any]] = {"base": (None, None), "expert": (lora, soft)}
-    if soft is not None:
+    if expert_only:
+        del conditions["base"]
+    elif soft is not None:
         conditions["adapter_only"] = (lora, None)
         conditions["soft_prompt_only"] = (None, soft)
     metas = [e["meta"] for e in examples]
@@ -98,7 +112,9 @@ def evaluate(
     failures: list[dict[str, str]] = []
     for step, (name, (lo, sp)) in enumerate(conditions.items(), 1):
         if log:
-            log(f"[{step}/{len(conditions)}] {m.name} {name}: generating {len(examples)} test examples ...")
+            log(
+                f"[{step}/{len(conditions)}] {m.name} {name}: generating {len(examples)} {split} examples ..."
+            )
         started = time.monotonic()
         outputs = engine.generate([GenerationRequest(prompt_messages(e), params, lo, sp) for e in examples])
         ok = scorer.score_many(outputs, metas, test_file.parent)
@@ -124,15 +140,16 @@ def evaluate(
         m.name,
         scorer.metric,
         len(examples),
-        scores["base"],
+        scores.get("base"),
         scores["expert"],
-        scores["expert"] - scores["base"],
+        scores["expert"] - scores["base"] if "base" in scores else None,
         {k: v for k, v in scores.items() if k not in ("base", "expert")},
         describe(resolved, constraint),
         time.monotonic() - start,
         failures,
+        split,
     )
-    if write:
+    if write and split == "test" and not expert_only:
         write_quality_metrics(loaded.path, report)
     return report
 

@@ -26,6 +26,7 @@ from expertserve.registry import version_key
 from expertserve.settings import home_dir
 from expertserve.train.loop import CHECKPOINT_ADAPTER, CHECKPOINT_SOFT_PROMPTS, train_loop
 from expertserve.train.plan import TrainingError, TrainPlan, make_plan
+from expertserve.train.plot import plot_loss
 from expertserve.train.settings import storage_location
 
 
@@ -41,6 +42,7 @@ class TrainResult:
     eval_loss: float | None
     seconds: float
     history: list[dict[str, Any]]
+    loss_plot: Path | None = None
 
 
 def train_expert(
@@ -183,6 +185,7 @@ def train_expert(
     package = build_package(out, out)
     history = _read_progress(progress_file)
     losses = [h["loss"] for h in history if "loss" in h]
+    plot = plot_loss(history, progress_file.with_name("loss.png"), _plot_title(plan))
     return TrainResult(
         out,
         package,
@@ -192,6 +195,17 @@ def train_expert(
         (result.metrics or {}).get("eval_loss"),
         time.monotonic() - start,
         history,
+        plot,
+    )
+
+
+def _plot_title(plan: TrainPlan) -> str:
+    modules = ",".join(m.removesuffix("_proj") for m in plan.target_modules)
+    soft = f", soft prompt {sum(s.tokens for s in plan.soft_prompts)} tokens" if plan.soft_prompts else ""
+    return (
+        f"{plan.expert_name}: {plan.adapter_type} r={plan.rank} on {modules}{soft}\n"
+        f"{plan.total_steps} steps x {plan.batch_size * plan.grad_accum} examples, lr {plan.learning_rate}, "
+        f"{plan.precision}, {plan.workers} worker(s)"
     )
 
 

@@ -138,6 +138,7 @@ def train_loop(config: dict[str, Any]) -> None:
         evaluating = plan.eval_steps is not None and (step % plan.eval_steps == 0 or saving)
         if evaluating and rank == 0:
             metrics["eval_loss"] = _eval_loss(inner, valid, pad, device, autocast)
+            progress.note_eval(step, metrics["eval_loss"])
         if saving:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
@@ -423,6 +424,13 @@ class _Progress:
                 with self.file.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
         return metrics
+
+    def note_eval(self, step: int, eval_loss: float) -> None:
+        """The validation loss at `step`, as its own line (the loss curve's second series); `eval_step`, not
+        `step`, so readers of the step lines (the progress bar, resumption counts) see one line per step."""
+        if self.rank == 0 and self.file is not None:
+            with self.file.open("a") as f:
+                f.write(json.dumps({"eval_step": step, "eval_loss": eval_loss}) + "\n")
 
     def finish(self) -> None:
         if self.rank == 0 and self.file is not None:

@@ -37,6 +37,7 @@ def tiny_expert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data["training"]["decoding"] = {"temperature": 0.0, "max_tokens": 12}
     data["evaluation"] = {"scorer": "json-exact"}
     data["training"]["dataset"]["test_path"] = "data/test.jsonl"
+    data["training"]["dataset"]["validation_path"] = "data/valid.jsonl"
     expert = make_expert(root / "expert-demo", data)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -56,6 +57,7 @@ def tiny_expert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         for p in PROMPTS
     ]
     (expert / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (expert / "data" / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     return expert, base
 
 
@@ -133,6 +135,24 @@ def test_evaluate_reports_scores_and_writes_quality_metrics(
     assert qm.test_queries == 3 and qm.benchmark_score == round(report.expert_score, 4)
     assert qm.model_extra["metric"] == "exact_match" and "adapter_only_score" in qm.model_extra
     assert json.loads((expert / "manifest.json").read_text())["_comment"] == "kept"
+
+
+def test_the_validation_split_is_scored_apart_and_never_written(
+    engine: Any, tiny_expert: tuple[Path, Path]
+) -> None:
+    from expertserve.eval.runner import EvalError, evaluate
+
+    expert, base = tiny_expert
+    before = (expert / "manifest.json").read_text()
+    report = evaluate(
+        expert, base_model_dir=base, base_model_id=TINY_ID, engine=engine, split="valid", expert_only=True
+    )
+    assert (report.n, report.split) == (2, "valid")
+    assert report.base_score is None and report.improvement is None and report.ablation == {}
+    assert 0 <= report.expert_score <= 1
+    assert (expert / "manifest.json").read_text() == before, "quality_metrics come from the test split only"
+    with pytest.raises(EvalError, match="split 'train'"):
+        evaluate(expert, base_model_dir=base, base_model_id=TINY_ID, engine=engine, split="train")
 
 
 @pytest.fixture(autouse=True)

@@ -96,6 +96,8 @@ def test_two_workers_survive_a_lost_worker_resume_and_package(
     first = [h["loss"] for h in result.history[:2]]
     last = [h["loss"] for h in result.history if h.get("step") in (11, 12)][-2:]
     assert sum(last) / 2 < sum(first) / 2 - 0.1, (first, last)
+    assert result.loss_plot == storage / "expert-demo" / "loss.png"
+    assert result.loss_plot.read_bytes()[:4] == b"\x89PNG"
 
     # The trained expert and its package hold the adapter and the soft prompt.
     assert result.package == out / "expert-demo-0.1.0.expert"
