@@ -39,14 +39,18 @@ class FakeEngine(ExpertEngine):
         self.loads: Counter[str] = Counter()
         self.aborted: list[str] = []
         self.context = settings.engine.max_model_len or FAKE_CONTEXT
+        self.stopped = False
 
     async def start(self) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.5)  # long enough for a restart's overlap to show (a real engine takes 20-60 s)
 
     async def load_expert(self, spec: ExpertSpec) -> LoadedExpert:
         config = Path(spec.adapter_dir or "") / "adapter_config.json"
         if not config.is_file() or json.loads(config.read_text()).get("fake_fail_load"):
             raise ExpertLoadError(spec.name, f"{config}: the engine could not load it")
+        rank = json.loads(config.read_text()).get("r") or 0
+        if rank > self.settings.max_lora_rank:  # as vLLM refuses it
+            raise ExpertLoadError(spec.name, f"rank {rank} is above max_lora_rank {self.settings.max_lora_rank}")
         self.loads[spec.key] += 1
         return LoadedExpert(spec, load_seconds=0.001, soft_prompt_tokens=len(spec.soft_prompt_files))
 
@@ -57,6 +61,8 @@ class FakeEngine(ExpertEngine):
         else:
             prompt_words = words = (request.prompt or "").split()
         prompt_tokens = len(prompt_words) + (expert.soft_prompt_tokens if expert else 0)
+        if self.stopped:  # a replica must not send requests to an engine it shut down
+            raise RuntimeError("FakeEngine was shut down")
         if "fake:crash" in words:  # a bug in the engine, for tests of what a client sees then
             raise RuntimeError("FakeEngine crashed as asked")
         if prompt_tokens + 1 > self.context:
@@ -81,6 +87,8 @@ class FakeEngine(ExpertEngine):
             out = reply[:limit]
             for i, word in enumerate(out):
                 await asyncio.sleep(delay)
+                if self.stopped:
+                    raise RuntimeError("FakeEngine was shut down while a request ran on it")
                 last = i == len(out) - 1
                 text = word if i == 0 else " " + word
                 yield Chunk(
@@ -99,6 +107,9 @@ class FakeEngine(ExpertEngine):
 
     async def check_health(self) -> None:
         await asyncio.sleep(0)
+
+    async def shutdown(self) -> None:
+        self.stopped = True
 
 
 def _fake_logprobs(tokens: list[str], k: int | None, first_none: bool = False) -> tuple[TokenLogprob, ...]:

@@ -55,6 +55,13 @@ class EngineConfig(StrictModel):
         default=False,
         description="Run the engine core in the replica's process (starts in seconds; one CPU thread). For tests.",
     )
+    restart_overlap: bool | None = Field(
+        default=None,
+        description="When an engine replica restarts its engine for a new shape (POST /admin/engines/restart): "
+        "true starts the new engine while the old one still serves, then moves requests over (both in memory for "
+        "a while); false drains the old engine, stops it, then starts the new one (requests arriving meanwhile "
+        "wait). Default: true without a GPU, false on a GPU (two engines rarely fit in its memory).",
+    )
     zero_adapter_for_base: bool | None = Field(
         default=None,
         description="true: every base-model request runs through an all-zero LoRA adapter (the old CPU "

@@ -69,3 +69,7 @@ class ExpertEngine(ABC):
     @abstractmethod
     async def check_health(self) -> None:
         """Returns when the engine is healthy; raises otherwise."""
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional: engines without resources to free need nothing
+        """Frees the engine's resources (a replica restarting its engine for a new shape calls it on the old one,
+        once no request runs on it)."""

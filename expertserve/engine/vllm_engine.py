@@ -26,6 +26,11 @@ from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, Extras,
 from expertserve.errors import ExpertLoadError, InvalidSampling, PromptTooLong
 
 ZERO_ADAPTER = "expertserve-zero-adapter"
+# Adapter ids per process, not per engine: after an engine restart (a new shape) the replica still holds experts the
+# old engine loaded, whose LoRARequests the new engine loads by id on first use; a fresh count would give another
+# adapter the same id.
+_LORA_IDS: dict[str, int] = {}
+_NEXT_ID = itertools.count(2)  # 1 is the zero adapter
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,6 @@ class VLLMExpertEngine(ExpertEngine):
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
         self.model_dir = Path(settings.model_dir)
-        self._ids = itertools.count(2)  # 1 is the zero adapter
-        self._lora_ids: dict[str, int] = {}
 
     async def start(self) -> None:
         """Builds the engine (vLLM reads its environment at import, so that is set first)."""
@@ -133,9 +136,7 @@ class VLLMExpertEngine(ExpertEngine):
         lora = None
         try:
             if spec.adapter_dir:
-                lora = LoRARequest(
-                    spec.key, self._lora_ids.setdefault(spec.key, next(self._ids)), spec.adapter_dir
-                )
+                lora = LoRARequest(spec.key, _lora_id(spec.key), spec.adapter_dir)
                 await self.llm.add_lora(lora)
             soft = load_soft_prompts([Path(p) for p in spec.soft_prompt_files], self.embedder.hidden_size)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -261,6 +262,17 @@ class VLLMExpertEngine(ExpertEngine):
     async def check_health(self) -> None:
         """Raises when vLLM's engine core is dead."""
         await self.llm.check_health()
+
+    async def shutdown(self) -> None:
+        """Stops vLLM's engine core (its process and memory)."""
+        self.llm.shutdown()
+
+
+def _lora_id(key: str) -> int:
+    """The expert's adapter id in this process (the same for every engine it runs)."""
+    if key not in _LORA_IDS:
+        _LORA_IDS[key] = next(_NEXT_ID)
+    return _LORA_IDS[key]
 
 
 # Request fields vLLM's validation messages start with ("min_tokens must be ...") when they name no parameter.

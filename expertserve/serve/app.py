@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from expertserve.engine.args import lora_rank_slot
 from expertserve.engine.config import EngineSettings
 from expertserve.serve.config import ServeConfig
+from expertserve.serve.engine_shape import start_shape
 
 # Requests the ingress admits beyond what the engines can run or queue (see build_app_from_config).
 INGRESS_HEADROOM = 1024
@@ -25,13 +25,12 @@ def resolve_settings(config: ServeConfig) -> tuple[EngineSettings, list[str]]:
     dirs = config.experts_dirs if config.experts_dirs is not None else default_expert_roots()
     roots = [str(d) if is_store(str(d)) else str(Path(d).resolve()) for d in dirs]
     registry = Registry.scan(local_roots(roots)[0])
-    rank = config.engine.max_lora_rank or lora_rank_slot(registry.max_lora_rank(config.model_id))
-    wants_cache = any(
-        r.manifest.runtime and r.manifest.runtime.requires_kv_cache_persistence for r in registry
-    )
-    prefix = config.engine.prefix_caching if config.engine.prefix_caching is not None else wants_cache
+    shape = start_shape(registry, config.model_id, config.engine)
     settings = EngineSettings(
-        model_dir=str(model_dir), max_lora_rank=rank, prefix_caching=prefix, engine=config.engine
+        model_dir=str(model_dir),
+        max_lora_rank=shape.max_lora_rank,
+        prefix_caching=shape.prefix_caching,
+        engine=config.engine,
     )
     return settings, roots
 

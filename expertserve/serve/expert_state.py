@@ -18,6 +18,9 @@ logger = logging.getLogger("ray.serve")
 
 POLL_S = 0.5  # how often a replica reads the generation
 LIVE_S = 5.0  # a replica that has not acknowledged for this long is gone (scaled down or dead)
+# An engine replica restarting its engine for a new shape may block its event loop while vLLM starts (no
+# acknowledgements then): its claim counts it as behind for this long, then lapses (a replica that died mid-restart).
+CLAIM_S = 600.0
 
 
 class ExpertState:
@@ -26,6 +29,12 @@ class ExpertState:
     def __init__(self) -> None:
         self.generation = 0
         self.seen: dict[str, tuple[int, float]] = {}  # replica id -> (generation it serves, when it said so)
+        # The engine shape (serve/engine_shape.py): the target, its version, the shape every engine runs.
+        self.shape: dict[str, Any] | None = None
+        self.shape_version = 0
+        self.applied: dict[str, Any] | None = None
+        self.engines: dict[str, tuple[int, float]] = {}  # engine replica -> (shape version it runs, when)
+        self.restarting: tuple[str, float] | None = None  # the engine replica restarting now, since when
 
     def bump(self) -> int:
         """A new generation (a reload was asked for)."""
@@ -55,6 +64,85 @@ class ExpertState:
         now = time.monotonic()
         return {r: g for r, (g, at) in self.seen.items() if now - at <= LIVE_S}
 
+    # ---- engine shape (POST /admin/engines/restart; serve/replica.py follows it) ----------------------------
+
+    def set_shape(self, shape: dict[str, Any]) -> int:
+        """A new target shape for every engine replica; returns its version."""
+        self.shape = shape
+        self.shape_version += 1
+        return self.shape_version
+
+    def target_shape(self) -> tuple[int, dict[str, Any] | None]:
+        """(version, shape) every engine replica must run; (0, None) before any restart was asked for."""
+        return self.shape_version, self.shape
+
+    def engine_ack(self, replica: str, version: int) -> tuple[int, dict[str, Any] | None]:
+        """`replica` runs shape `version`; returns the target (`target_shape`)."""
+        self.engines[replica] = (version, time.monotonic())
+        return self.shape_version, self.shape
+
+    def engine_leave(self, replica: str) -> None:
+        """`replica` is shutting down."""
+        self.engines.pop(replica, None)
+        self.release_restart(replica)
+
+    def claim_restart(self, replica: str) -> bool:
+        """Whether `replica` may restart its engine now: one engine replica at a time, so the others serve."""
+        now = time.monotonic()
+        if self.restarting and self.restarting[0] != replica and now - self.restarting[1] < CLAIM_S:
+            return False
+        self.restarting = (replica, now)
+        return True
+
+    def release_restart(self, replica: str) -> None:
+        """`replica` finished (or gave up) its restart."""
+        if self.restarting and self.restarting[0] == replica:
+            self.restarting = None
+
+    def engines_behind(self, version: int) -> list[str]:
+        """Engine replicas that do not run shape `version` yet: the live ones behind, and the one restarting."""
+        now = time.monotonic()
+        behind = {r for r, (v, at) in self.engines.items() if now - at <= LIVE_S and v < version}
+        if self.restarting and now - self.restarting[1] < CLAIM_S:
+            behind.add(self.restarting[0])
+        return sorted(behind)
+
+    def shape_applied(self, version: int) -> None:
+        """Every engine replica runs shape `version`: ingress replicas check experts against it from now on."""
+        if version == self.shape_version:
+            self.applied = self.shape
+
+    def applied_shape(self) -> dict[str, Any] | None:
+        """The shape every engine replica runs, once a restart finished (None before)."""
+        return self.applied
+
+    def engine_status(self) -> dict[str, Any]:
+        """`GET /admin/engines`: the target and applied shapes, and the shape version of each live engine replica."""
+        now = time.monotonic()
+        return {
+            "target": self.shape,
+            "version": self.shape_version,
+            "applied": self.applied,
+            "engine_replicas": {r: v for r, (v, at) in self.engines.items() if now - at <= LIVE_S},
+            "restarting": self.restarting[0] if self.restarting else None,
+        }
+
+
+def actor_name(app_name: str | None) -> str:
+    """The state actor's name (namespace `expertserve`)."""
+    return f"expertserve-expert-state-{app_name or 'default'}"
+
+
+def find_state_actor(app_name: str | None) -> Any:
+    """The app's state actor if an ingress replica created it already, else None (engine replicas only look it
+    up: creating it is the ingress's, which places it)."""
+    import ray
+
+    try:
+        return ray.get_actor(actor_name(app_name), namespace="expertserve")
+    except ValueError:
+        return None
+
 
 def state_actor(app_name: str | None, resources: dict[str, float] | None = None) -> Any:
     """The app's state actor, created by whichever ingress replica asks first. Detached, so it outlives the
@@ -65,7 +153,7 @@ def state_actor(app_name: str | None, resources: dict[str, float] | None = None)
     return (
         ray.remote(ExpertState)
         .options(
-            name=f"expertserve-expert-state-{app_name or 'default'}",
+            name=actor_name(app_name),
             namespace="expertserve",
             get_if_exists=True,
             lifetime="detached",

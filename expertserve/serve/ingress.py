@@ -46,12 +46,18 @@ from expertserve.registry import ExpertRecord, Registry
 from expertserve.serve.body import parse_body
 from expertserve.serve.config import ServeConfig
 from expertserve.serve.engine_metrics import EngineMetrics
+from expertserve.serve.engine_shape import EngineShape, experts_need
 from expertserve.serve.errors import RequestError, client_error
 from expertserve.serve.expert_checks import ServingContext, expert_problems, trust_problems, xgrammar_compiler
 from expertserve.serve.expert_state import StateFollower, state_actor
 from expertserve.serve.health import EngineHealth
 from expertserve.serve.metrics import Metrics, RequestTracker
-from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from expertserve.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_engine_restart,
+    parse_request,
+)
 from expertserve.serve.replica import replica_id
 from expertserve.serve.responses import (
     INTERNAL_ERROR,
@@ -154,6 +160,9 @@ class Ingress:
                 from expertserve.routing.embedder import Embedder as embedder_cls
             self.embedder = embedder_cls()
         self.warmer: Warmer | None = None  # started below, once the first scan has run
+        # The app's expert state (serve/expert_state.py), before the first scan: it holds the engines' shape.
+        app_name = _app_name()
+        self.state = state_actor(app_name, config.replicas.ingress_resources) if app_name else None
         self.reload()
         self.follower = self._follow_expert_state()
         self.warmer = self._start_warmer()
@@ -181,12 +190,11 @@ class Ingress:
     def _follow_expert_state(self) -> StateFollower | None:
         """Joins the app's expert state (serve/expert_state.py): this replica serves the current generation (its
         first scan just read the roots) and follows later ones. None outside Serve."""
-        app_name = _app_name()
-        if app_name is None:
+        actor = self.state
+        if actor is None:
             return None
         import ray
 
-        actor = state_actor(app_name, self.config.replicas.ingress_resources)
         generation = ray.get(actor.current.remote())
         follower = StateFollower(actor, replica_id(), self.reload, generation, on_serve=_serve_generation)
         _serve_generation(generation)
@@ -300,6 +308,9 @@ class Ingress:
         """Rescans the roots here, then makes every ingress replica serve the new generation; answers with it
         once they all do (503 naming the replicas that lag, after `RELOAD_WAIT_S`)."""
         self._auth(request, admin=True)
+        return await self._reload_everywhere()
+
+    async def _reload_everywhere(self) -> dict[str, Any]:
         follower = self.follower
         if follower is None:  # outside Serve (unit tests): one replica, nothing to agree with
             return await asyncio.to_thread(self.reload)
@@ -321,6 +332,71 @@ class Ingress:
         replicas = await follower.actor.replicas.remote()
         return {**answer, "generation": generation, "ingress_replicas": len(replicas)}
 
+    @app.post("/admin/engines/restart")
+    async def route_engines_restart(self, request: Request) -> dict[str, Any]:
+        """Restarts the engine replicas, one at a time, with the shape the experts need (the largest adapter rank,
+        prefix caching), or the one asked for (never smaller than the running one); requests keep being served.
+        Answers once every engine replica runs it and the experts were checked again (`restarted`: false when
+        the running shape already serves every expert); 503 naming the replicas still restarting after
+        `ENGINE_RESTART_WAIT_S` (they go on: call again to wait for them)."""
+        self._auth(request, admin=True)
+        raw = await request.body()
+        asked = parse_engine_restart(parse_body(raw) if raw.strip() else {})
+        if self.state is None:
+            raise RequestError(
+                409, "engine restarts need the Serve app (this ingress runs outside Ray Serve)"
+            )
+        started = time.monotonic()
+        running = self._engine_shape()
+        registry = await asyncio.to_thread(lambda: Registry.scan(local_roots(self.roots)[0]))
+        target = running.grown(experts_need(registry, self.config.model_id))
+        target = target.grown(
+            EngineShape(asked.max_lora_rank or target.max_lora_rank, bool(asked.prefix_caching))
+        )
+        version, current = await self.state.target_shape.remote()
+        if target == running and (current is None or EngineShape.from_dict(current) == running):
+            status = await self.state.engine_status.remote()
+            return {
+                "restarted": False,
+                "shape": running.to_dict(),
+                "engine_replicas": status["engine_replicas"],
+            }
+        if current is None or EngineShape.from_dict(current) != target:
+            version = await self.state.set_shape.remote(target.to_dict())
+        logger.info("engine restart asked: %s (running %s), shape version %d", target, running, version)
+        deadline = time.monotonic() + ENGINE_RESTART_WAIT_S
+        while True:
+            behind = await self.state.engines_behind.remote(version)
+            status = await self.state.engine_status.remote()
+            if not behind and status["engine_replicas"]:
+                break
+            if time.monotonic() > deadline:
+                raise RequestError(
+                    503,
+                    f"the engines are restarting for {target.to_dict()} (not yet: {', '.join(behind) or 'none'}); "
+                    "they go on, call again to wait for them",
+                    retry_after=10,
+                    code="restart_pending",
+                )
+            await asyncio.sleep(0.5)
+        await self.state.shape_applied.remote(version)
+        reloaded = await self._reload_everywhere()
+        return {
+            "restarted": True,
+            "shape": target.to_dict(),
+            "engine_replicas": status["engine_replicas"],
+            "seconds": round(time.monotonic() - started, 1),
+            **reloaded,
+        }
+
+    @app.get("/admin/engines")
+    async def route_engines(self, request: Request) -> dict[str, Any]:
+        """The shape experts are checked against here, the target and applied shapes, and each live engine
+        replica's shape version."""
+        self._auth(request, admin=True)
+        status = await self.state.engine_status.remote() if self.state is not None else {}
+        return {"serving": self._engine_shape().to_dict(), **status}
+
     @app.get("/metrics")
     async def route_metrics(self) -> PlainTextResponse:
         """Ours, then vLLM's engine series from Ray's metrics (see serve/engine_metrics.py)."""
@@ -335,6 +411,7 @@ class Ingress:
         New experts serve at once and removed ones stop taking requests; an expert whose new manifest is invalid
         keeps its last valid version; one whose files this server cannot serve is listed as broken, with why. The
         answer lists every problem (`problems`)."""
+        self._follow_engine_shape()
         previous = self.registry
         paths, store_problems = local_roots(self.roots)  # stores synced into this node's mirrors
         fresh = Registry.scan(paths, previous=previous, check=self._check)
@@ -360,6 +437,23 @@ class Ingress:
             "problems": [*fresh.problems, *(router.problems if router else [])],
             "warnings": fresh.shadowing(),
         }
+
+    def _follow_engine_shape(self) -> None:
+        """Experts are checked against the shape every engine runs: the one a restart applied, if any."""
+        if self.state is None:
+            return
+        import ray
+
+        applied = EngineShape.from_dict(ray.get(self.state.applied_shape.remote(), timeout=30))
+        if applied is not None and not self._engine_shape().covers(applied):
+            self.serving = dataclasses.replace(
+                self.serving,
+                max_lora_rank=applied.max_lora_rank,
+                prefix_caching=applied.prefix_caching or bool(self.serving.prefix_caching),
+            )
+
+    def _engine_shape(self) -> EngineShape:
+        return EngineShape(self.serving.max_lora_rank, bool(self.serving.prefix_caching))
 
     def _check(self, record: ExpertRecord) -> list[str]:
         """This server's checks of an expert's files (engine limits, grammars); see serve/expert_checks.py."""
@@ -779,6 +873,9 @@ def _failed(tracker: RequestTracker, error: BaseException) -> BaseException:
 
 # How long a reload waits for every ingress replica to serve the new generation before answering 503.
 RELOAD_WAIT_S = 30.0
+# How long `POST /admin/engines/restart` waits for every engine replica to run the new shape before answering 503
+# (vLLM starts in 20-60 s on CPU; the replicas restart one after another).
+ENGINE_RESTART_WAIT_S = 540.0
 # The expert-state generation this process's ingress replica serves (one replica per process), for the header.
 _SERVED = {"generation": 0}
 

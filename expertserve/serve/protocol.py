@@ -368,6 +368,34 @@ def request_errors(error: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
+class EngineRestartRequest(_Strict):
+    """The body of `POST /admin/engines/restart` (every field optional: an empty body restarts for what the
+    experts need)."""
+
+    max_lora_rank: Int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description="Largest LoRA rank the engines must hold after the restart (at least what the experts need).",
+    )
+    prefix_caching: Bool | None = Field(
+        default=None, description="true: the engines run with prefix caching after the restart."
+    )
+
+
+def parse_engine_restart(body: dict[str, Any]) -> EngineRestartRequest:
+    """The validated body of `POST /admin/engines/restart`.
+
+    Raises:
+        RequestError: 400 naming the first field at fault.
+    """
+    try:
+        return EngineRestartRequest.model_validate(body)
+    except ValidationError as e:
+        param, message = request_errors(e)[0]
+        raise RequestError(400, f"{param}: {message}" if param else message, param=param or None) from None
+
+
 def parse_request(kind: str, body: dict[str, Any]) -> ChatCompletionRequest | CompletionRequest:
     """The validated body of `POST /v1/chat/completions` (`chat`) or `/v1/completions` (`completion`).
 

@@ -3,11 +3,16 @@
 Serve model multiplexing sends an expert's requests to replicas that already hold it (the multiplexed id is the
 expert's `ExpertSpec.key`), evicts the least recently used, and runs one load per key however many requests wait.
 The engine class is a keyword argument (`engine_cls=`): vLLM in production, a fake in CPU tests.
+
+Each replica follows the app's engine shape (serve/engine_shape.py, held by the expert-state actor): when
+`POST /admin/engines/restart` raises it, the replicas restart their engines one at a time (a claim in the actor), so
+the others keep serving; a replica starting later starts with the raised shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -21,10 +26,14 @@ from expertserve.engine.config import EngineSettings
 from expertserve.engine.protocol import ExpertEngine, LoadedExpert
 from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, coalesce
 from expertserve.errors import ExpertLoadError
+from expertserve.serve.engine_shape import EngineShape
+from expertserve.serve.expert_state import find_state_actor
 
 logger = logging.getLogger("ray.serve")
 # Experts a replica keeps loaded; Serve routes an expert's requests to replicas that already hold it.
 MAX_EXPERTS_PER_REPLICA = 16
+SHAPE_POLL_S = 1.0  # how often a replica reads the target engine shape
+RESTART_BACKOFF_S = 30.0  # after an engine that would not start, before trying again
 
 
 class Resident:
@@ -61,9 +70,21 @@ class EngineReplica:
             from expertserve.engine.vllm_engine import VLLMExpertEngine
 
             engine_cls = VLLMExpertEngine
-        self.engine = engine_cls(settings)
-        self.interval_s = settings.engine.stream_interval_ms / 1000
+        self.engine_cls = engine_cls
         self.replica_id = replica_id()
+        self.app_name = _app_name()
+        self.state = find_state_actor(self.app_name) if self.app_name else None
+        # A replica started after a restart raised the shape (autoscaling, a replaced replica) starts with it.
+        self.shape_version, target = (0, None)
+        if self.state is not None:
+            self.shape_version, shape = await self.state.target_shape.remote()
+            target = EngineShape.from_dict(shape)
+        self.settings = _shaped(settings, _shape(settings).grown(target))
+        self.engine = engine_cls(self.settings)
+        self.interval_s = settings.engine.stream_interval_ms / 1000
+        self._busy: dict[int, int] = {}  # id(engine) -> requests running on it
+        self._ready = asyncio.Event()  # cleared while a drain-then-start restart has no engine
+        self._ready.set()
         await self.engine.start()
         # The specs of the experts this replica was asked for: Serve's loader gets only the key.
         self._specs: dict[str, ExpertSpec] = {}
@@ -77,6 +98,7 @@ class EngineReplica:
             "expertserve_engine_expert_evictions",
             description="Experts released by engine replicas to make room (least recently used).",
         )
+        self._follower = asyncio.get_running_loop().create_task(self._follow_shape())
 
     @serve.multiplexed(max_num_models_per_replica=MAX_EXPERTS_PER_REPLICA)
     async def _expert(self, key: str) -> Resident:
@@ -103,6 +125,16 @@ class EngineReplica:
         """Streams the request's chunks, its expert loaded first (once per replica). The first chunk of a request
         that waited for its expert's load carries how long it waited (`load_seconds`; 0 when the expert was
         loaded already)."""
+        await self._ready.wait()
+        engine = self.engine  # a restart may replace self.engine while this request runs on this one
+        self._busy[id(engine)] = self._busy.get(id(engine), 0) + 1
+        try:
+            async for chunk in self._generate(engine, request):
+                yield chunk
+        finally:
+            self._busy[id(engine)] -= 1
+
+    async def _generate(self, engine: ExpertEngine, request: EngineRequest) -> AsyncIterator[Chunk]:
         resident = None
         load_seconds = 0.0
         if request.expert is not None:
@@ -110,7 +142,7 @@ class EngineReplica:
             asked = time.monotonic()
             resident = await self._expert(request.expert.key)
             load_seconds = resident.waited(asked)
-        source = self.engine.generate(request, resident.loaded if resident else None)
+        source = engine.generate(request, resident.loaded if resident else None)
         try:
             replica = self.replica_id
             async for chunk in self._coalesced(source, whole=request.extras.whole):
@@ -119,7 +151,7 @@ class EngineReplica:
                 )
                 load_seconds, replica = 0.0, ""
         except asyncio.CancelledError:  # the client went away
-            await self.engine.abort(request.request_id)
+            await engine.abort(request.request_id)
             raise
 
     async def _coalesced(self, source: AsyncIterator[Chunk], *, whole: bool) -> AsyncIterator[Chunk]:
@@ -144,8 +176,116 @@ class EngineReplica:
             yield joined
 
     async def check_health(self) -> None:
-        """Serve's health check: the engine must be alive."""
-        await self.engine.check_health()
+        """Serve's health check: the engine must be alive (a replica restarting its engine is healthy)."""
+        if self._ready.is_set():
+            await self.engine.check_health()
+
+    # ---- engine shape ----------------------------------------------------------------------------------------
+
+    async def _follow_shape(self) -> None:
+        """Acknowledges the shape this replica's engine runs; restarts it when the target grows past it (after
+        claiming the restart, so one replica restarts at a time)."""
+        while True:
+            await asyncio.sleep(SHAPE_POLL_S)
+            try:
+                if self.state is None:
+                    self.state = await asyncio.to_thread(find_state_actor, self.app_name)
+                    if self.state is None:
+                        continue
+                version, shape = await self.state.engine_ack.remote(self.replica_id, self.shape_version)
+                target = EngineShape.from_dict(shape)
+                if version <= self.shape_version or target is None:
+                    continue
+                if _shape(self.settings).covers(target):
+                    self.shape_version = version
+                    continue
+                if not await self.state.claim_restart.remote(self.replica_id):
+                    continue  # another replica is restarting: this one serves meanwhile
+                try:
+                    await self._restart(_shape(self.settings).grown(target))
+                    self.shape_version = version
+                    await self.state.engine_ack.remote(self.replica_id, version)
+                finally:
+                    await self.state.release_restart.remote(self.replica_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the actor restarting, an engine that would not start: try again later
+                logger.error("engine shape: %s: %s", type(e).__name__, e)
+                await asyncio.sleep(RESTART_BACKOFF_S)
+
+    async def _restart(self, shape: EngineShape) -> None:
+        """Replaces the engine with one of `shape`; no request is dropped: requests running on the old engine
+        finish there, new ones go to the new engine (or wait for it, when the old one must stop first)."""
+        settings = _shaped(self.settings, shape)
+        overlap = self.settings.engine.restart_overlap
+        if overlap is None:
+            import ray
+
+            overlap = not ray.get_gpu_ids()
+        logger.info("engine restart for %s (%s)", shape, "overlapping" if overlap else "drain, then start")
+        started = time.monotonic()
+        old = self.engine
+        if overlap:
+            new = self.engine_cls(settings)
+            await new.start()
+            self.engine, self.settings = new, settings
+            await self._drained(old)
+            await old.shutdown()
+        else:
+            self._ready.clear()
+            try:
+                await self._drained(old)
+                await old.shutdown()
+                new = self.engine_cls(settings)
+                try:
+                    await new.start()
+                except Exception:
+                    # Back to the shape it had: this replica keeps serving what it served.
+                    self.engine = self.engine_cls(self.settings)
+                    await self.engine.start()
+                    raise
+                self.engine, self.settings = new, settings
+            finally:
+                self._ready.set()
+        logger.info("engine restarted for %s in %.1f s", shape, time.monotonic() - started)
+
+    async def _drained(self, engine: ExpertEngine) -> None:
+        """Returns once no request runs on `engine` (each ends: they are bounded by their max_tokens)."""
+        while self._busy.get(id(engine), 0) > 0:
+            await asyncio.sleep(0.1)
+        self._busy.pop(id(engine), None)
+
+    async def shape(self) -> dict[str, Any]:
+        """This replica's id, the shape its engine runs and that shape's version (tests, diagnostics)."""
+        return {
+            "replica": self.replica_id,
+            "version": self.shape_version,
+            **_shape(self.settings).to_dict(),
+        }
+
+    def __del__(self) -> None:
+        state = getattr(self, "state", None)
+        if state is not None:
+            # Ray going down with the replica may refuse the call: the actor forgets it after LIVE_S anyway.
+            with contextlib.suppress(Exception):
+                state.engine_leave.remote(self.replica_id)
+
+
+def _shape(settings: EngineSettings) -> EngineShape:
+    return EngineShape(settings.max_lora_rank, settings.prefix_caching)
+
+
+def _shaped(settings: EngineSettings, shape: EngineShape) -> EngineSettings:
+    return settings.model_copy(
+        update={"max_lora_rank": shape.max_lora_rank, "prefix_caching": shape.prefix_caching}
+    )
+
+
+def _app_name() -> str | None:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # outside a Serve replica
+        return None
 
 
 def fetch_from_store(spec: ExpertSpec) -> ExpertSpec:

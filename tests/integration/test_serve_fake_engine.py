@@ -621,3 +621,74 @@ def test_engine_replicas_scale_up_under_load_and_down_after(
         assert running() == 1, "no scale-down when idle"
     finally:
         serve.delete("autoscaled")
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "drain-then-start"])
+def test_engine_restart_for_a_bigger_rank_serves_the_new_expert_without_dropping_requests(
+    url: str, tmp_path_factory: pytest.TempPathFactory, overlap: bool
+) -> None:
+    """An expert whose rank is above the running engines' is not servable; `POST /admin/engines/restart` restarts
+    both engine replicas one at a time with the bigger rank while requests keep coming: every request answers 200,
+    then the expert is listed and served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from expertserve.serve.app import build_app_from_config
+    from expertserve.serve.config import ServeConfig
+
+    name = f"reshape-{'overlap' if overlap else 'drain'}"
+    root = tmp_path_factory.mktemp(name)
+    experts = root / "experts"
+    _expert(experts, "expert-small", {"keywords": ["small"]})
+    config = ServeConfig.model_validate(
+        {
+            "model_dir": str(root),
+            "model_id": BASE,
+            "experts_dirs": [str(experts)],
+            "engine": {"max_model_len": 64, "restart_overlap": overlap},
+            "replicas": {"num_replicas": 2, "num_cpus": 0.1, "max_ongoing_requests": 8},
+            "routing": {"enabled": False},
+        }
+    )
+    serve.run(build_app_from_config(config, engine_cls=FakeEngine), name=name, route_prefix=f"/{name}")
+    base = f"{url}/{name}"
+    try:
+        assert httpx.get(f"{base}/admin/engines", timeout=30).json()["serving"]["max_lora_rank"] == 8
+        data = manifest(name="expert-big", description="a rank-16 expert")
+        data["base_models"][0]["name"] = BASE
+        data["base_models"][0]["adapters"][0]["r"] = 16
+        data["training"]["config"]["rank"] = 16
+        make_expert(experts / "expert-big", data)
+        reloaded = httpx.post(f"{base}/admin/experts/reload", timeout=60).json()
+        assert any("expert-big" in p and "max_lora_rank 8" in p for p in reloaded["problems"]), reloaded
+        refused = _chat(base, model="expert-big")
+        assert refused.status_code == 400 and "max_lora_rank 8" in refused.json()["error"]["message"]
+
+        slow = [{"role": "user", "content": "slow:0.05 " + "w " * 8}]
+        with ThreadPoolExecutor(4) as pool:
+            load = [
+                pool.submit(
+                    lambda: [_chat(base, model="expert-small", messages=slow).status_code for _ in range(12)]
+                )
+                for _ in range(3)
+            ]
+            restarted = httpx.post(f"{base}/admin/engines/restart", timeout=120)
+            statuses = [s for f in load for s in f.result()]
+        assert restarted.status_code == 200, restarted.text
+        answer = restarted.json()
+        assert answer["restarted"] is True and answer["shape"] == {"max_lora_rank": 16, "prefix_caching": False}
+        assert len(answer["engine_replicas"]) == 2 and set(answer["engine_replicas"].values()) == {1}
+        assert "expert-big" in answer["updated"] + answer["added"] or not answer["problems"], answer
+        assert statuses == [200] * 36, f"requests during the restart: {statuses}"
+
+        assert "expert-big" in {m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]}
+        chat = _chat(base, model="expert-big")
+        assert chat.status_code == 200 and "[expert-big@" in chat.json()["choices"][0]["message"]["content"]
+        again = httpx.post(f"{base}/admin/engines/restart", timeout=60).json()
+        assert again["restarted"] is False and again["shape"]["max_lora_rank"] == 16
+        for body, param in (({"max_lora_rank": "big"}, "max_lora_rank"), ({"bogus": 1}, "bogus")):
+            bad = httpx.post(f"{base}/admin/engines/restart", json=body, timeout=30)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+    finally:
+        serve.delete(name)

@@ -51,3 +51,49 @@ def test_vllm_client_arguments_name_every_adapter() -> None:
     argv = client_argv("http://127.0.0.1:1", "base", Path("/m"), ["e1", "e2"], Shape(8, 4, 16), 7)
     assert argv[argv.index("--num-prompts") + 1] == "8" and argv[argv.index("--max-concurrency") + 1] == "4"
     assert argv[-3:] == ["--lora-modules", "e1", "e2"] and "--ignore-eos" in argv
+
+
+def test_engine_restarts_go_one_replica_at_a_time_and_count_the_restarting_one_as_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state = ExpertState()
+    assert state.target_shape() == (0, None) and state.applied_shape() is None
+    shape = {"max_lora_rank": 16, "prefix_caching": False}
+    assert state.set_shape(shape) == 1
+    assert state.engine_ack("e1", 0) == (1, shape) and state.engine_ack("e2", 0) == (1, shape)
+    assert state.engines_behind(1) == ["e1", "e2"]
+    assert state.claim_restart("e1") and not state.claim_restart("e2")
+    assert state.claim_restart("e1"), "the holder may claim again"
+    # While restarting, e1 may stop acknowledging (vLLM's start blocks its loop): it is still behind.
+    monkeypatch.setattr(expert_state, "LIVE_S", 0.05)
+    time.sleep(0.1)
+    state.engine_ack("e2", 0)
+    assert state.engines_behind(1) == ["e1", "e2"]
+    state.engine_ack("e1", 1)
+    state.release_restart("e1")
+    assert state.engines_behind(1) == ["e2"] and state.claim_restart("e2")
+    state.engine_ack("e2", 1)
+    state.release_restart("e2")
+    assert state.engines_behind(1) == []
+    assert state.applied_shape() is None, "applied only when the restart call says every engine runs it"
+    state.shape_applied(1)
+    assert state.applied_shape() == shape
+    status = state.engine_status()
+    assert status["version"] == 1 and status["engine_replicas"] == {"e1": 1, "e2": 1}
+    # A claim whose holder died lapses; a replica that leaves releases its claim.
+    assert state.claim_restart("e1")
+    monkeypatch.setattr(expert_state, "CLAIM_S", 0.05)
+    time.sleep(0.1)
+    assert state.claim_restart("e2")
+    state.engine_leave("e2")
+    assert state.restarting is None and "e2" not in state.engine_status()["engine_replicas"]
+
+
+def test_an_older_version_does_not_become_the_applied_shape() -> None:
+    state = ExpertState()
+    state.set_shape({"max_lora_rank": 16, "prefix_caching": False})
+    state.set_shape({"max_lora_rank": 32, "prefix_caching": False})
+    state.shape_applied(1)
+    assert state.applied_shape() is None
+    state.shape_applied(2)
+    assert state.applied_shape() == {"max_lora_rank": 32, "prefix_caching": False}

@@ -42,6 +42,7 @@ PURE_MODULES = [
     "expertserve.engine.protocol",
     "expertserve.engine.config",
     "expertserve.engine.args",
+    "expertserve.serve.engine_shape",
     "expertserve.engine.hardware",
     "expertserve.routing.intent",
     "expertserve.eval.sandbox",

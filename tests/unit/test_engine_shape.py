@@ -1,0 +1,45 @@
+"""The engine shape rule: the config wins at start; a restart grows the running shape to what the experts need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from expertserve.engine.config import EngineConfig
+from expertserve.registry import Registry
+from expertserve.serve.engine_shape import EngineShape, experts_need, start_shape
+from tests.helpers import make_expert, manifest
+
+
+def _registry(root: Path, *experts: tuple[str, int, bool]) -> Registry:
+    for name, rank, cache in experts:
+        data = manifest(name=name)
+        data["base_models"][0]["adapters"][0]["r"] = rank
+        data["training"]["config"]["rank"] = rank
+        if cache:
+            data["runtime"] = {"requires_kv_cache_persistence": True}
+        make_expert(root / name, data)
+    return Registry.scan([root])
+
+
+def test_the_experts_need_the_largest_rank_slot_and_prefix_caching_when_one_asks(tmp_path: Path) -> None:
+    base = manifest()["base_models"][0]["name"]
+    registry = _registry(tmp_path, ("expert-a", 8, False), ("expert-b", 12, True))
+    assert not registry.problems and len(registry) == 2
+    assert experts_need(registry, base) == EngineShape(16, True)
+    assert experts_need(Registry.scan([tmp_path / "none"]), base) == EngineShape(8, False)
+    # At start the config's explicit settings win (a user may cap the adapter memory).
+    assert start_shape(registry, base, EngineConfig()) == EngineShape(16, True)
+    capped = EngineConfig(max_lora_rank=8, prefix_caching=False)
+    assert start_shape(registry, base, capped) == EngineShape(8, False)
+
+
+def test_a_shape_only_grows() -> None:
+    small, big = EngineShape(8, False), EngineShape(32, False)
+    assert big.covers(small) and not small.covers(big)
+    assert small.grown(big) == big and big.grown(small) == big and small.grown(None) == small
+    assert EngineShape(8, True).grown(EngineShape(16, False)) == EngineShape(16, True)
+    assert not EngineShape(64, False).covers(EngineShape(8, True))
+    assert EngineShape(12, False).grown(EngineShape(8, False)) == EngineShape(16, False), (
+        "a slot vLLM accepts"
+    )
+    assert EngineShape.from_dict(big.to_dict()) == big and EngineShape.from_dict(None) is None
