@@ -50,7 +50,9 @@ class FakeEngine(ExpertEngine):
             raise ExpertLoadError(spec.name, f"{config}: the engine could not load it")
         rank = json.loads(config.read_text()).get("r") or 0
         if rank > self.settings.max_lora_rank:  # as vLLM refuses it
-            raise ExpertLoadError(spec.name, f"rank {rank} is above max_lora_rank {self.settings.max_lora_rank}")
+            raise ExpertLoadError(
+                spec.name, f"rank {rank} is above max_lora_rank {self.settings.max_lora_rank}"
+            )
         self.loads[spec.key] += 1
         return LoadedExpert(spec, load_seconds=0.001, soft_prompt_tokens=len(spec.soft_prompt_files))
 

@@ -677,7 +677,10 @@ def test_engine_restart_for_a_bigger_rank_serves_the_new_expert_without_dropping
             statuses = [s for f in load for s in f.result()]
         assert restarted.status_code == 200, restarted.text
         answer = restarted.json()
-        assert answer["restarted"] is True and answer["shape"] == {"max_lora_rank": 16, "prefix_caching": False}
+        assert answer["restarted"] is True and answer["shape"] == {
+            "max_lora_rank": 16,
+            "prefix_caching": False,
+        }
         assert len(answer["engine_replicas"]) == 2 and set(answer["engine_replicas"].values()) == {1}
         assert "expert-big" in answer["updated"] + answer["added"] or not answer["problems"], answer
         assert statuses == [200] * 36, f"requests during the restart: {statuses}"
