@@ -18,9 +18,10 @@ logger = logging.getLogger("ray.serve")
 
 POLL_S = 0.5  # how often a replica reads the generation
 LIVE_S = 5.0  # a replica that has not acknowledged for this long is gone (scaled down or dead)
-# An engine replica restarting its engine for a new shape may block its event loop while vLLM starts (no
-# acknowledgements then): its claim counts it as behind for this long, then lapses (a replica that died mid-restart).
-CLAIM_S = 600.0
+# An engine replica restarting its engine for a new shape blocks its event loop while vLLM starts (no
+# acknowledgements then, 20-60 s on CPU): its claim holds while it was heard from within this long, then lapses (a
+# replica that died mid-restart must not hold the others up).
+CLAIM_S = 180.0
 
 
 class ExpertState:
@@ -88,11 +89,18 @@ class ExpertState:
 
     def claim_restart(self, replica: str) -> bool:
         """Whether `replica` may restart its engine now: one engine replica at a time, so the others serve."""
-        now = time.monotonic()
-        if self.restarting and self.restarting[0] != replica and now - self.restarting[1] < CLAIM_S:
+        if self.restarting and self.restarting[0] != replica and self._claim_holds():
             return False
-        self.restarting = (replica, now)
+        self.restarting = (replica, time.monotonic())
         return True
+
+    def _claim_holds(self) -> bool:
+        """The restarting replica was heard from (claim or acknowledgement) within `CLAIM_S`."""
+        if self.restarting is None:
+            return False
+        holder, claimed = self.restarting
+        heard = max(claimed, self.engines.get(holder, (0, 0.0))[1])
+        return time.monotonic() - heard < CLAIM_S
 
     def release_restart(self, replica: str) -> None:
         """`replica` finished (or gave up) its restart."""
@@ -103,7 +111,7 @@ class ExpertState:
         """Engine replicas that do not run shape `version` yet: the live ones behind, and the one restarting."""
         now = time.monotonic()
         behind = {r for r, (v, at) in self.engines.items() if now - at <= LIVE_S and v < version}
-        if self.restarting and now - self.restarting[1] < CLAIM_S:
+        if self.restarting and self._claim_holds():
             behind.add(self.restarting[0])
         return sorted(behind)
 

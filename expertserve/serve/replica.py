@@ -98,7 +98,11 @@ class EngineReplica:
             "expertserve_engine_expert_evictions",
             description="Experts released by engine replicas to make room (least recently used).",
         )
-        self._follower = asyncio.get_running_loop().create_task(self._follow_shape())
+        # Two tasks: the heartbeat goes on while the follower restarts the engine (draining can take minutes).
+        self._target: tuple[int, dict[str, Any] | None] = (self.shape_version, None)
+        self._target_seen = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._heartbeat()), loop.create_task(self._follow_shape())]
 
     @serve.multiplexed(max_num_models_per_replica=MAX_EXPERTS_PER_REPLICA)
     async def _expert(self, key: str) -> Resident:
@@ -182,9 +186,8 @@ class EngineReplica:
 
     # ---- engine shape ----------------------------------------------------------------------------------------
 
-    async def _follow_shape(self) -> None:
-        """Acknowledges the shape this replica's engine runs; restarts it when the target grows past it (after
-        claiming the restart, so one replica restarts at a time)."""
+    async def _heartbeat(self) -> None:
+        """Tells the state actor which shape version this replica's engine runs, and reads the target."""
         while True:
             await asyncio.sleep(SHAPE_POLL_S)
             try:
@@ -192,15 +195,29 @@ class EngineReplica:
                     self.state = await asyncio.to_thread(find_state_actor, self.app_name)
                     if self.state is None:
                         continue
-                version, shape = await self.state.engine_ack.remote(self.replica_id, self.shape_version)
-                target = EngineShape.from_dict(shape)
-                if version <= self.shape_version or target is None:
-                    continue
-                if _shape(self.settings).covers(target):
-                    self.shape_version = version
-                    continue
+                self._target = await self.state.engine_ack.remote(self.replica_id, self.shape_version)
+                self._target_seen.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the actor restarting: try again next tick
+                logger.warning("engine shape: %s: %s", type(e).__name__, e)
+
+    async def _follow_shape(self) -> None:
+        """Restarts the engine when the target grows past the shape it runs, after claiming the restart (one
+        replica at a time)."""
+        while True:
+            await self._target_seen.wait()
+            self._target_seen.clear()
+            version, shape = self._target
+            target = EngineShape.from_dict(shape)
+            if version <= self.shape_version or target is None or self.state is None:
+                continue
+            if _shape(self.settings).covers(target):
+                self.shape_version = version
+                continue
+            try:
                 if not await self.state.claim_restart.remote(self.replica_id):
-                    continue  # another replica is restarting: this one serves meanwhile
+                    continue  # another replica is restarting: this one serves meanwhile, and asks again
                 try:
                     await self._restart(_shape(self.settings).grown(target))
                     self.shape_version = version
@@ -209,8 +226,8 @@ class EngineReplica:
                     await self.state.release_restart.remote(self.replica_id)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the actor restarting, an engine that would not start: try again later
-                logger.error("engine shape: %s: %s", type(e).__name__, e)
+            except Exception as e:  # an engine that would not start: this replica keeps its shape for now
+                logger.error("engine restart for %s failed: %s: %s", target, type(e).__name__, e)
                 await asyncio.sleep(RESTART_BACKOFF_S)
 
     async def _restart(self, shape: EngineShape) -> None:

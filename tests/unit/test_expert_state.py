@@ -97,3 +97,15 @@ def test_an_older_version_does_not_become_the_applied_shape() -> None:
     assert state.applied_shape() is None
     state.shape_applied(2)
     assert state.applied_shape() == {"max_lora_rank": 32, "prefix_caching": False}
+
+
+def test_a_restart_claim_holds_while_its_replica_is_heard_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = ExpertState()
+    monkeypatch.setattr(expert_state, "CLAIM_S", 0.2)
+    assert state.claim_restart("e1")
+    for _ in range(4):  # draining for longer than CLAIM_S, acknowledging all along
+        time.sleep(0.1)
+        state.engine_ack("e1", 0)
+        assert not state.claim_restart("e2")
+    time.sleep(0.3)  # silent (died mid-restart): the claim lapses
+    assert state.claim_restart("e2")
