@@ -118,6 +118,7 @@ class EngineReplica:
         """Loads the expert here if this replica does not hold it (serve/warm.py); returns this replica's id and
         whether it holds the expert now. Serve learns that this replica holds it, and routes its requests here too."""
         self._specs[spec.key] = spec
+        await self._ready.wait()
         try:
             await self._expert(spec.key)
         except ExpertLoadError as e:
