@@ -36,7 +36,7 @@ def run(args: Any) -> int:
     lines = [
         f"{report.expert}: {report.metric} on {report.n} {report.split} examples ({report.seconds:.0f} s)"
     ]
-    if args.expert_only:
+    if report.base_score is None or report.improvement is None:
         lines.append(f"  expert      {report.expert_score:6.1%}")
     else:
         lines += [

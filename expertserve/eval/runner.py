@@ -156,6 +156,8 @@ def evaluate(
 
 def write_quality_metrics(manifest_file: Path, report: EvalReport) -> None:
     """Puts the scores into `quality_metrics`, keeping the rest of the manifest (comments included) as is."""
+    if report.base_score is None or report.improvement is None:
+        raise EvalError("quality_metrics need the base model's score (this report was made with expert_only)")
     raw = json.loads(manifest_file.read_text())
     qm = raw.setdefault("quality_metrics", {})
     qm.update(
