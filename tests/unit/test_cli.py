@@ -41,7 +41,8 @@ def test_help_lists_commands_and_imports_nothing_heavy() -> None:
 def test_validate_shipped_experts_exits_0_and_reports_statuses() -> None:
     result = run("validate", "experts/expert-sql", "experts/expert-json", "experts/expert-typescript")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "expert-sql 0.1.0 (schema 2.0): valid" in result.stdout
+    version = json.loads((REPO / "experts" / "expert-sql" / "manifest.json").read_text())["version"]
+    assert f"expert-sql {version} (schema 2.0): valid" in result.stdout
     assert "training.decoding.temperature = 0.1" in result.stdout
     assert "3 of 3 valid" in result.stdout
 
