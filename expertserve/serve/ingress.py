@@ -58,7 +58,7 @@ from expertserve.serve.protocol import (
     parse_engine_restart,
     parse_request,
 )
-from expertserve.serve.replica import replica_id
+from expertserve.serve.replica import app_name, replica_id
 from expertserve.serve.responses import (
     INTERNAL_ERROR,
     SSE_DONE,
@@ -151,7 +151,8 @@ class Ingress:
         self.trust = TrustPolicy(frozenset(config.trusted_keys), config.allow_untrusted)
         self.defaults = load_defaults(Path(config.decoding_defaults) if config.decoding_defaults else None)
         self.metrics = Metrics()
-        self.health = EngineHealth(_app_name())
+        self.app_name = app_name()  # None outside Serve
+        self.health = EngineHealth(self.app_name)
         self.engine_metrics = EngineMetrics()
         self.experts = Experts(Registry(), None)
         self.embedder = None
@@ -161,8 +162,7 @@ class Ingress:
             self.embedder = embedder_cls()
         self.warmer: Warmer | None = None  # started below, once the first scan has run
         # The app's expert state (serve/expert_state.py), before the first scan: it holds the engines' shape.
-        app_name = _app_name()
-        self.state = state_actor(app_name, config.replicas.ingress_resources) if app_name else None
+        self.state = state_actor(self.app_name, config.replicas.ingress_resources) if self.app_name else None
         self.reload()
         self.follower = self._follow_expert_state()
         self.warmer = self._start_warmer()
@@ -170,7 +170,7 @@ class Ingress:
     def _start_warmer(self) -> Warmer | None:
         """Keeps experts with a replica minimum loaded on that many engine replicas (serve/warm.py). None outside
         Serve."""
-        if _app_name() is None:
+        if self.app_name is None:
             return None
         overrides = self.config.replicas.expert_min_replicas
         warmer = Warmer(
@@ -340,8 +340,8 @@ class Ingress:
         the running shape already serves every expert); 503 naming the replicas still restarting after
         `ENGINE_RESTART_WAIT_S` (they go on: call again to wait for them)."""
         self._auth(request, admin=True)
-        raw = await request.body()
-        asked = parse_engine_restart(parse_body(raw) if raw.strip() else {})
+        empty = not (await request.body()).strip()  # Starlette keeps the body: _body reads it again for free
+        asked = parse_engine_restart({} if empty else await self._body(request))
         if self.state is None:
             raise RequestError(
                 409, "engine restarts need the Serve app (this ingress runs outside Ray Serve)"
@@ -446,10 +446,9 @@ class Ingress:
 
         applied = EngineShape.from_dict(ray.get(self.state.applied_shape.remote(), timeout=30))
         if applied is not None and not self._engine_shape().covers(applied):
+            shape = self._engine_shape().grown(applied)
             self.serving = dataclasses.replace(
-                self.serving,
-                max_lora_rank=applied.max_lora_rank,
-                prefix_caching=applied.prefix_caching or bool(self.serving.prefix_caching),
+                self.serving, max_lora_rank=shape.max_lora_rank, prefix_caching=shape.prefix_caching
             )
 
     def _engine_shape(self) -> EngineShape:
@@ -907,16 +906,6 @@ class GenerationHeader:
 
 
 app.add_middleware(GenerationHeader)
-
-
-def _app_name() -> str | None:
-    """The Serve application this replica belongs to (None outside Serve)."""
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().app_name
-    except Exception:  # not in a replica (unit tests build the class directly)
-        return None
 
 
 def _text(body: dict[str, Any]) -> str:

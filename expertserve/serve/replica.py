@@ -72,7 +72,7 @@ class EngineReplica:
             engine_cls = VLLMExpertEngine
         self.engine_cls = engine_cls
         self.replica_id = replica_id()
-        self.app_name = _app_name()
+        self.app_name = app_name()
         self.state = find_state_actor(self.app_name) if self.app_name else None
         # A replica started after a restart raised the shape (autoscaling, a replaced replica) starts with it.
         self.shape_version, target = (0, None)
@@ -299,7 +299,8 @@ def _shaped(settings: EngineSettings, shape: EngineShape) -> EngineSettings:
     )
 
 
-def _app_name() -> str | None:
+def app_name() -> str | None:
+    """The Serve application this replica belongs to (None outside Serve: unit tests build the classes directly)."""
     try:
         return serve.get_replica_context().app_name
     except Exception:  # outside a Serve replica

@@ -693,5 +693,7 @@ def test_engine_restart_for_a_bigger_rank_serves_the_new_expert_without_dropping
         for body, param in (({"max_lora_rank": "big"}, "max_lora_rank"), ({"bogus": 1}, "bogus")):
             bad = httpx.post(f"{base}/admin/engines/restart", json=body, timeout=30)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+        malformed = httpx.post(f"{base}/admin/engines/restart", content=b"{not json", timeout=30)
+        assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
     finally:
         serve.delete(name)
