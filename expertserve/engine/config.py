@@ -69,6 +69,14 @@ class EngineConfig(StrictModel):
         "logits processor needs; the others run with no adapter, their rows masked by expertserve's vLLM plugin. "
         "false: never.",
     )
+    json_whitespace: Literal["spaced", "bounded", "vllm"] = Field(
+        default="spaced",
+        description="Whitespace that JSON and JSON-schema constraints allow (a grammar stops small models padding "
+        "with whitespace): spaced: one space after ':' and ',' as Python's json.dumps and most training data write "
+        "JSON; bounded: at most one whitespace character at each place; vllm: vLLM's disable_any_whitespace as "
+        'xgrammar 0.2.8 compiles it (\'{"a":"b", "c":1}\', a style few models were trained on). One per '
+        "process: the first engine started sets it.",
+    )
 
 
 class EngineSettings(StrictModel):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from expertserve.bench.servers import free_port
-from expertserve.datasets import json_extract, sql
+from expertserve.datasets import sql
 from tests.e2e.conftest import launched_server
 from tests.helpers import REPO
 
@@ -77,7 +77,10 @@ def test_expert_json_applies_its_soft_prompt_and_json_constraint(default_server:
     assert (
         body["usage"]["prompt_tokens"] == base["usage"]["prompt_tokens"] + 16
     )  # the json_strict soft prompt
-    assert json_extract.parse_object(body["choices"][0]["message"]["content"]) is not None
+    answer = body["choices"][0]["message"]["content"]
+    # The constraint allows JSON as the expert was trained to write it (engine.json_whitespace: spaced), so
+    # the expert answers in its own style and gets the fields right.
+    assert answer == json.dumps({"name": "Ana Lopez", "age": 41}), answer
 
 
 def test_expert_typescript_uses_its_manifest_temperature(default_server: str) -> None:

@@ -46,3 +46,47 @@ def test_the_plugin_patches_the_kernels_the_cpu_wrapper_calls(monkeypatch: pytes
     vllm_patches.register()
     for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
         assert getattr(getattr(punica_cpu, name), "_expertserve", False), name
+
+
+@pytest.mark.parametrize(
+    ("style", "accepted", "refused"),
+    [
+        ("spaced", '{"name": "Ana", "age": 41}', '{"name":"Ana", "age":41}'),
+        # vLLM's own disable_any_whitespace as xgrammar 0.2.8 compiles it: the mixed style the plugin replaces.
+        ("vllm", '{"name":"Ana", "age":41}', '{"name": "Ana", "age": 41}'),
+        ("bounded", '{"name": "Ana","age":41}', '{"name":  "Ana"}'),
+    ],
+)
+def test_json_constraints_compile_in_the_configured_whitespace_style(
+    style: str, accepted: str, refused: str
+) -> None:
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from expertserve.engine.vllm_patches import JSON_WHITESPACE, _JsonStyleCompiler
+    from expertserve.models import offline
+
+    tokenizer = AutoTokenizer.from_pretrained(offline.prepared_model_dir())
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer))
+    # The keywords vLLM's xgrammar backend passes with disable_any_whitespace; the style overrides them.
+    styled = _JsonStyleCompiler(compiler, JSON_WHITESPACE[style])
+    ctx = styled.compile_json_schema('{"type": "object"}', any_whitespace=False, separators=(",", ":"))
+
+    def complete(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(ctx)
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    assert complete(accepted)
+    assert not complete(refused)
+    assert styled.compile_regex("a+") is not None  # everything but JSON passes through
+
+
+def test_the_plugin_refuses_an_unknown_json_style_and_patches_the_xgrammar_backend() -> None:
+    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
+
+    from expertserve.engine import vllm_patches
+
+    with pytest.raises(ValueError, match="EXPERTSERVE_JSON_WHITESPACE='loose': expected one of"):
+        vllm_patches._patch_json_whitespace("loose")
+    vllm_patches._patch_json_whitespace("spaced")
+    assert getattr(XgrammarBackend.__post_init__, "_expertserve", False)
