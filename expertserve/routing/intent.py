@@ -21,6 +21,16 @@ _PROSE_START = re.compile(
     r"is|are|should|would|could you explain|can you explain|explain|describe|tell me (?:about|why|how)|compare|"
     r"which is better)\b"
 )
+# Asking for writing that is prose however it is phrased ("write a haiku", "draft an email to my landlord"):
+# the imperative that usually asks for an artifact does not count then.
+_PROSE_WRITING = re.compile(
+    r"^(?:(?:please|pls|can you|could you)\s+)?(?:write|compose|draft|give me|make|create|come up with|suggest)\s+"
+    r"(?:me\s+)?(?:\w+\s+){0,3}?(?:haiku|poem|story|stories|essay|letter|e-?mail|song|lyrics|joke|speech|limerick|"
+    r"tweet|blog post|toast|slogan|tagline|name ideas|names|summary|bio|cover letter|apology|thank you note)s?\b"
+)
+_PROSE_OTHER_START = re.compile(
+    r"^(?:(?:please|pls)\s+)?(?:summari[sz]e|translate|proofread|rephrase|paraphrase)\b"
+)
 _PROSE_PHRASES = (
     "difference between",
     "pros and cons",
@@ -48,7 +58,8 @@ _ARTIFACT_START = re.compile(
     r"^(?:(?:hi|hey|hello|ok|okay|please|pls|plz|so)[,.!]?\s+)?"
     r"(?:write|give me (?:the|a|an)|make|create|implement|code|build|generate|turn|convert|parse|extract|pull out|"
     r"produce|list|delete|insert|update|count|find|show|get|need|return|select|structure|sum|"
-    r"sql|json|ts|typescript|sqlite|regex)\b"
+    r"remove|drop|rank|calculate|compute|fetch|retrieve|filter|jsonify|"
+    r"sql|json|ts|typescript|sqlite|postgres(?:ql)?|mysql|regex)\b"
 )
 # Asking for a thing to be produced, anywhere in the prompt.
 _ARTIFACT_PHRASES = (
@@ -69,7 +80,12 @@ _FOLLOW_UP_START = re.compile(
     r"^(?:now|and|same|then|next|again|also for|what about|do the same|same for|ok now)\b"
 )
 _QUESTION_START = re.compile(r"^(?:what|why|how|when|where|who|which|is|are|can|could|should|do|does|tell)\b")
+_TOPIC_SWITCH = re.compile(
+    r"\b(?:btw|by the way|unrelated|different question|new question|off topic|change of topic)\b"
+)
 FRAGMENT_WORDS = 12
+# An elliptical question this short ("biggest spender last year?") leans on the turns before it.
+ELLIPTICAL_WORDS = 6
 # Programming and query languages a prompt may name. An expert whose own profile names none of the languages a
 # prompt names is the wrong one for it ("write a PHP function" is not for a TypeScript or SQL expert).
 LANGUAGES: dict[str, re.Pattern[str]] = {
@@ -117,8 +133,13 @@ def cues(prompt: str) -> Cues:
     """The prose and artifact cues of a prompt."""
     text = normalise(prompt)
     prose = [f"starts like a question ({m.group(0)!r})" for m in [_PROSE_START.match(text)] if m]
+    prose += [f"asks for prose ({m.group(0)!r})" for m in [_PROSE_WRITING.match(text)] if m]
+    prose += [f"asks to {m.group(0).split()[-1]!r}" for m in [_PROSE_OTHER_START.match(text)] if m]
     prose += [f"{p!r}" for p in _PROSE_PHRASES if p in text]
-    artifact = [f"asks to {m.group(0).split()[-1]!r}" for m in [_ARTIFACT_START.match(text)] if m]
+    writing = _PROSE_WRITING.match(text) is not None
+    artifact = [
+        f"asks to {m.group(0).split()[-1]!r}" for m in [_ARTIFACT_START.match(text)] if m and not writing
+    ]
     artifact += [f"contains {p.pattern[:24]!r}..." for p in _ARTIFACT_PATTERNS if p.search(text)]
     artifact += [f"{p!r}" for p in _ARTIFACT_PHRASES if p in text]
     return Cues(tuple(prose), tuple(artifact))
@@ -126,14 +147,16 @@ def cues(prompt: str) -> Cues:
 
 def is_fragment(prompt: str) -> bool:
     """A short last turn that reads as a continuation (`now for ...`, `and one that ...`, `authors with more than
-    three books`), not a new self-contained question."""
+    three books`, `biggest spender last year?`), not a new self-contained question or a change of topic."""
     text = normalise(prompt)
     words = text.split()
     if not words or len(words) > FRAGMENT_WORDS:
         return False
     if _FOLLOW_UP_START.match(text):
         return True
-    return not text.endswith("?") and not _QUESTION_START.match(text)
+    if _TOPIC_SWITCH.search(text) or _QUESTION_START.match(text):
+        return False
+    return not text.endswith("?") or len(words) <= ELLIPTICAL_WORDS
 
 
 def languages(text: str) -> frozenset[str]:

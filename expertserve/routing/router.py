@@ -5,7 +5,8 @@ Signals, per expert, from its manifest and data (nothing is trained globally, so
 as it is registered):
 - semantic: cosine similarity between the request and the expert's profile (routing.examples, its description,
   and user prompts sampled from its training split), averaged over the best few profile texts;
-- keywords: whole-word / phrase matches of routing.keywords and capabilities (a small bonus each);
+- keywords: whole-word / phrase matches of routing.keywords and capabilities, and a language the prompt names that
+  the expert's profile names (a small bonus each);
 - exclude_keywords: a match rules the expert out;
 - priority: a tie-breaker.
 The base model competes as a candidate whose score moves with what the prompt wants (routing/intent.py): up for a
@@ -216,6 +217,10 @@ class Router:
             k = min(cfg.top_k, len(sims))
             semantic = float(np.sort(sims)[-k:].mean()) if k else 0.0
             hits = matches(text, p.keywords) + [f"/{r.pattern}/" for r in p.patterns if r.search(text)]
+            # The prompt names the expert's language in words no keyword covers ("postgres: ..." for SQL).
+            spoken = sorted(named & p.languages)
+            if spoken and not (languages(" ".join(hits)) & p.languages):
+                hits.append(f"language:{spoken[0]}")
             excluded = matches(text, p.exclude)
             bonus = min(cfg.max_keyword_bonus, cfg.keyword_bonus * len(hits))
             # The prompt names languages and none is the expert's: a request for another language's code.

@@ -151,6 +151,15 @@ def test_intent_cues_read_what_a_prompt_wants() -> None:
     assert is_fragment("now for 'Ana, 25'") and is_fragment("authors with more than three books")
     assert is_fragment("what about Oslo") and not is_fragment("why is the sky blue?")
     assert not is_fragment("tell me the weather in Oslo")
+    # A short elliptical question leans on the turns before it; a marked change of topic does not.
+    assert is_fragment("biggest spender last year?") and not is_fragment("btw, best pizza in Naples?")
+    assert not is_fragment("which customers spent the most money in total last year?")
+    # Writing that is prose is not an artifact request, whatever the imperative.
+    haiku = cues("write a haiku about autumn rain")
+    assert haiku.wants_prose and not haiku.artifact
+    assert cues("Translate 'good morning' into Spanish").wants_prose
+    assert cues("write a function that formats an email address").artifact  # code, though it names e-mail
+    assert cues("remove duplicate rows from contacts").artifact and cues("postgres: running totals").artifact
     assert languages("Write a PHP function") == {"php"} and languages("a typed TS helper") == {"typescript"}
     assert languages("convert this javascript to typescript") == {"javascript", "typescript"}
     assert languages("Java, not JavaScript") == {"java", "javascript"}
@@ -171,6 +180,15 @@ def test_an_expert_for_another_language_is_penalised(tmp_path: Path) -> None:
     r = router(tmp_path, base_score=0.2, min_confidence=0.0, language_penalty=0.5)
     assert r.route("write a typescript function that sums").expert == "expert-ts"
     assert r.route("write a ruby function that sums").expert is None
+
+
+def test_naming_the_experts_language_counts_as_a_keyword_hit_once(tmp_path: Path) -> None:
+    expert(tmp_path, "expert-sql", {"keywords": ["sql"], "examples": ["write a sql query"]}, "sql")
+    r = router(tmp_path, base_score=0.2, min_confidence=0.0, keyword_bonus=0.1)
+    named = r.route("postgres: running total per day").candidates[0]
+    assert named.keywords == ["language:sql"]
+    both = r.route("sql for a running total per day").candidates[0]
+    assert both.keywords == ["sql"]  # the keyword already says it: no second bonus
 
 
 def test_manifest_patterns_count_as_keyword_hits(tmp_path: Path) -> None:
