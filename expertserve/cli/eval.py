@@ -44,6 +44,9 @@ def run(args: Any) -> int:
             f"  expert      {report.expert_score:6.1%}   ({100 * report.improvement:+.1f} points)",
         ]
     lines += [f"  {name:<11} {score:6.1%}" for name, score in report.ablation.items()]
+    if report.well_formed_metric:
+        shares = ", ".join(f"{name} {share:.1%}" for name, share in report.well_formed.items())
+        lines.append(f"  {report.well_formed_metric}: {shares}")
     lines.append(f"  decoding: {report.decoding}")
     if not args.no_write and args.split == "test" and not args.expert_only:
         lines.append(f"  written to {expert_dir / 'manifest.json'} (quality_metrics)")

@@ -41,6 +41,9 @@ class EvalReport:
     seconds: float
     failures: list[dict[str, str]] = field(default_factory=list)
     split: str = "test"
+    # The scorer's well-formedness check (e.g. valid_json): its name, and its share per condition.
+    well_formed_metric: str | None = None
+    well_formed: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (`--json`)."""
@@ -109,6 +112,7 @@ def evaluate(
         conditions["soft_prompt_only"] = (None, soft)
     metas = [e["meta"] for e in examples]
     scores: dict[str, float] = {}
+    well_formed: dict[str, float] = {}
     failures: list[dict[str, str]] = []
     for step, (name, (lo, sp)) in enumerate(conditions.items(), 1):
         if log:
@@ -119,6 +123,8 @@ def evaluate(
         outputs = engine.generate([GenerationRequest(prompt_messages(e), params, lo, sp) for e in examples])
         ok = scorer.score_many(outputs, metas, test_file.parent)
         scores[name] = sum(ok) / len(ok)
+        if scorer.well_formed:
+            well_formed[name] = sum(map(scorer.well_formed[1], outputs)) / len(outputs)
         if log:
             log(
                 f"[{step}/{len(conditions)}] {m.name} {name}: {scorer.metric} {scores[name]:.1%} "
@@ -148,6 +154,8 @@ def evaluate(
         time.monotonic() - start,
         failures,
         split,
+        scorer.well_formed[0] if scorer.well_formed else None,
+        well_formed,
     )
     if write and split == "test" and not expert_only:
         write_quality_metrics(loaded.path, report)
@@ -177,6 +185,8 @@ def write_quality_metrics(manifest_file: Path, report: EvalReport) -> None:
         del qm["improvement_percent"]
     for name, score in report.ablation.items():
         qm[f"{name}_score"] = round(score, 4)
+    if report.well_formed_metric and "expert" in report.well_formed:
+        qm[report.well_formed_metric] = round(report.well_formed["expert"], 4)
     checkpoint = raw.get("training", {}).get("checkpoint")
     if checkpoint:
         qm["checkpoint"] = checkpoint

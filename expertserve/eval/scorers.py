@@ -16,6 +16,8 @@ class Scorer:
 
     metric: str
     score_many: Callable[[list[str], list[dict[str, Any]], Path], list[bool]]
+    # A second, weaker check reported beside the metric (its name and test): is the answer well formed at all?
+    well_formed: tuple[str, Callable[[str], bool]] | None = None
 
 
 def _each(score: Callable[[str, dict[str, Any], Path], bool]) -> Callable[..., list[bool]]:
@@ -24,6 +26,10 @@ def _each(score: Callable[[str, dict[str, Any], Path], bool]) -> Callable[..., l
 
 SCORERS: dict[str, Scorer] = {
     "sql-execution": Scorer("execution_accuracy", _each(sql.score)),
-    "json-exact": Scorer("exact_match", _each(json_extract.score)),
+    "json-exact": Scorer(
+        "exact_match",
+        _each(json_extract.score),
+        ("valid_json", lambda answer: json_extract.parse_object(answer) is not None),
+    ),
     "typescript-tests": Scorer("tsc_strict_and_tests", typescript.score_many),
 }

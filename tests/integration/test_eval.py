@@ -130,10 +130,14 @@ def test_evaluate_reports_scores_and_writes_quality_metrics(
     assert (report.n, report.metric) == (3, "exact_match")
     assert 0 <= report.base_score <= 1 and 0 <= report.expert_score <= 1
     assert set(report.ablation) == {"adapter_only", "soft_prompt_only"}
+    assert report.well_formed_metric == "valid_json"
+    assert set(report.well_formed) == {"base", "expert", "adapter_only", "soft_prompt_only"}
+    assert all(0 <= share <= 1 for share in report.well_formed.values())
     assert "temperature=0.0 (manifest)" in report.decoding and "max_tokens=12 (manifest)" in report.decoding
     qm = load_manifest(expert).manifest.quality_metrics
     assert qm.test_queries == 3 and qm.benchmark_score == round(report.expert_score, 4)
     assert qm.model_extra["metric"] == "exact_match" and "adapter_only_score" in qm.model_extra
+    assert qm.model_extra["valid_json"] == round(report.well_formed["expert"], 4)
     assert json.loads((expert / "manifest.json").read_text())["_comment"] == "kept"
 
 

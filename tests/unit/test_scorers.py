@@ -70,6 +70,16 @@ def test_json_booleans_are_not_numbers() -> None:
 
 
 @pytest.mark.skipif(typescript.tsc_command() is None, reason="tsc is installed by scripts/setup.sh")
+def test_json_answers_are_also_checked_for_being_json_at_all() -> None:
+    from expertserve.eval.scorers import SCORERS
+
+    name, check = SCORERS["json-exact"].well_formed
+    assert name == "valid_json"
+    assert check('{"a": 1}') and check('```json\n{"a": 1}\n```')
+    assert not check('{"a": 1') and not check("[1, 2]") and not check("Sure! {}")
+    assert SCORERS["sql-execution"].well_formed is None
+
+
 def test_typescript_scorer_type_checks_and_runs_tests() -> None:
     meta = {"name": "add", "tests": [["1, 2", "3"], ["0, 0", "0"]]}
     answers = [
