@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from expertserve.routing.lexical import normalise
+from expertserve.routing.lexical import FuzzyIndex, normalise
 
 _PROSE_START = re.compile(
     r"^(?:(?:hi|hello|hey|ok|okay|cool|thanks|thank you)[,.!]?\s+)?"
-    r"(?:what(?:'s| is| are| does| do)?|why|how (?:does|do|is|are|can|should|would)|when (?:should|do|is)|"
+    r"(?:what(?:'s| is| are| does| do)?|whats|wat|wht|why|how (?:does|do|is|are|can|should|would)|"
+    r"when (?:should|do|is)|"
     r"is|are|should|would|could you explain|can you explain|explain|describe|tell me (?:about|why|how)|compare|"
     r"which is better)\b"
 )
@@ -25,7 +26,7 @@ _PROSE_START = re.compile(
 # the imperative that usually asks for an artifact does not count then.
 _PROSE_WRITING = re.compile(
     r"^(?:(?:please|pls|can you|could you)\s+)?(?:write|compose|draft|give me|make|create|come up with|suggest)\s+"
-    r"(?:me\s+)?(?:\w+\s+){0,3}?(?:haiku|poem|story|stories|essay|letter|e-?mail|song|lyrics|joke|speech|limerick|"
+    r"(?:me\s+)?(?:[\w-]+\s+){0,3}?(?:haiku|poem|story|stories|essay|letter|e-?mail|song|lyrics|joke|speech|limerick|"
     r"tweet|blog post|toast|slogan|tagline|name ideas|names|summary|bio|cover letter|apology|thank you note)s?\b"
 )
 _PROSE_OTHER_START = re.compile(
@@ -129,9 +130,32 @@ class Cues:
         return bool(self.prose) and not self.artifact
 
 
+# The opening verbs the cues read, for mending a slip in them (`wirte a qurey`); five letters or more.
+_START_VERBS = FuzzyIndex(
+    {
+        "verb": [
+            "write", "create", "implement", "build", "generate", "convert", "parse", "extract", "produce", "delete",
+            "insert", "update", "select", "structure", "remove", "calculate", "compute", "fetch", "retrieve",
+            "filter", "explain", "describe", "compare", "translate", "summarize", "summarise",
+        ]
+    }
+)  # fmt: skip
+_POLITE = frozenset({"please", "pls", "plz", "so", "ok", "okay"})
+
+
+def _mend_start(text: str) -> str:
+    """`text` with a slip in its opening verb mended (after a `please`)."""
+    words = text.split(" ")
+    at = 1 if len(words) > 1 and words[0].strip(",.!") in _POLITE else 0
+    slips = _START_VERBS.hits(words[at]).get("verb")
+    if slips:
+        words[at] = slips[0].split("~")[1]
+    return " ".join(words)
+
+
 def cues(prompt: str) -> Cues:
     """The prose and artifact cues of a prompt."""
-    text = normalise(prompt)
+    text = _mend_start(normalise(prompt))
     prose = [f"starts like a question ({m.group(0)!r})" for m in [_PROSE_START.match(text)] if m]
     prose += [f"asks for prose ({m.group(0)!r})" for m in [_PROSE_WRITING.match(text)] if m]
     prose += [f"asks to {m.group(0).split()[-1]!r}" for m in [_PROSE_OTHER_START.match(text)] if m]
@@ -157,6 +181,17 @@ def is_fragment(prompt: str) -> bool:
     if _TOPIC_SWITCH.search(text) or _QUESTION_START.match(text):
         return False
     return not text.endswith("?") or len(words) <= ELLIPTICAL_WORDS
+
+
+_FORMAT_REQUEST = re.compile(
+    r"\b(?:into|as|in|to|returns?|outputs?|back as|answer with|respond with)\s+"
+    r"(?:(?:an?|valid|one|single|proper)\s+){0,2}(json|yaml|csv|xml)\b"
+)
+
+
+def requested_formats(text: str) -> frozenset[str]:
+    """The data formats a prompt asks its answer to be in (`... into JSON`, `return csv`)."""
+    return frozenset(m.group(1) for m in _FORMAT_REQUEST.finditer(normalise(text)))
 
 
 def languages(text: str) -> frozenset[str]:

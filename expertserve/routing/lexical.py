@@ -1,13 +1,15 @@
 """Keyword matching for routing. Pure Python.
 
 Keywords match as whole words or whole phrases (multi-word keywords match too, unlike the reference router's
-substring test), case-insensitively, after Unicode normalisation.
+substring test), case-insensitively, after Unicode normalisation. Single-word keywords of five letters or more
+also match a word one typing slip away (`qurey`, `extrct`, `typscript`): real users' prompts carry typos.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 
@@ -25,3 +27,52 @@ def _pattern(phrase: str) -> re.Pattern[str]:
 def matches(text: str, phrases: list[str]) -> list[str]:
     """The phrases that occur in `text` as whole words (text already normalised)."""
     return [p for p in phrases if p.strip() and _pattern(p).search(text)]
+
+
+# Shorter words have too many neighbours one slip away ("rows"/"rose"); a slip rarely hits the first letter.
+FUZZY_MIN_LENGTH = 5
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def _deletions(word: str) -> set[str]:
+    return {word[:i] + word[i + 1 :] for i in range(len(word))}
+
+
+def _transpositions(word: str) -> set[str]:
+    return {word[:i] + word[i + 1] + word[i] + word[i + 2 :] for i in range(len(word) - 1)}
+
+
+class FuzzyIndex:
+    """Single-word keywords of several owners, found in a text one slip away (a letter missing, extra, replaced,
+    or two swapped). One index for all owners keeps a decision's cost flat in their number."""
+
+    def __init__(self, keywords: Mapping[str, Iterable[str]]):
+        self._variants: dict[str, set[tuple[str, str]]] = {}
+        self._exact: dict[str, set[str]] = {}
+        for owner, words in keywords.items():
+            self._exact[owner] = {normalise(w) for w in words}
+            for keyword in words:
+                kw = normalise(keyword)
+                if " " in kw or len(kw) < FUZZY_MIN_LENGTH or not kw.isalpha():
+                    continue
+                for variant in {kw} | _deletions(kw) | _transpositions(kw):
+                    self._variants.setdefault(variant, set()).add((owner, kw))
+
+    def hits(self, text: str) -> dict[str, list[str]]:
+        """Per owner, `slip~keyword` for each keyword a word of `text` (normalised) misspells; a word that is one
+        of the owner's keywords is left to `matches`."""
+        found: dict[str, set[str]] = {}
+        for word in set(_WORD.findall(text)):
+            if len(word) < FUZZY_MIN_LENGTH - 1:
+                continue
+            for variant in {word} | _deletions(word):
+                for owner, kw in self._variants.get(variant, ()):
+                    if (
+                        word not in self._exact[owner]
+                        # an inflection of a keyword (`generics`, `parses`, `tablet`), not a slip
+                        and not any(word.startswith(k) for k in self._exact[owner] if len(k) >= 4)
+                        and kw[0] == word[0]
+                        and abs(len(kw) - len(word)) <= 1
+                    ):
+                        found.setdefault(owner, set()).add(f"{word}~{kw}")
+        return {owner: sorted(labels) for owner, labels in found.items()}

@@ -5,8 +5,9 @@ Signals, per expert, from its manifest and data (nothing is trained globally, so
 as it is registered):
 - semantic: cosine similarity between the request and the expert's profile (routing.examples, its description,
   and user prompts sampled from its training split), averaged over the best few profile texts;
-- keywords: whole-word / phrase matches of routing.keywords and capabilities, and a language the prompt names that
-  the expert's profile names (a small bonus each);
+- keywords: whole-word / phrase matches of routing.keywords and capabilities (a long keyword also one typing
+  slip away), and a language the prompt names that the expert's profile names (a small bonus each);
+- format: the prompt asks for its answer in a format the expert declares (`format:json` and "... into JSON");
 - exclude_keywords: a match rules the expert out;
 - priority: a tie-breaker.
 The base model competes as a candidate whose score moves with what the prompt wants (routing/intent.py): up for a
@@ -27,8 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from expertserve.registry import ExpertRecord, Registry
-from expertserve.routing.intent import Cues, cues, is_fragment, languages
-from expertserve.routing.lexical import matches, normalise
+from expertserve.routing.intent import Cues, cues, is_fragment, languages, requested_formats
+from expertserve.routing.lexical import FuzzyIndex, matches, normalise
 
 BASE = None  # the decision "base model"
 
@@ -49,6 +50,7 @@ class RouterConfig:
     language_penalty: float = 0.3
     keyword_bonus: float = 0.12
     max_keyword_bonus: float = 0.24
+    format_bonus: float = 0.12
     priority_weight: float = 0.02
     temperature: float = 0.05
     min_confidence: float = 0.5
@@ -110,6 +112,7 @@ class _Profile:
     priority: float
     languages: frozenset[str]
     patterns: list[re.Pattern[str]] = field(default_factory=list)
+    formats: frozenset[str] = frozenset()  # its `format:X` capabilities
 
 
 class Router:
@@ -126,6 +129,7 @@ class Router:
         self.embedder = embedder
         self.config = config or RouterConfig()
         self.profiles: list[_Profile] = []
+        self._fuzzy: FuzzyIndex | None = None  # built on first use after the profiles change
         # Experts left without a routing profile, with why (they still serve by name).
         self.problems: list[str] = []
         for record in registry.servable(base_model):
@@ -140,6 +144,7 @@ class Router:
     def add(self, record: ExpertRecord) -> None:
         """Registers (or replaces) an expert's profile."""
         self.profiles = [p for p in self.profiles if p.name != record.name]
+        self._fuzzy = None
         routing = record.routing
         texts = [record.manifest.description, *(routing.examples if routing else [])]
         texts += _training_prompts(record, self.config.data_samples)
@@ -161,12 +166,18 @@ class Router:
                 (routing.priority or 0.0) if routing and routing.priority is not None else 0.0,
                 languages(" ".join([*texts[: 1 + len(routing.examples if routing else [])], *keywords])),
                 [re.compile(p, re.IGNORECASE) for p in (routing.patterns if routing else [])],
+                frozenset(
+                    c.split(":", 1)[1].casefold()
+                    for c in record.manifest.capabilities
+                    if c.startswith("format:")
+                ),
             )
         )
 
     def remove(self, name: str) -> None:
         """Drops an expert."""
         self.profiles = [p for p in self.profiles if p.name != name]
+        self._fuzzy = None
 
     def route_messages(self, messages: list[dict[str, str]]) -> Decision:
         """Routes a conversation: the last user turn decides, except that a short fragment continuing the previous
@@ -211,18 +222,29 @@ class Router:
         query = self.embedder.embed([prompt])[0]
         base_score = self.base_score(cues(prompt))
         named = languages(prompt)
+        formats = requested_formats(prompt)
+        if self._fuzzy is None:
+            self._fuzzy = FuzzyIndex({p.name: p.keywords for p in self.profiles})
+        slips = self._fuzzy.hits(text)
         raw: list[tuple[_Profile, float, float, list[str], list[str]]] = []
         for p in self.profiles:
             sims = p.vectors @ query
             k = min(cfg.top_k, len(sims))
             semantic = float(np.sort(sims)[-k:].mean()) if k else 0.0
-            hits = matches(text, p.keywords) + [f"/{r.pattern}/" for r in p.patterns if r.search(text)]
+            hits = matches(text, p.keywords)
+            hits += [slip for slip in slips.get(p.name, []) if slip.split("~")[1] not in hits]
+            hits += [f"/{r.pattern}/" for r in p.patterns if r.search(text)]
             # The prompt names the expert's language in words no keyword covers ("postgres: ..." for SQL).
             spoken = sorted(named & p.languages)
             if spoken and not (languages(" ".join(hits)) & p.languages):
                 hits.append(f"language:{spoken[0]}")
             excluded = matches(text, p.exclude)
             bonus = min(cfg.max_keyword_bonus, cfg.keyword_bonus * len(hits))
+            # The answer's format is asked for and the expert declares it: the task, whatever the text is about.
+            asked = sorted(formats & p.formats)
+            if asked:
+                hits.append(f"format:{asked[0]}")
+                bonus += cfg.format_bonus
             # The prompt names languages and none is the expert's: a request for another language's code.
             mismatch = cfg.language_penalty if named and not (named & p.languages) else 0.0
             score = -1.0 if excluded else semantic + bonus + cfg.priority_weight * p.priority - mismatch

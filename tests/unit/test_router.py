@@ -15,8 +15,16 @@ from tests.helpers import make_expert, manifest
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def expert(root: Path, name: str, routing: dict[str, Any] | None, description: str) -> None:
+def expert(
+    root: Path,
+    name: str,
+    routing: dict[str, Any] | None,
+    description: str,
+    capabilities: list[str] | None = None,
+) -> None:
     data = manifest(name=name, description=description)
+    if capabilities is not None:
+        data["capabilities"] = capabilities
     if routing is not None:
         data["routing"] = routing
     data["training"]["dataset"].pop("path")
@@ -180,6 +188,40 @@ def test_an_expert_for_another_language_is_penalised(tmp_path: Path) -> None:
     r = router(tmp_path, base_score=0.2, min_confidence=0.0, language_penalty=0.5)
     assert r.route("write a typescript function that sums").expert == "expert-ts"
     assert r.route("write a ruby function that sums").expert is None
+
+
+def test_long_keywords_match_one_typing_slip_away_but_not_inflections() -> None:
+    from expertserve.routing.lexical import FuzzyIndex
+
+    index = FuzzyIndex(
+        {"sql": ["query", "table", "tables", "group by", "sql"], "ts": ["typescript", "generic"]}
+    )
+    assert index.hits("wirte a qurey over the tabel") == {"sql": ["qurey~query", "tabel~table"]}
+    assert index.hits("a typscript helper") == {"ts": ["typscript~typescript"]}
+    assert index.hits("the tables and generics and a tablet") == {}  # keywords themselves, inflections
+    assert index.hits("a cable and a sq") == {}  # another first letter; short keywords never fuzzy
+
+
+def test_a_slip_in_the_opening_verb_is_mended_and_typo_questions_want_prose() -> None:
+    from expertserve.routing.intent import cues, requested_formats
+
+    assert cues("wirte a qurey for the orders").artifact == ("asks to 'write'",)
+    assert cues("pls extrct the name").artifact == ("asks to 'extract'",)
+    assert cues("wat is the best way to learn typescript").wants_prose
+    assert cues("Write a SQL-themed joke for my coworkers").wants_prose
+    assert requested_formats("Give it back as JSON with title") == {"json"}
+    assert requested_formats("turn this into a valid YAML file") == {"yaml"}
+    assert requested_formats("what is json?") == frozenset()
+
+
+def test_asking_for_an_experts_declared_format_earns_a_bonus_beyond_the_keyword_cap(tmp_path: Path) -> None:
+    routing = {"keywords": ["json", "extract"], "examples": ["extract fields"]}
+    expert(tmp_path, "expert-json", routing, "json", ["format:json"])
+    r = router(tmp_path, base_score=0.2, min_confidence=0.0, keyword_bonus=0.1, max_keyword_bonus=0.2)
+    asked = r.route("extract json fields from this ticket into JSON").candidates[0]
+    plain = r.route("extract json fields from this ticket").candidates[0]
+    assert asked.keywords == ["json", "extract", "format:json"] and plain.keywords == ["json", "extract"]
+    assert asked.score - plain.score == pytest.approx(0.12, abs=0.05)
 
 
 def test_naming_the_experts_language_counts_as_a_keyword_hit_once(tmp_path: Path) -> None:
