@@ -74,8 +74,9 @@ class EngineConfig(StrictModel):
         description="Whitespace that JSON and JSON-schema constraints allow (a grammar stops small models padding "
         "with whitespace): spaced: one space after ':' and ',' as Python's json.dumps and most training data write "
         "JSON; bounded: at most one whitespace character at each place; vllm: vLLM's disable_any_whitespace as "
-        'xgrammar 0.2.8 compiles it (\'{"a":"b", "c":1}\', a style few models were trained on). One per '
-        "process: the first engine started sets it.",
+        'xgrammar 0.2.8 compiles it (\'{"a":"b", "c":1}\', a style few models were trained on). Read when '
+        "vLLM loads expertserve's plugin: once per engine-core process, so with in_process the first engine of a "
+        "process sets it.",
     )
 
 

@@ -157,10 +157,10 @@ def cues(prompt: str) -> Cues:
     """The prose and artifact cues of a prompt."""
     text = _mend_start(normalise(prompt))
     prose = [f"starts like a question ({m.group(0)!r})" for m in [_PROSE_START.match(text)] if m]
-    prose += [f"asks for prose ({m.group(0)!r})" for m in [_PROSE_WRITING.match(text)] if m]
+    writing = _PROSE_WRITING.match(text)
+    prose += [f"asks for prose ({writing.group(0)!r})"] if writing else []
     prose += [f"asks to {m.group(0).split()[-1]!r}" for m in [_PROSE_OTHER_START.match(text)] if m]
     prose += [f"{p!r}" for p in _PROSE_PHRASES if p in text]
-    writing = _PROSE_WRITING.match(text) is not None
     artifact = [
         f"asks to {m.group(0).split()[-1]!r}" for m in [_ARTIFACT_START.match(text)] if m and not writing
     ]

@@ -69,7 +69,6 @@ def test_json_booleans_are_not_numbers() -> None:
     assert json_extract.score('{"x": true}', {"gold": {"x": True}})
 
 
-@pytest.mark.skipif(typescript.tsc_command() is None, reason="tsc is installed by scripts/setup.sh")
 def test_json_answers_are_also_checked_for_being_json_at_all() -> None:
     from expertserve.eval.scorers import SCORERS
 
@@ -80,6 +79,7 @@ def test_json_answers_are_also_checked_for_being_json_at_all() -> None:
     assert SCORERS["sql-execution"].well_formed is None
 
 
+@pytest.mark.skipif(typescript.tsc_command() is None, reason="tsc is installed by scripts/setup.sh")
 def test_typescript_scorer_type_checks_and_runs_tests() -> None:
     meta = {"name": "add", "tests": [["1, 2", "3"], ["0, 0", "0"]]}
     answers = [
