@@ -7,34 +7,99 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+def _reference(x, a_slices, b_slices, indices, scale, init):  # noqa: ANN001, ANN202
+    """Row by row, in float32: y[r] += scale * x[r] @ A[slot].T @ B[slot].T per output slice; no term for -1."""
+    y = init.clone()
+    for r, slot in enumerate(indices.tolist()):
+        if slot < 0:
+            continue
+        offset = 0
+        for a, b in zip(a_slices, b_slices, strict=True):
+            delta = (x[r].float() @ a[slot, 0].float().T) * scale @ b[slot, 0].float().T
+            y[r, offset : offset + delta.shape[0]] += delta.to(y.dtype)
+            offset += delta.shape[0]
+    return y
+
+
 def test_base_rows_get_no_lora_term_in_a_mixed_batch() -> None:
     import torch
     from vllm.lora.ops.torch_ops import lora_ops
 
-    from expertserve.engine.vllm_patches import _masked
+    from expertserve.engine import vllm_patches
 
-    # The kernels as vLLM ships them (an in-process engine of an earlier test may have patched the module).
-    shrink = getattr(lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink)
-    expand = getattr(lora_ops.bgmv_expand, "__wrapped__", lora_ops.bgmv_expand)
+    # The kernel as vLLM ships it (an in-process engine of an earlier test may have patched the module).
+    shipped = vllm_patches.SHIPPED_KERNELS.get("bgmv_shrink", lora_ops.bgmv_shrink)
     torch.manual_seed(0)
     weights = torch.randn(2, 1, 3, 5)  # two adapter slots: [slots, 1, rank, hidden]
     inputs = torch.randn(3, 5)
     indices = torch.tensor([0, -1, 1])  # an expert row, a base row, another expert row
-
     unpatched = torch.zeros(3, 3)
-    shrink(inputs, weights, unpatched, indices, 1.0)
+    shipped(inputs, weights, unpatched, indices, 1.0)
     assert torch.allclose(unpatched[1], inputs[1] @ weights[1, 0].T), "vLLM's bug: -1 is the last slot"
 
-    shrunk = torch.zeros(3, 3)
-    _masked(shrink)(inputs, weights, shrunk, indices, 1.0)
+    shrunk = torch.full((3, 3), 7.0)
+    vllm_patches.bgmv_shrink(inputs, weights, shrunk, indices, 1.0)
     assert torch.equal(shrunk[1], torch.zeros(3))
-    assert torch.allclose(shrunk[0], inputs[0] @ weights[0, 0].T) and torch.allclose(shrunk[2], unpatched[2])
+    assert torch.allclose(shrunk[0], inputs[0] @ weights[0, 0].T)
+    assert torch.allclose(shrunk[2], inputs[2] @ weights[1, 0].T)
 
     b = torch.randn(2, 1, 5, 3)
     out = torch.ones(3, 5)
-    _masked(expand)(shrunk, b, out, indices, True)
+    vllm_patches.bgmv_expand(shrunk, b, out, indices, True)
     assert torch.equal(out[1], torch.ones(5)), "the base row's output is left as it was"
     assert torch.allclose(out[0], 1 + shrunk[0] @ b[0, 0].T)
+    sliced = torch.ones(3, 9)
+    vllm_patches.bgmv_expand_slice(shrunk, b, sliced, indices, 2, 5, False)
+    assert torch.equal(sliced[1, 2:7], torch.zeros(5)) and torch.equal(sliced[:, :2], torch.ones(3, 2))
+    assert torch.allclose(sliced[2, 2:7], shrunk[2] @ b[1, 0].T)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "rows",
+    [[1] * 6, [-1] * 6, [0, 1, -1, 2, 2, -1], [3, 3, 0, 0, 0, 3]],
+    ids=["one-adapter", "no-adapter", "mixed-with-base", "two-adapters"],
+)
+def test_grouped_lora_step_matches_the_row_by_row_definition(dtype: str, rows: list[int]) -> None:
+    import torch
+
+    from expertserve.engine import vllm_patches
+
+    dt = getattr(torch, dtype)
+    torch.manual_seed(1)
+    slices = (16, 8, 8)  # a fused q/k/v projection
+    a = tuple(torch.randn(4, 1, 4, 12, dtype=dt) for _ in slices)
+    b = tuple(torch.randn(4, 1, n, 4, dtype=dt) for n in slices)
+    x = torch.randn(6, 12, dtype=dt)
+    indices = torch.tensor(rows)
+    want = _reference(x, a, b, indices, 0.5, torch.ones(6, 32, dtype=dt))
+    got = torch.ones(6, 32, dtype=dt)
+    groups = vllm_patches._groups(indices)
+    assert (groups is None) == all(r < 0 for r in rows)
+    if groups is not None:
+        vllm_patches._add_lora(got, x, a, b, 0.5, slices, groups)
+    tolerance = {"atol": 1e-4} if dt == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    assert torch.allclose(got.float(), want.float(), **tolerance)
+    for r in (i for i, slot in enumerate(rows) if slot < 0):
+        assert torch.equal(got[r], torch.ones(32, dtype=dt)), "a base row gets no LoRA term"
+
+
+def test_a_slot_loaded_with_another_adapter_is_not_served_from_a_stale_float32_copy() -> None:
+    import torch
+
+    from expertserve.engine import vllm_patches
+
+    a = (torch.randn(2, 1, 4, 6, dtype=torch.bfloat16),)
+    b = (torch.randn(2, 1, 5, 4, dtype=torch.bfloat16),)
+    x = torch.randn(3, 6, dtype=torch.bfloat16)
+    first = torch.zeros(3, 5, dtype=torch.bfloat16)
+    vllm_patches._add_lora(first, x, a, b, 1.0, (5,), [(1, None)])
+    assert first.abs().sum() > 0
+    # vLLM loads an adapter into a slot by copying into the stacked tensors in place.
+    b[0][1, 0].copy_(torch.zeros(5, 4))
+    again = torch.zeros(3, 5, dtype=torch.bfloat16)
+    vllm_patches._add_lora(again, x, a, b, 1.0, (5,), [(1, None)])
+    assert torch.equal(again, torch.zeros(3, 5, dtype=torch.bfloat16))
 
 
 def test_the_plugin_patches_the_kernels_the_cpu_wrapper_calls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,6 +111,8 @@ def test_the_plugin_patches_the_kernels_the_cpu_wrapper_calls(monkeypatch: pytes
     vllm_patches.register()
     for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
         assert getattr(getattr(punica_cpu, name), "_expertserve", False), name
+    for name in ("update_metadata", "add_lora_linear", "add_lora_logits"):
+        assert getattr(getattr(punica_cpu.PunicaWrapperCPU, name), "_expertserve", False), name
 
 
 @pytest.mark.parametrize(
