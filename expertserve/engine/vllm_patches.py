@@ -272,7 +272,7 @@ def _patch_cpu_lora_steps() -> None:
                 scale,
                 output_slices,
                 groups,
-            )  # noqa: E501
+            )
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):  # noqa: ANN001, ANN003, ARG001, E501
         groups = self._expertserve_sampler
@@ -286,10 +286,10 @@ def _patch_cpu_lora_steps() -> None:
                 scale,
                 (width,),
                 groups,
-            )  # noqa: E501
+            )
 
     for method in (update_metadata, add_lora_linear, add_lora_logits):
-        method._expertserve = True  # type: ignore[attr-defined]
+        setattr(method, "_expertserve", True)  # noqa: B010 (a marker on a function object)
         setattr(PunicaWrapperCPU, method.__name__, method)
 
 
