@@ -226,7 +226,8 @@ class VLLMExpertEngine(ExpertEngine):
                 n=extras.n,
                 seed=extras.seed,
                 ignore_eos=extras.ignore_eos,
-                output_kind=RequestOutputKind.DELTA,
+                # A whole (non-streamed) answer needs only the final output: no per-step work in this process.
+                output_kind=RequestOutputKind.FINAL_ONLY if extras.whole else RequestOutputKind.DELTA,
                 logprobs=extras.logprobs,
                 prompt_logprobs=extras.prompt_logprobs,
                 **({"min_tokens": extras.min_tokens} if extras.min_tokens is not None else {}),

@@ -67,6 +67,35 @@ def test_streaming_sends_chunks_usage_and_done(server: Server) -> None:
     assert streamed == whole["choices"][0]["message"]["content"]
 
 
+def test_a_whole_answer_with_two_choices_and_logprobs_matches_the_stream(server: Server) -> None:
+    """A non-streamed request asks vLLM for its final output only; the answer must equal the streamed one."""
+    body = {
+        "model": "expert-beta",
+        "messages": HELLO,
+        "max_tokens": 5,
+        "temperature": 1.0,
+        "seed": 7,  # the same draws for the streamed request
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "ignore_eos": True,
+    }
+    whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+    assert whole.get("usage", {}).get("completion_tokens") == 10, whole
+    stream_body = {**body, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream_body, timeout=120) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for choice in whole["choices"]:
+        parts = [
+            c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == choice["index"]
+        ]
+        assert choice["message"]["content"] == "".join(p["delta"].get("content") or "" for p in parts)
+        logprobs = [t for p in parts if p.get("logprobs") for t in p["logprobs"]["content"]]
+        assert len(choice["logprobs"]["content"]) == len(logprobs) == 5
+        assert [t["token"] for t in choice["logprobs"]["content"]] == [t["token"] for t in logprobs]
+        assert all(len(t["top_logprobs"]) == 2 for t in choice["logprobs"]["content"])
+
+
 def test_openai_client_streams(client: openai.OpenAI) -> None:
     stream = client.completions.create(model="expert-beta", prompt="SELECT", max_tokens=4, stream=True)
     assert sum(1 for _ in stream) >= 1
