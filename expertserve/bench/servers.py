@@ -124,6 +124,7 @@ def vllm_server(
     max_num_seqs: int,
     kv_cache_gib: int,
     prefix_caching: bool,
+    block_size: int | None = None,
     dtype: str = "auto",
 ) -> Iterator[str]:
     """vLLM's OpenAI server with the same engine settings as expertserve's engine and every adapter named."""
@@ -153,6 +154,7 @@ def vllm_server(
         "--dtype",
         dtype,
         "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+        *(["--block-size", str(block_size)] if block_size else []),
         "--lora-modules",
         *(f"{name}={path}" for name, path in adapters.items()),
     ]

@@ -41,6 +41,7 @@ class BatchEngine:
         dtype: str = "auto",
         max_model_len: int | None = None,
         seed: int = 0,
+        prefix_caching: bool | None = None,
     ):
         config = EngineConfig.model_validate(
             {"dtype": dtype, "max_loras": max_loras, "max_model_len": max_model_len, "enforce_eager": True}
@@ -56,7 +57,7 @@ class BatchEngine:
                 config,
                 model_dir=model_dir,
                 max_lora_rank=max_lora_rank,
-                prefix_caching=None,
+                prefix_caching=prefix_caching,
                 batch=True,
                 seed=seed,
             )

@@ -35,6 +35,13 @@ class EngineConfig(StrictModel):
         default=None,
         description="Prefix caching; default: on when an expert sets runtime.requires_kv_cache_persistence.",
     )
+    block_size: int | None = Field(
+        default=None,
+        ge=8,
+        description="KV cache block size in positions; prefix caching reuses whole blocks only. Default: vLLM's, "
+        "except on CPU with prefix caching on, where 32 (vLLM's CPU default, 128, is longer than a soft prompt and "
+        "the chat template's opening together, so nothing of them would be reused).",
+    )
     stream_interval_ms: float = Field(
         default=50.0,
         ge=0,

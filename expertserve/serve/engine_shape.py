@@ -53,9 +53,11 @@ class EngineShape:
 
 def experts_need(registry: Registry, base_model: str) -> EngineShape:
     """The shape the registry's experts need: the largest adapter rank's slot, and prefix caching when an expert
-    asks for `runtime.requires_kv_cache_persistence`."""
+    asks for `runtime.requires_kv_cache_persistence` or has a soft prompt (its positions, the same in every request
+    of the expert, are then computed once and reused; see `engine.block_size`)."""
     wants_cache = any(
-        r.manifest.runtime and r.manifest.runtime.requires_kv_cache_persistence for r in registry
+        (r.manifest.runtime and r.manifest.runtime.requires_kv_cache_persistence) or r.soft_prompts
+        for r in registry
     )
     return EngineShape(lora_rank_slot(registry.max_lora_rank(base_model)), bool(wants_cache))
 

@@ -10,9 +10,11 @@ from expertserve.serve.engine_shape import EngineShape, experts_need, start_shap
 from tests.helpers import make_expert, manifest
 
 
-def _registry(root: Path, *experts: tuple[str, int, bool]) -> Registry:
+def _registry(root: Path, *experts: tuple[str, int, bool], soft: bool = False) -> Registry:
     for name, rank, cache in experts:
         data = manifest(name=name)
+        if not soft:
+            data["soft_prompts"] = []
         data["base_models"][0]["adapters"][0]["r"] = rank
         data["training"]["config"]["rank"] = rank
         if cache:
@@ -31,6 +33,16 @@ def test_the_experts_need_the_largest_rank_slot_and_prefix_caching_when_one_asks
     assert start_shape(registry, base, EngineConfig()) == EngineShape(16, True)
     capped = EngineConfig(max_lora_rank=8, prefix_caching=False)
     assert start_shape(registry, base, capped) == EngineShape(8, False)
+
+
+def test_an_expert_with_a_soft_prompt_needs_prefix_caching(tmp_path: Path) -> None:
+    base = manifest()["base_models"][0]["name"]
+    assert experts_need(_registry(tmp_path / "plain", ("expert-a", 8, False)), base) == EngineShape(8, False)
+    registry = _registry(tmp_path / "soft", ("expert-a", 8, False), soft=True)
+    assert experts_need(registry, base) == EngineShape(8, True), (
+        "its soft prompt is computed once, then reused"
+    )
+    assert start_shape(registry, base, EngineConfig(prefix_caching=False)) == EngineShape(8, False)
 
 
 def test_a_shape_only_grows() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from expertserve.engine.args import engine_kwargs
 from expertserve.engine.config import EngineConfig
 from expertserve.engine.hardware import CpuInfo, choose_dtype, cpu_info
@@ -48,3 +50,17 @@ def test_the_engine_gets_the_chosen_dtype() -> None:
         )["dtype"]
         == "float32"
     )
+
+
+def test_prefix_caching_on_cpu_gets_blocks_a_soft_prompt_fills(monkeypatch: pytest.MonkeyPatch) -> None:
+    def kwargs(config: EngineConfig, caching: bool | None) -> dict:
+        return engine_kwargs(config, model_dir=Path("/m"), max_lora_rank=8, prefix_caching=caching)
+
+    monkeypatch.setenv("EXPERTSERVE_DEVICE", "cpu")
+    assert kwargs(EngineConfig(), True)["block_size"] == 32
+    assert "block_size" not in kwargs(EngineConfig(), False) and "block_size" not in kwargs(
+        EngineConfig(), None
+    )
+    assert kwargs(EngineConfig(block_size=64), True)["block_size"] == 64, "the config wins"
+    monkeypatch.setenv("EXPERTSERVE_DEVICE", "cuda")
+    assert "block_size" not in kwargs(EngineConfig(), True), "vLLM's GPU default (16) is small already"
