@@ -27,7 +27,8 @@ _PROSE_START = re.compile(
 _PROSE_WRITING = re.compile(
     r"^(?:(?:please|pls|can you|could you)\s+)?(?:write|compose|draft|give me|make|create|come up with|suggest)\s+"
     r"(?:me\s+)?(?:[\w-]+\s+){0,3}?(?:haiku|poem|story|stories|essay|letter|e-?mail|song|lyrics|joke|speech|limerick|"
-    r"tweet|blog post|toast|slogan|tagline|name ideas|names|summary|bio|cover letter|apology|thank you note)s?\b"
+    r"tweet|blog post|toast|slogan|tagline|name ideas|names|summary|bio|cover letter|apology|thank you note|"
+    r"tips|advice|ideas|reasons|arguments|suggestions)s?\b"
 )
 _PROSE_OTHER_START = re.compile(
     r"^(?:(?:please|pls)\s+)?(?:summari[sz]e|translate|proofread|rephrase|paraphrase)\b"
@@ -47,6 +48,12 @@ _PROSE_PHRASES = (
     "why is",
     "why would",
     "advantages of",
+    "not examples",
+    "no examples",
+    "no queries",
+    "without code",
+    "just explain",
+    "in plain english",
 )
 # A pasted table `name(col, col, ...)`, a schema, a JSON object or a function signature: material to work on.
 _ARTIFACT_PATTERNS = (
@@ -59,7 +66,8 @@ _ARTIFACT_START = re.compile(
     r"^(?:(?:hi|hey|hello|ok|okay|please|pls|plz|so)[,.!]?\s+)?"
     r"(?:write|give me (?:the|a|an)|make|create|implement|code|build|generate|turn|convert|parse|extract|pull out|"
     r"produce|list|delete|insert|update|count|find|show|get|need|return|select|structure|sum|"
-    r"remove|drop|rank|calculate|compute|fetch|retrieve|filter|jsonify|"
+    r"remove|drop|rank|calculate|compute|fetch|retrieve|filter|jsonify|put|represent|seriali[sz]e|format|"
+    r"type (?:the|a|an)|"
     r"sql|json|ts|typescript|sqlite|postgres(?:ql)?|mysql|regex)\b"
 )
 # Asking for a thing to be produced, anywhere in the prompt.
@@ -76,7 +84,28 @@ _ARTIFACT_PHRASES = (
     "write a function",
     "a function that",
     "->",
+    "as an object",
+    "an object with",
+    "with keys",
+    "with fields",
+    "with the fields",
+    "structured data",
+    "machine-readable",
+    "machine readable",
+    "key/value",
+    "key-value",
 )
+
+
+def _phrase(text: str) -> re.Pattern[str]:
+    """`text` as a whole phrase: "give me a" is not in "give me arguments"."""
+    head = r"(?<!\w)" if text[:1].isalnum() else ""
+    tail = r"(?!\w)" if text[-1:].isalnum() else ""
+    return re.compile(head + re.escape(text) + tail)
+
+
+_PROSE_PHRASE_PATTERNS = tuple((p, _phrase(p)) for p in _PROSE_PHRASES)
+_ARTIFACT_PHRASE_PATTERNS = tuple((p, _phrase(p)) for p in _ARTIFACT_PHRASES)
 _FOLLOW_UP_START = re.compile(
     r"^(?:now|and|same|then|next|again|also for|what about|do the same|same for|ok now)\b"
 )
@@ -160,12 +189,12 @@ def cues(prompt: str) -> Cues:
     writing = _PROSE_WRITING.match(text)
     prose += [f"asks for prose ({writing.group(0)!r})"] if writing else []
     prose += [f"asks to {m.group(0).split()[-1]!r}" for m in [_PROSE_OTHER_START.match(text)] if m]
-    prose += [f"{p!r}" for p in _PROSE_PHRASES if p in text]
+    prose += [f"{p!r}" for p, pattern in _PROSE_PHRASE_PATTERNS if pattern.search(text)]
     artifact = [
         f"asks to {m.group(0).split()[-1]!r}" for m in [_ARTIFACT_START.match(text)] if m and not writing
     ]
     artifact += [f"contains {p.pattern[:24]!r}..." for p in _ARTIFACT_PATTERNS if p.search(text)]
-    artifact += [f"{p!r}" for p in _ARTIFACT_PHRASES if p in text]
+    artifact += [f"{p!r}" for p, pattern in _ARTIFACT_PHRASE_PATTERNS if pattern.search(text)]
     return Cues(tuple(prose), tuple(artifact))
 
 

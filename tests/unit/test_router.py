@@ -173,6 +173,21 @@ def test_intent_cues_read_what_a_prompt_wants() -> None:
     assert languages("Java, not JavaScript") == {"java", "javascript"}
 
 
+def test_phrases_match_whole_words_and_object_shaped_requests_are_artifacts() -> None:
+    from expertserve.routing.intent import cues
+
+    # "give me a" used to match inside "give me arguments", which made a request for arguments an artifact.
+    arguments = cues("Why pick Go over Rust? Give me arguments, not examples.")
+    assert arguments.wants_prose and not arguments.artifact
+    assert cues("give me a query for daily totals").artifact
+    assert cues("Put this into an object with keys sku and qty: A-1, 4").artifact
+    assert cues("Represent this order as an object: pen x2").artifact
+    assert cues("send it back as structured data with date and room").artifact
+    assert cues("type the props for a Button component").artifact
+    tips = cues("Give me three tips for naming database tables.")
+    assert tips.wants_prose and not tips.artifact
+
+
 def test_prose_questions_go_to_the_base_model_and_artifacts_to_experts(two: Path) -> None:
     r = router(two, base_score=0.3, prose_weight=0.8, artifact_weight=0.2, min_confidence=0.0)
     assert r.route("write a sql query over the orders table").expert == "expert-sql"
