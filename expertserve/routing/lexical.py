@@ -24,9 +24,17 @@ def _pattern(phrase: str) -> re.Pattern[str]:
     return re.compile(r"(?<![\w])" + r"\s+".join(words) + r"(?![\w])")
 
 
+@lru_cache(maxsize=16384)
+def _first_word(phrase: str) -> str:
+    words = normalise(phrase).split()
+    return words[0] if words else ""
+
+
 def matches(text: str, phrases: list[str]) -> list[str]:
     """The phrases that occur in `text` as whole words (text already normalised)."""
-    return [p for p in phrases if p.strip() and _pattern(p).search(text)]
+    # A plain substring test first: most keywords are absent, and a hundred experts' keywords cost 2,000 regex
+    # searches a decision (5 ms) without it.
+    return [p for p in phrases if p.strip() and _first_word(p) in text and _pattern(p).search(text)]
 
 
 # Shorter words have too many neighbours one slip away ("rows"/"rose"); a slip rarely hits the first letter.
