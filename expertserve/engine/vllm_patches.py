@@ -103,24 +103,34 @@ def _patch_lora_embedding() -> None:
     VocabParallelEmbeddingWithLoRA.forward = forward
 
 
+def _groups(indices):  # noqa: ANN001, ANN202
+    """The step's rows per adapter slot: None when no row has an adapter, [(slot, None)] when every row has the
+    same one, else [(slot, row indices)] per slot (rows of -1 belong to none)."""
+    import torch
+
+    ids = torch.unique(indices).tolist() if indices.numel() else []
+    if not ids or ids[-1] < 0:
+        return None
+    if len(ids) == 1:
+        return [(ids[0], None)]
+    return [(slot, (indices == slot).nonzero(as_tuple=True)[0]) for slot in ids if slot >= 0]
+
+
 def _lora_term(inputs, weights, indices, dtype):  # noqa: ANN001, ANN202 (torch tensors)
     """Per row r, inputs[r] @ weights[indices[r]].T in `dtype`, zero where indices[r] < 0; None when no row has
     an adapter. One product per distinct adapter, on its weight matrix in place (vLLM's kernels copy the matrix
     once per row)."""
     import torch
 
-    slots = weights.squeeze(1) if weights.dim() == 4 else weights  # [slots, out, in]
-    ids = torch.unique(indices).tolist() if indices.numel() else []
-    if not ids or ids[-1] < 0:
+    groups = _groups(indices)
+    if groups is None:
         return None
+    slots = weights.squeeze(1) if weights.dim() == 4 else weights  # [slots, out, in]
     inputs = inputs.to(dtype)
-    if len(ids) == 1:
-        return inputs @ slots[ids[0]].to(dtype).T
+    if groups[0][1] is None:  # every row has the same adapter
+        return inputs @ slots[groups[0][0]].to(dtype).T
     out = torch.zeros(inputs.shape[0], slots.shape[1], dtype=dtype, device=inputs.device)
-    for slot in ids:
-        if slot < 0:
-            continue
-        rows = (indices == slot).nonzero(as_tuple=True)[0]
+    for slot, rows in groups:
         out.index_copy_(0, rows, inputs.index_select(0, rows) @ slots[slot].to(dtype).T)
     return out
 
@@ -180,19 +190,6 @@ SHIPPED_KERNELS: dict[str, object] = {}
 KERNELS = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 for _kernel in KERNELS.values():
     _kernel._expertserve = True  # type: ignore[attr-defined]
-
-
-def _groups(indices):  # noqa: ANN001, ANN202
-    """The step's rows per adapter slot: None when no row has an adapter, [(slot, None)] when every row has the
-    same one, else [(slot, row indices)] per slot (rows of -1 belong to none)."""
-    import torch
-
-    ids = torch.unique(indices).tolist() if indices.numel() else []
-    if not ids or ids[-1] < 0:
-        return None
-    if len(ids) == 1:
-        return [(ids[0], None)]
-    return [(slot, (indices == slot).nonzero(as_tuple=True)[0]) for slot in ids if slot >= 0]
 
 
 class _Float32Stacks:
