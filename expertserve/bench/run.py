@@ -32,7 +32,6 @@ from expertserve.bench.stats import Timed, percentile, ratio, summarize
 from expertserve.bench.vllm_client import run_vllm_client
 from expertserve.bench.workload import Shape
 from expertserve.engine.args import kv_block_size
-from expertserve.engine.config import EngineConfig
 from expertserve.engine.hardware import choose_dtype, cpu_info
 
 
@@ -78,9 +77,8 @@ class EngineSettings:
     # On for both servers: what expertserve turns on by itself once an expert has a soft prompt (the benchmark
     # registers one), so vLLM's server gets the same, with the same block size.
     prefix_caching: bool = True
-    block_size: int | None = (
-        None  # None: expertserve's choice (expertserve.engine.args.kv_block_size) for both
-    )
+    # None: expertserve's choice (expertserve.engine.args.kv_block_size), for both servers.
+    block_size: int | None = None
 
 
 def machine() -> dict[str, Any]:
@@ -389,7 +387,7 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         max_num_seqs=settings.max_num_seqs,
         kv_cache_gib=settings.kv_cache_gib,
         prefix_caching=settings.prefix_caching,
-        block_size=kv_block_size(EngineConfig(block_size=settings.block_size), settings.prefix_caching),
+        block_size=kv_block_size(settings.block_size, settings.prefix_caching),
         dtype=dtype,
     ) as url:
         log(f"      up after {time.monotonic() - started:.0f} s; stack workload")

@@ -67,7 +67,7 @@ def engine_kwargs(
         kwargs["max_num_seqs"] = config.max_num_seqs
     if prefix_caching is not None:
         kwargs["enable_prefix_caching"] = prefix_caching
-    block_size = kv_block_size(config, prefix_caching)
+    block_size = kv_block_size(config.block_size, prefix_caching)
     if block_size:
         kwargs["block_size"] = block_size
     if config.max_model_len:
@@ -82,10 +82,10 @@ def engine_kwargs(
 CPU_PREFIX_BLOCK = 32
 
 
-def kv_block_size(config: EngineConfig, prefix_caching: bool | None) -> int | None:
-    """The KV block size the engine gets: the config's, else 32 positions on CPU with prefix caching (None: vLLM's
-    default)."""
-    return config.block_size or (CPU_PREFIX_BLOCK if prefix_caching and not has_gpu() else None)
+def kv_block_size(requested: int | None, prefix_caching: bool | None) -> int | None:
+    """The KV block size the engine gets: `requested` (`engine.block_size`), else 32 positions on CPU with prefix
+    caching (None: vLLM's default)."""
+    return requested or (CPU_PREFIX_BLOCK if prefix_caching and not has_gpu() else None)
 
 
 def lora_rank_slot(rank: int) -> int:
