@@ -209,14 +209,31 @@ class StateFollower:
         self.on_serve(generation)
         logger.info("expert state: this replica serves generation %d", generation)
 
-    def _run(self) -> None:
+    def _ack(self) -> int:
+        """Tells the actor which generation this replica serves; returns the current one."""
         import ray
 
+        return int(ray.get(self.actor.ack.remote(self.replica, self.generation), timeout=10))
+
+    def _run(self) -> None:
+        # Acknowledgements go on while a catch-up reload runs (in its own thread): a reload can take longer than
+        # LIVE_S on a busy node (it rescans the roots and embeds every expert's examples), and a replica silent
+        # that long would count as gone, so a reload elsewhere would answer without waiting for it.
+        catching: threading.Thread | None = None
         while not self.stop.wait(POLL_S):
             try:
-                current = ray.get(self.actor.ack.remote(self.replica, self.generation), timeout=10)
-                if current > self.generation:
-                    self.catch_up(current)
-                    ray.get(self.actor.ack.remote(self.replica, self.generation), timeout=10)
-            except Exception as e:  # the actor restarting, a slow scan: try again next tick
+                current = self._ack()
+            except Exception as e:  # the actor restarting: try again next tick
                 logger.warning("expert state: %s: %s", type(e).__name__, e)
+                continue
+            if current > self.generation and (catching is None or not catching.is_alive()):
+                catching = threading.Thread(
+                    target=self._catch_up_logged, args=(current,), name="expert-state-reload", daemon=True
+                )
+                catching.start()
+
+    def _catch_up_logged(self, generation: int) -> None:
+        try:
+            self.catch_up(generation)
+        except Exception as e:  # a failing scan: the next tick tries again
+            logger.warning("expert state: reload for generation %d: %s: %s", generation, type(e).__name__, e)

@@ -163,8 +163,11 @@ class Ingress:
         self.warmer: Warmer | None = None  # started below, once the first scan has run
         # The app's expert state (serve/expert_state.py), before the first scan: it holds the engines' shape.
         self.state = state_actor(self.app_name, config.replicas.ingress_resources) if self.app_name else None
+        # The generation is read before the first scan: a reload asked for while this replica scans raises it,
+        # and this replica then catches up, rather than claiming a generation its scan may predate.
+        generation = self._current_generation()
         self.reload()
-        self.follower = self._follow_expert_state()
+        self.follower = self._follow_expert_state(generation)
         self.warmer = self._start_warmer()
 
     def _start_warmer(self) -> Warmer | None:
@@ -187,15 +190,22 @@ class Ingress:
             spec if store is None else dataclasses.replace(spec, store=store, mirror=str(self.mirrors[store]))
         )
 
-    def _follow_expert_state(self) -> StateFollower | None:
-        """Joins the app's expert state (serve/expert_state.py): this replica serves the current generation (its
-        first scan just read the roots) and follows later ones. None outside Serve."""
+    def _current_generation(self) -> int:
+        """The app's expert generation now (0 outside Serve)."""
+        if self.state is None:
+            return 0
+        import ray
+
+        return int(ray.get(self.state.current.remote()))
+
+    def _follow_expert_state(self, generation: int) -> StateFollower | None:
+        """Joins the app's expert state (serve/expert_state.py): this replica serves `generation`, read before its
+        first scan, and follows later ones. None outside Serve."""
         actor = self.state
         if actor is None:
             return None
         import ray
 
-        generation = ray.get(actor.current.remote())
         follower = StateFollower(actor, replica_id(), self.reload, generation, on_serve=_serve_generation)
         _serve_generation(generation)
         ray.get(actor.ack.remote(follower.replica, generation))

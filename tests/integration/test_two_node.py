@@ -166,13 +166,10 @@ def _serve_across_nodes(tmp_path: Path, env: dict[str, str], dashboard: str, clu
     deploy = run(["serve", "deploy", str(tmp_path / "serve.yaml"), "--address", dashboard], env, timeout=120)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     url = f"http://127.0.0.1:{port}"
+    # Every replica started (Serve says RUNNING), not only the first ingress: the reload below counts the ingress
+    # replicas that serve its generation, and one still starting is not one of them yet.
     deadline = time.monotonic() + 420
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
+    while time.monotonic() < deadline and not (_app_running(dashboard, env) and _ready(url)):
         time.sleep(2)
     assert _chat(url, "expert-sql").status_code == 200
 
@@ -248,6 +245,19 @@ def _serve_across_nodes(tmp_path: Path, env: dict[str, str], dashboard: str, clu
     after = [_chat(url, m).status_code for m in (SHARED, "expert-sql", SHARED, "expert-sql")]
     assert 500 not in statuses and -1 not in statuses, statuses
     assert after == [200] * 4, after
+
+
+def _app_running(dashboard: str, env: dict[str, str]) -> bool:
+    status = run(["serve", "status", "--address", dashboard], env, timeout=60)
+    apps = (yaml.safe_load(status.stdout or "{}") or {}).get("applications") or {}
+    return status.returncode == 0 and bool(apps) and all(a.get("status") == "RUNNING" for a in apps.values())
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _chat(url: str, model: str) -> httpx.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -40,6 +41,32 @@ def test_the_follower_reloads_once_per_new_generation() -> None:
     follower.catch_up(4)
     assert reloads == [1] and follower.generation == 5 and served == [5]
     assert follower.reload_to(6) == {"added": []} and follower.generation == 6 and served == [5, 6]
+
+
+def test_a_replica_catching_up_stays_live_and_lagging_until_its_reload_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A catch-up reload longer than LIVE_S (a busy node) must not make the replica look gone: a reload elsewhere
+    would then answer before this replica serves the new experts."""
+    monkeypatch.setattr(expert_state, "POLL_S", 0.01)
+    monkeypatch.setattr(expert_state, "LIVE_S", 0.1)
+    state = ExpertState()
+    release = threading.Event()
+    follower = StateFollower(None, "slow", lambda: release.wait(5) and {}, 0)
+    monkeypatch.setattr(follower, "_ack", lambda: state.ack(follower.replica, follower.generation))
+    follower.start()
+    try:
+        state.bump()
+        time.sleep(0.5)  # five times LIVE_S into the reload
+        assert state.lagging(1) == ["slow"] and state.replicas() == {"slow": 0}
+        release.set()
+        deadline = time.monotonic() + 5
+        while state.lagging(1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state.replicas() == {"slow": 1}
+    finally:
+        follower.stop.set()
+        release.set()
 
 
 def test_vllm_client_arguments_name_every_adapter() -> None:
