@@ -20,7 +20,7 @@ _PROSE_START = re.compile(
     r"(?:what(?:'s| is| are| does| do)?|whats|wat|wht|why|how (?:does|do|is|are|can|should|would)|"
     r"when (?:should|do|is)|"
     r"is|are|should|would|could you explain|can you explain|explain|describe|tell me (?:about|why|how)|compare|"
-    r"which is better)\b"
+    r"which is better|any (?:tips|advice|ideas|recommendations|suggestions))\b"
 )
 # Asking for writing that is prose however it is phrased ("write a haiku", "draft an email to my landlord"):
 # the imperative that usually asks for an artifact does not count then.
@@ -113,6 +113,11 @@ _QUESTION_START = re.compile(r"^(?:what|why|how|when|where|who|which|is|are|can|
 _TOPIC_SWITCH = re.compile(
     r"\b(?:btw|by the way|unrelated|different question|new question|off topic|change of topic)\b"
 )
+# Thanks and approval before the turn's real content.
+_ACKNOWLEDGEMENT = re.compile(
+    r"^(?:(?:(?:thanks|thank you)(?:\s+(?:a lot|so much|very much))?|thx|ty|great|perfect|nice|cool|awesome|ok|"
+    r"okay|got it|lovely|excellent|brilliant)\b[\s,.!;:]*)+"
+)
 FRAGMENT_WORDS = 12
 # An elliptical question this short ("biggest spender last year?") leans on the turns before it.
 ELLIPTICAL_WORDS = 6
@@ -184,7 +189,7 @@ def _mend_start(text: str) -> str:
 
 def cues(prompt: str) -> Cues:
     """The prose and artifact cues of a prompt."""
-    text = _mend_start(normalise(prompt))
+    text = _mend_start(_ACKNOWLEDGEMENT.sub("", normalise(prompt)))
     prose = [f"starts like a question ({m.group(0)!r})" for m in [_PROSE_START.match(text)] if m]
     writing = _PROSE_WRITING.match(text)
     prose += [f"asks for prose ({writing.group(0)!r})"] if writing else []
@@ -201,7 +206,7 @@ def cues(prompt: str) -> Cues:
 def is_fragment(prompt: str) -> bool:
     """A short last turn that reads as a continuation (`now for ...`, `and one that ...`, `authors with more than
     three books`, `biggest spender last year?`), not a new self-contained question or a change of topic."""
-    text = normalise(prompt)
+    text = _ACKNOWLEDGEMENT.sub("", normalise(prompt))  # `thanks! what's ...` is the question after it
     words = text.split()
     if not words or len(words) > FRAGMENT_WORDS:
         return False
@@ -223,7 +228,39 @@ def requested_formats(text: str) -> frozenset[str]:
     return frozenset(m.group(1) for m in _FORMAT_REQUEST.finditer(normalise(text)))
 
 
+# A file extension (`.sql files`, `*.ts`) names files, not the language the answer is wanted in.
+_EXTENSION = re.compile(r"(?<![\w])\*?\.[a-z][\w+#]*")
+# The language the prompt wants its code in: the language right before a kind of code (`a bash one-liner`, `python
+# script`), unless that code is only handled (`runs a SQL query`, `this bash command`); or `in`/`using` the language
+# at the end of a clause (`... in rust`).
+_BEFORE_CODE = re.compile(
+    r"\s+(?:[\w-]+\s+)?(?:one-liner|one liner|oneliner|script|function|method|class|program|snippet|command|code|"
+    r"module|helper|loop|cli|macro|lambda|routine|procedure|app|service|struct|interface|type|query|statement)\b"
+)
+_HANDLED = re.compile(
+    r"\b(?:runs?|calls?|executes?|sends?|builds?|generates?|returns?|with|for|from|of|into|to|this|that|these|"
+    r"those|my|our|your)\s+(?:an?\s+|the\s+)?$"
+)
+_IN_LANGUAGE = re.compile(r"\b(?:in|using)\s+$")
+_CLAUSE_END = re.compile(r"\s*(?:[.,;:!?]|$)")
+
+
 def languages(text: str) -> frozenset[str]:
-    """The programming languages a text names."""
-    normal = normalise(text)
+    """The programming languages a text names (file extensions aside)."""
+    normal = _EXTENSION.sub(" ", normalise(text))
     return frozenset(name for name, pattern in LANGUAGES.items() if pattern.search(normal))
+
+
+def wanted_languages(text: str) -> frozenset[str]:
+    """The languages a prompt asks its code to be written in (`write a bash one-liner ...`, `... in python`): the
+    answer's language, where `languages` also finds the ones it only mentions (`runs a SQL query`)."""
+    normal = _EXTENSION.sub(" ", normalise(text))
+    out = set()
+    for name, pattern in LANGUAGES.items():
+        for m in pattern.finditer(normal):
+            before, after = normal[: m.start()], normal[m.end() :]
+            names_code = bool(_BEFORE_CODE.match(after)) and not _HANDLED.search(before)
+            ends_clause = bool(_IN_LANGUAGE.search(before)) and bool(_CLAUSE_END.match(after))
+            if names_code or ends_clause:
+                out.add(name)
+    return frozenset(out)

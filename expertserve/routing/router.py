@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from expertserve.registry import ExpertRecord, Registry
-from expertserve.routing.intent import Cues, cues, is_fragment, languages, requested_formats
+from expertserve.routing.intent import Cues, cues, is_fragment, languages, requested_formats, wanted_languages
 from expertserve.routing.lexical import FuzzyIndex, matches, normalise
 
 BASE = None  # the decision "base model"
@@ -194,7 +194,8 @@ class Router:
         incumbent = incumbent_decision.expert
         if incumbent is None or incumbent == decision.expert:
             return decision
-        if decision.expert is None and is_fragment(users[-1]):  # a continuation the base model would take
+        # A continuation the base model would take; a turn that asks for prose (`any tips for ...?`) starts anew.
+        if decision.expert is None and is_fragment(users[-1]) and not cues(users[-1]).wants_prose:
             return Decision(
                 incumbent,
                 incumbent_decision.confidence,
@@ -222,6 +223,7 @@ class Router:
         query = self.embedder.embed([prompt])[0]
         base_score = self.base_score(cues(prompt))
         named = languages(prompt)
+        wanted = wanted_languages(prompt)
         formats = requested_formats(prompt)
         if self._fuzzy is None:
             self._fuzzy = FuzzyIndex({p.name: p.keywords for p in self.profiles})
@@ -241,12 +243,16 @@ class Router:
             excluded = matches(text, p.exclude)
             bonus = min(cfg.max_keyword_bonus, cfg.keyword_bonus * len(hits))
             # The answer's format is asked for and the expert declares it: the task, whatever the text is about.
+            # The code is wanted in another language (`a rust function that serializes to JSON`): the format is
+            # what that code handles, not the answer's.
+            foreign = bool(wanted) and not (wanted & p.languages)
             asked = sorted(formats & p.formats)
-            if asked:
+            if asked and not foreign:
                 hits.append(f"format:{asked[0]}")
                 bonus += cfg.format_bonus
-            # The prompt names languages and none is the expert's: a request for another language's code.
-            mismatch = cfg.language_penalty if named and not (named & p.languages) else 0.0
+            # The prompt wants code in, or only names, languages none of which is the expert's: a request for
+            # another language's code.
+            mismatch = cfg.language_penalty if foreign or (named and not (named & p.languages)) else 0.0
             score = -1.0 if excluded else semantic + bonus + cfg.priority_weight * p.priority - mismatch
             raw.append((p, score, semantic, hits, excluded))
         logits = np.array([s for _, s, *_ in raw] + [base_score]) / cfg.temperature

@@ -205,6 +205,26 @@ def test_an_expert_for_another_language_is_penalised(tmp_path: Path) -> None:
     assert r.route("write a ruby function that sums").expert is None
 
 
+def test_the_language_the_code_is_wanted_in_decides_not_the_ones_it_mentions(tmp_path: Path) -> None:
+    from expertserve.routing.intent import languages, wanted_languages
+
+    assert wanted_languages("Write a bash one-liner that counts lines in all .sql files") == {"shell"}
+    assert languages("list the .ts files and *.sql dumps") == frozenset()  # extensions name files
+    assert wanted_languages("a python function that runs a sql query") == {"python"}
+    assert wanted_languages("a TypeScript function that builds a SQL INSERT statement") == {"typescript"}
+    assert wanted_languages("Return JSON describing this bash command: tar -czf x") == frozenset()
+    assert wanted_languages("now do it in rust.") == {"rust"}
+    expert(tmp_path, "expert-sql", {"keywords": ["sql", "query"], "examples": ["write a sql query"]}, "sql")
+    expert(
+        tmp_path, "expert-json", {"keywords": ["json"], "examples": ["into json"]}, "json", ["format:json"]
+    )
+    r = router(tmp_path, base_score=0.2, min_confidence=0.0, language_penalty=0.5, format_bonus=0.3)
+    assert r.route("write a sql query that counts orders").expert == "expert-sql"
+    assert r.route("a python function that runs a sql query and returns rows").expert is None
+    json_for_rust = r.route("a rust function that serializes a struct to json").candidates
+    assert "format:json" not in next(c for c in json_for_rust if c.expert == "expert-json").keywords
+
+
 def test_long_keywords_match_one_typing_slip_away_but_not_inflections() -> None:
     from expertserve.routing.lexical import FuzzyIndex
 
@@ -274,6 +294,13 @@ def test_a_fragment_continues_the_conversations_expert(two: Path) -> None:
     assert follow.expert == "expert-json" and follow.method == "follow-up"
     switch = r.route_messages([first, reply, {"role": "user", "content": "why is the sky blue today?"}])
     assert switch.expert is None
+    # Thanks before a new short question, or a request for advice, start anew; thanks before a continuation do not.
+    for turn in ("thanks! what's Lyon famous for?", "thanks a lot! any tips for a job interview?"):
+        assert r.route_messages([first, reply, {"role": "user", "content": turn}]).expert is None, turn
+    thanked = r.route_messages(
+        [first, reply, {"role": "user", "content": "great, thanks. now for 'Tom, 30'"}]
+    )
+    assert thanked.expert == "expert-json"
 
 
 def test_explain_shows_evidence_and_margin(two: Path) -> None:
