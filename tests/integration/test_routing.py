@@ -98,3 +98,18 @@ def test_routing_benchmark_runs_and_reports_both_registries() -> None:
     assert results["shipped"]["experts"] == 3 and results["synthetic"]["experts"] == 4
     for key in ("shipped", "synthetic"):
         assert {"p50_ms", "p99_ms", "target_p99_ms", "pass"} <= set(results[key])
+
+
+def test_the_traced_embedder_embeds_one_text_as_the_model_does() -> None:
+    """A decision's text runs through the TorchScript trace: the same vectors as the eager model, at any length
+    (the trace was taken at one), for empty, non-English and over-long texts."""
+    import numpy as np
+
+    from expertserve.routing.embedder import Embedder
+
+    traced, eager = Embedder(), Embedder(trace=False)
+    assert traced.traced and not eager.traced
+    for text in ["", "hi", "write a sql query " * 60, "日本語のテキストを JSON にして 😀", "x" * 3000]:
+        assert np.allclose(traced.embed([text]), eager.embed([text]), atol=1e-5), text[:40]
+    both = ["write a sql query", "why is the sky blue?"]
+    assert np.array_equal(traced.embed(both), eager.embed(both))  # batches run eagerly
