@@ -155,3 +155,21 @@ def test_zipf_traffic_favours_the_first_ranks_and_is_fixed_by_its_seed() -> None
     assert 0.12 < counts["e0"] / 2000 < 0.22
     assert counts["e0"] > counts["e1"] > counts["e9"] > counts["e99"]
     assert len(set(order)) > 300  # a long tail: most requests are not for the top experts
+
+
+def test_compared_workloads_run_interleaved_and_are_summarised_over_both_runs(monkeypatch) -> None:  # noqa: ANN001
+    from expertserve.bench import run as bench_run
+
+    order: list[str] = []
+
+    def fake_load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[Timed], float]:
+        side = bodies[0]["model"]
+        order.append(side)
+        # The machine slows down as the comparison goes on: the later a run, the longer it takes.
+        return [Timed(0.1, 1.0, 10)], float(len(order))
+
+    monkeypatch.setattr(bench_run, "run_load", fake_load)
+    a, b = bench_run._interleaved("http://x", [{"model": "a"}], [{"model": "b"}], 1)
+    assert order == ["a", "b", "b", "a"]
+    assert a["output_tokens"] == b["output_tokens"] == 20 and a["wall_s"] == b["wall_s"] == 5.0
+    assert ratio(b["output_tokens_per_s"], a["output_tokens_per_s"]) == 1.0  # the drift cancels
