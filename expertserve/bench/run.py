@@ -61,6 +61,9 @@ MANY_DISTINCT_WEIGHTS = 16  # weight files drawn for the many experts; the rest 
 STACK_EXPERTS = 3  # like the shipped experts
 MIXED_SIZES = (1, 8, 32)
 SOFT_TOKENS = 16  # expert-json's soft prompt length
+# Rounds of (without, with, with, without): single runs of the quick size spread from 77 to 106 tok/s on the same
+# server and expert here, more than the effect measured.
+SOFT_ROUNDS = 3
 SEED = 20261123
 
 
@@ -217,13 +220,13 @@ def routing(url: str, prompts: list[str]) -> dict[str, Any]:
 
 
 def _interleaved(
-    url: str, first: list[dict[str, Any]], second: list[dict[str, Any]], concurrency: int
+    url: str, first: list[dict[str, Any]], second: list[dict[str, Any]], concurrency: int, rounds: int = 1
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both workloads twice, in the order first, second, second, first, each summarised over its two runs: a drift
-    of the machine's speed during the comparison (other processes, clocks) falls on both sides alike, where one
-    run each put all of it on whichever ran second."""
+    """Both workloads `2 * rounds` times, in rounds of first, second, second, first, each summarised over all its
+    runs: a drift of the machine's speed during the comparison (other processes, clocks) falls on both sides
+    alike, where one run each put all of it on whichever ran second."""
     runs: dict[int, list[tuple[list[Timed], float]]] = {0: [], 1: []}
-    for side in (0, 1, 1, 0):
+    for side in (0, 1, 1, 0) * rounds:
         runs[side].append(run_load(url, first if side == 0 else second, concurrency))
     summaries = [
         summarize([t for timed, _ in runs[side] for t in timed], sum(wall for _, wall in runs[side]))
@@ -240,8 +243,9 @@ def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str,
         workload.requests([without], size.soft, SEED + 2),
         workload.requests([with_soft], size.soft, SEED + 2),
         size.soft.concurrency,
+        SOFT_ROUNDS,
     )
-    return {"without": plain, "with": soft, "soft_prompt_tokens": SOFT_TOKENS, "runs_each": 2}
+    return {"without": plain, "with": soft, "soft_prompt_tokens": SOFT_TOKENS, "runs_each": 2 * SOFT_ROUNDS}
 
 
 def placement(url: str, experts: list[str], size: Size) -> dict[str, Any]:

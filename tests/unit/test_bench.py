@@ -173,3 +173,6 @@ def test_compared_workloads_run_interleaved_and_are_summarised_over_both_runs(mo
     assert order == ["a", "b", "b", "a"]
     assert a["output_tokens"] == b["output_tokens"] == 20 and a["wall_s"] == b["wall_s"] == 5.0
     assert ratio(b["output_tokens_per_s"], a["output_tokens_per_s"]) == 1.0  # the drift cancels
+    order.clear()
+    bench_run._interleaved("http://x", [{"model": "a"}], [{"model": "b"}], 1, rounds=2)
+    assert order == ["a", "b", "b", "a"] * 2
