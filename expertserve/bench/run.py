@@ -64,6 +64,8 @@ SOFT_TOKENS = 16  # expert-json's soft prompt length
 # Rounds of (without, with, with, without): single runs of the quick size spread from 77 to 106 tok/s on the same
 # server and expert here, more than the effect measured.
 SOFT_ROUNDS = 3
+# Runs of the base-only workload on each server: two quick runs with nothing changed on that path gave 0.88 and 1.00.
+BASE_RUNS = 3
 SEED = 20261123
 
 
@@ -139,7 +141,7 @@ def stack(url: str, experts: list[str], size: Size) -> dict[str, Any]:
 def mixed(url: str, base_id: str, experts: list[str], size: Size) -> dict[str, Any]:
     """Scenario 2: base only, then 1, 8 and 32 experts, the same request shapes and prompts."""
     _warm(url, [base_id, *experts[: max(MIXED_SIZES)]])
-    out = {"base": _summary(url, workload.requests([base_id], size.mixed, SEED + 1), size.mixed.concurrency)}
+    out = {"base": _base_only(url, base_id, size)}
     for n in MIXED_SIZES:
         out[f"mixed{n}"] = _summary(
             url, workload.requests(experts[:n], size.mixed, SEED + 1), size.mixed.concurrency
@@ -228,11 +230,19 @@ def _interleaved(
     runs: dict[int, list[tuple[list[Timed], float]]] = {0: [], 1: []}
     for side in (0, 1, 1, 0) * rounds:
         runs[side].append(run_load(url, first if side == 0 else second, concurrency))
-    summaries = [
-        summarize([t for timed, _ in runs[side] for t in timed], sum(wall for _, wall in runs[side]))
-        for side in (0, 1)
-    ]
-    return summaries[0], summaries[1]
+    return _pooled(runs[0]), _pooled(runs[1])
+
+
+def _pooled(runs: list[tuple[list[Timed], float]]) -> dict[str, Any]:
+    """One summary of several runs of a workload: their requests together over their summed wall time."""
+    return summarize([t for timed, _ in runs for t in timed], sum(wall for _, wall in runs))
+
+
+def _base_only(url: str, base_id: str, size: Size) -> dict[str, Any]:
+    """The base model's workload `BASE_RUNS` times, pooled (the base-only comparison is across servers, so it
+    cannot be interleaved; repeating it at least averages out single runs' spread)."""
+    bodies = workload.requests([base_id], size.mixed, SEED + 1)
+    return _pooled([run_load(url, bodies, size.mixed.concurrency) for _ in range(BASE_RUNS)])
 
 
 def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str, Any]:
@@ -419,7 +429,8 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
             url, model_id, model_dir, stack_names, size.stack, SEED, work / "client-vllm.log"
         )
         log("      base model only (no adapter)")
-        vllm_base = _summary(url, workload.requests([model_id], size.mixed, SEED + 1), size.mixed.concurrency)
+        _warm(url, [model_id])
+        vllm_base = _base_only(url, model_id, size)
 
     log("[2/3] expertserve (Ray Serve + vLLM engine)")
     port = free_port()
