@@ -306,6 +306,11 @@ class Router:
             **decision.to_dict(),
             "base_score": round(decision.base_score, 4),
             "cues": {"prose": list(found.prose), "artifact": list(found.artifact)},
+            # Named: every language the prompt names; wanted: the one its code is asked in (the penalty's rule).
+            "languages": {
+                "named": sorted(languages(prompt[: self.config.max_chars])),
+                "wanted": sorted(wanted_languages(prompt[: self.config.max_chars])),
+            },
             "margin": round(ranked[0] - ranked[1], 4) if len(ranked) > 1 else None,
             "candidates": out,
         }

@@ -313,3 +313,6 @@ def test_explain_shows_evidence_and_margin(two: Path) -> None:
     assert report["cues"]["artifact"] and report["base_score"] == pytest.approx(
         0.3 - r.config.artifact_weight
     )
+    assert report["languages"] == {"named": ["sql"], "wanted": ["sql"]}
+    runs = r.explain("a python function that runs a sql query")["languages"]
+    assert runs == {"named": ["python", "sql"], "wanted": ["python"]}
