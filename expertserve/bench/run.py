@@ -47,10 +47,16 @@ class Size:
     soft: Shape
     many_experts: int  # registered for the Zipf scenario
     many: Shape
+    # Rounds of (without, with, with, without) soft prompt: single quick runs of one server and expert spread from
+    # 77 to 106 tok/s here, more than the effect measured.
+    soft_rounds: int = 3
+    # Runs of the base-only workload on each server, pooled: two quick runs with nothing changed on that path gave
+    # 0.88 and 1.00.
+    base_runs: int = 3
 
 
 SIZES = {
-    "smoke": Size(Shape(6, 3, 4), Shape(32, 8, 2), 2, 2, 3, Shape(6, 3, 4), 40, Shape(32, 8, 2)),
+    "smoke": Size(Shape(6, 3, 4), Shape(32, 8, 2), 2, 2, 3, Shape(6, 3, 4), 40, Shape(32, 8, 2), 1, 2),
     "quick": Size(Shape(48, 8, 32), Shape(48, 8, 16), 4, 3, 16, Shape(24, 8, 32), 1000, Shape(96, 8, 16)),
     "full": Size(
         Shape(192, 16, 64), Shape(192, 16, 32), 8, 4, 40, Shape(96, 16, 64), 1000, Shape(384, 16, 32)
@@ -61,11 +67,6 @@ MANY_DISTINCT_WEIGHTS = 16  # weight files drawn for the many experts; the rest 
 STACK_EXPERTS = 3  # like the shipped experts
 MIXED_SIZES = (1, 8, 32)
 SOFT_TOKENS = 16  # expert-json's soft prompt length
-# Rounds of (without, with, with, without): single runs of the quick size spread from 77 to 106 tok/s on the same
-# server and expert here, more than the effect measured.
-SOFT_ROUNDS = 3
-# Runs of the base-only workload on each server: two quick runs with nothing changed on that path gave 0.88 and 1.00.
-BASE_RUNS = 3
 SEED = 20261123
 
 
@@ -239,10 +240,10 @@ def _pooled(runs: list[tuple[list[Timed], float]]) -> dict[str, Any]:
 
 
 def _base_only(url: str, base_id: str, size: Size) -> dict[str, Any]:
-    """The base model's workload `BASE_RUNS` times, pooled (the base-only comparison is across servers, so it
+    """The base model's workload `size.base_runs` times, pooled (the base-only comparison is across servers, so it
     cannot be interleaved; repeating it at least averages out single runs' spread)."""
     bodies = workload.requests([base_id], size.mixed, SEED + 1)
-    return _pooled([run_load(url, bodies, size.mixed.concurrency) for _ in range(BASE_RUNS)])
+    return _pooled([run_load(url, bodies, size.mixed.concurrency) for _ in range(size.base_runs)])
 
 
 def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str, Any]:
@@ -253,9 +254,14 @@ def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str,
         workload.requests([without], size.soft, SEED + 2),
         workload.requests([with_soft], size.soft, SEED + 2),
         size.soft.concurrency,
-        SOFT_ROUNDS,
+        size.soft_rounds,
     )
-    return {"without": plain, "with": soft, "soft_prompt_tokens": SOFT_TOKENS, "runs_each": 2 * SOFT_ROUNDS}
+    return {
+        "without": plain,
+        "with": soft,
+        "soft_prompt_tokens": SOFT_TOKENS,
+        "runs_each": 2 * size.soft_rounds,
+    }
 
 
 def placement(url: str, experts: list[str], size: Size) -> dict[str, Any]:

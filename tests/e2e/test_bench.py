@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from expertserve.bench.run import BASE_RUNS, SOFT_ROUNDS
 from expertserve.bench.stats import FIGURES
 from tests.helpers import REPO
 
@@ -46,12 +45,16 @@ def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path)
         client = results["vllm_client"][server]
         assert client["completed"] == shape["requests"] and client["failed"] == 0, (server, client)
     # Compared workloads ran repeatedly: base-only several times on each server, the soft prompt interleaved.
-    mixed = results["shapes"]["mixed"]
+    shapes = results["shapes"]
+    mixed = shapes["mixed"]
     for server in ("vllm", "expertserve"):
         base = results["base_only"][server]
-        assert base["output_tokens"] == BASE_RUNS * mixed["requests"] * mixed["max_tokens"], server
+        assert base["output_tokens"] == shapes["base_runs"] * mixed["requests"] * mixed["max_tokens"], server
     soft = results["softprompt"]
-    assert soft["runs_each"] == 2 * SOFT_ROUNDS and soft["with"]["requests"] == soft["without"]["requests"]
+    assert (
+        soft["runs_each"] == 2 * shapes["soft_rounds"]
+        and soft["with"]["requests"] == soft["without"]["requests"]
+    )
     assert {"model", "flags", "native_bf16"} <= set(results["machine"]["cpu_info"])
     assert results["dtype"]["used"] in ("float32", "bfloat16") and results["dtype"]["why"]
     # `auto` chose among the shipped experts (or the base model), never a synthetic one.
