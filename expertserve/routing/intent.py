@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from expertserve.routing.lexical import FuzzyIndex, normalise
 
 _PROSE_START = re.compile(
-    r"^(?:(?:hi|hello|hey|ok|okay|cool|thanks|thank you)[,.!]?\s+)?"
+    r"^(?:(?:hi|hello|hey)[,.!]?\s+)?"  # thanks and approval are read past before (_ACKNOWLEDGEMENT)
     r"(?:what(?:'s| is| are| does| do)?|whats|wat|wht|why|how (?:does|do|is|are|can|should|would)|"
     r"when (?:should|do|is)|"
     r"is|are|should|would|could you explain|can you explain|explain|describe|tell me (?:about|why|how)|compare|"
@@ -174,7 +174,9 @@ _START_VERBS = FuzzyIndex(
         ]
     }
 )  # fmt: skip
-_POLITE = frozenset({"please", "pls", "plz", "so", "ok", "okay"})
+_POLITE = frozenset(
+    {"please", "pls", "plz", "so"}
+)  # "ok" and the like are read past before (_ACKNOWLEDGEMENT)
 
 
 def _mend_start(text: str) -> str:
