@@ -93,6 +93,11 @@ class Embedder:
             words = " ".join(["routing"] * max(1, tokens - 2))
             return self._ids(words)
 
+        # The tracer reads every attribute of the model, `loss_function` too, whose getter logs a warning about
+        # the config's loss type (meaningless for an encoder that is never trained here) on every start.
+        transformers_log = logging.getLogger("transformers.modeling_utils")
+        level = transformers_log.level
+        transformers_log.setLevel(logging.ERROR)
         try:
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape checks
@@ -110,6 +115,8 @@ class Embedder:
         except Exception as e:  # any tracing failure: the eager model is correct, only slower
             logger.warning("embedder: no trace (%s: %s); the eager model serves", type(e).__name__, e)
             return None
+        finally:
+            transformers_log.setLevel(level)
 
     def _ids(self, text: str) -> Any:
         return self.tokenizer(
