@@ -60,10 +60,15 @@ def test_base_rows_get_no_lora_term_in_a_mixed_batch() -> None:
     [[1] * 6, [-1] * 6, [0, 1, -1, 2, 2, -1], [3, 3, 0, 0, 0, 3]],
     ids=["one-adapter", "no-adapter", "mixed-with-base", "two-adapters"],
 )
-def test_grouped_lora_step_matches_the_row_by_row_definition(dtype: str, rows: list[int]) -> None:
+@pytest.mark.parametrize("dense_rows", [0, 64], ids=["per-adapter", "over-every-slot"])
+def test_grouped_lora_step_matches_the_row_by_row_definition(
+    dtype: str, rows: list[int], dense_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     from expertserve.engine import vllm_patches
+
+    monkeypatch.setattr(vllm_patches, "DENSE_ROWS", dense_rows)
 
     dt = getattr(torch, dtype)
     torch.manual_seed(1)
@@ -74,10 +79,10 @@ def test_grouped_lora_step_matches_the_row_by_row_definition(dtype: str, rows: l
     indices = torch.tensor(rows)
     want = _reference(x, a, b, indices, 0.5, torch.ones(6, 32, dtype=dt))
     got = torch.ones(6, 32, dtype=dt)
-    groups = vllm_patches._groups(indices)
-    assert (groups is None) == all(r < 0 for r in rows)
-    if groups is not None:
-        vllm_patches._add_lora(got, x, a, b, 0.5, slices, groups)
+    step = vllm_patches._StepRows(indices)
+    assert (step.groups is None) == all(r < 0 for r in rows)
+    if step.groups is not None:
+        vllm_patches._add_lora(got, x, a, b, 0.5, slices, step)
     tolerance = {"atol": 1e-4} if dt == torch.float32 else {"atol": 0.1, "rtol": 0.02}
     assert torch.allclose(got.float(), want.float(), **tolerance)
     for r in (i for i, slot in enumerate(rows) if slot < 0):
@@ -93,13 +98,18 @@ def test_a_slot_loaded_with_another_adapter_is_not_served_from_a_stale_float32_c
     b = (torch.randn(2, 1, 5, 4, dtype=torch.bfloat16),)
     x = torch.randn(3, 6, dtype=torch.bfloat16)
     first = torch.zeros(3, 5, dtype=torch.bfloat16)
-    vllm_patches._add_lora(first, x, a, b, 1.0, (5,), [(1, None)])
+    step = vllm_patches._StepRows(torch.tensor([1, 1, 1]))
+    vllm_patches._add_lora(first, x, a, b, 1.0, (5,), step)
     assert first.abs().sum() > 0
     # vLLM loads an adapter into a slot by copying into the stacked tensors in place.
     b[0][1, 0].copy_(torch.zeros(5, 4))
     again = torch.zeros(3, 5, dtype=torch.bfloat16)
-    vllm_patches._add_lora(again, x, a, b, 1.0, (5,), [(1, None)])
+    vllm_patches._add_lora(again, x, a, b, 1.0, (5,), step)
     assert torch.equal(again, torch.zeros(3, 5, dtype=torch.bfloat16))
+    # The same for a step over both slots (one product over every slot, built from the same copy).
+    mixed = torch.zeros(3, 5, dtype=torch.bfloat16)
+    vllm_patches._add_lora(mixed, x, a, b, 1.0, (5,), vllm_patches._StepRows(torch.tensor([1, 0, 1])))
+    assert torch.equal(mixed[0], torch.zeros(5, dtype=torch.bfloat16)) and mixed[1].abs().sum() > 0
 
 
 def test_the_plugin_patches_the_kernels_the_cpu_wrapper_calls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,6 +123,12 @@ def test_the_plugin_patches_the_kernels_the_cpu_wrapper_calls(monkeypatch: pytes
         assert getattr(getattr(punica_cpu, name), "_expertserve", False), name
     for name in ("update_metadata", "add_lora_linear", "add_lora_logits"):
         assert getattr(getattr(punica_cpu.PunicaWrapperCPU, name), "_expertserve", False), name
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.column_parallel_linear import QKVParallelLinearWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+
+    for cls in (BaseLinearLayerWithLoRA, QKVParallelLinearWithLoRA, LogitsProcessorWithLoRA):
+        assert getattr(cls.reset_lora, "_expertserve", False), f"{cls.__name__}: slot writes are marked"
 
 
 @pytest.mark.parametrize(
@@ -157,3 +173,27 @@ def test_the_plugin_refuses_an_unknown_json_style_and_patches_the_xgrammar_backe
         vllm_patches._patch_json_whitespace("loose")
     vllm_patches._patch_json_whitespace("spaced")
     assert getattr(XgrammarBackend.__post_init__, "_expertserve", False)
+
+
+def test_a_rewritten_slot_is_refreshed_alone_and_matches_a_full_copy() -> None:
+    import torch
+
+    from expertserve.engine import vllm_patches
+
+    torch.manual_seed(2)
+    slices = (6, 4)
+    a = tuple(torch.randn(3, 1, 2, 5, dtype=torch.bfloat16) for _ in slices)
+    b = tuple(torch.randn(3, 1, n, 2, dtype=torch.bfloat16) for n in slices)
+    layer = vllm_patches._STACKS.get(a, b, slices)
+    layer.dense()  # the over-every-slot copy is refreshed too
+    untouched = layer.a[0].clone()
+    # What vLLM's set_lora does for slot 2 (reset_lora marks it), then a new adapter's weights.
+    vllm_patches._STACKS.mark(a[0], 2)
+    for t in (*a, *b):
+        t[2] = torch.randn_like(t[2])
+    refreshed = vllm_patches._STACKS.get(a, b, slices)
+    assert refreshed is layer, "refreshed in place, not rebuilt"
+    full = vllm_patches._Layer(a, b, slices)
+    assert torch.equal(refreshed.a, full.a) and torch.equal(refreshed.b, full.b)
+    assert torch.equal(refreshed.dense()[1], full.dense()[1])
+    assert torch.equal(refreshed.a[0], untouched)
