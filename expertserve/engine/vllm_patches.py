@@ -242,9 +242,10 @@ class _Layer:
         self.a = torch.zeros(self.slots, self.inner, first_a.shape[-1])
         self.b = torch.zeros(self.slots, self.width, self.inner)
         self._dense_b = None
-        self._fill(lora_a, lora_b, range(self.slots))
+        self.refresh(lora_a, lora_b, range(self.slots))
 
-    def _fill(self, lora_a: tuple, lora_b: tuple, slots) -> None:  # noqa: ANN001 (an iterable of ints)
+    def refresh(self, lora_a: tuple, lora_b: tuple, slots) -> None:  # noqa: ANN001 (an iterable of ints)
+        """Copies `slots` from vLLM's stacks (every slot when built; the slots vLLM rewrote after)."""
         import torch
 
         flat_a = [t.flatten(0, 1) if t.dim() == 4 else t for t in lora_a]  # [slots, rank, in]
@@ -261,10 +262,6 @@ class _Layer:
         if self._dense_b is not None:
             view = self._dense_b.view(self.width, self.slots, self.inner)
             view[:, index] = block.permute(1, 0, 2)
-
-    def refresh(self, lora_a: tuple, lora_b: tuple, slots: set[int]) -> None:
-        """Copies the slots vLLM rewrote."""
-        self._fill(lora_a, lora_b, slots)
 
     def dense(self) -> tuple[Any, Any]:  # torch tensors (torch is imported lazily)
         """A over every slot [slots * inner, in] and B over every slot [width, slots * inner]."""
