@@ -50,7 +50,9 @@ def run(args: Any) -> int:
     if isolate:
         from expertserve.serve.cpu_affinity import keep_off_inference_cores
 
-        keep_off_inference_cores(os.getpid())
+        niceness = config.engine.serving_niceness
+
+        keep_off_inference_cores(os.getpid(), niceness)
     url = f"http://{config.host}:{config.port}"
     from expertserve.engine.hardware import choose_dtype
 
@@ -67,7 +69,7 @@ def run(args: Any) -> int:
     if isolate:
         # Ray starts processes later too (workers, replicas after a restart): look again now and then.
         while not stop.wait(5):
-            keep_off_inference_cores(os.getpid())
+            keep_off_inference_cores(os.getpid(), niceness)
     stop.wait()
     print("stopping...", flush=True)
     serve.shutdown()
