@@ -142,7 +142,7 @@ def stack(url: str, experts: list[str], size: Size) -> dict[str, Any]:
 def mixed(url: str, base_id: str, experts: list[str], size: Size) -> dict[str, Any]:
     """Scenario 2: base only, then 1, 8 and 32 experts, the same request shapes and prompts."""
     _warm(url, [base_id, *experts[: max(MIXED_SIZES)]])
-    out = {"base": _base_only(url, base_id, size)}
+    out = {"base": _pooled(_base_only(url, base_id, size))}
     for n in MIXED_SIZES:
         out[f"mixed{n}"] = _summary(
             url, workload.requests(experts[:n], size.mixed, SEED + 1), size.mixed.concurrency
@@ -239,11 +239,14 @@ def _pooled(runs: list[tuple[list[Timed], float]]) -> dict[str, Any]:
     return summarize([t for timed, _ in runs for t in timed], sum(wall for _, wall in runs))
 
 
-def _base_only(url: str, base_id: str, size: Size) -> dict[str, Any]:
-    """The base model's workload `size.base_runs` times, pooled (the base-only comparison is across servers, so it
-    cannot be interleaved; repeating it at least averages out single runs' spread)."""
+def _base_only(url: str, base_id: str, size: Size) -> list[tuple[list[Timed], float]]:
+    """The base model's workload `size.base_runs` times, for `_pooled` (the base-only comparison is across servers,
+    so it cannot be interleaved; repeating it at least averages out single runs' spread), after one untimed run:
+    on both servers the first run after start or after other work spread most (75-104 tok/s where the later ones
+    gave 100-145 on vLLM's server) and has no share in the steady state being compared."""
     bodies = workload.requests([base_id], size.mixed, SEED + 1)
-    return _pooled([run_load(url, bodies, size.mixed.concurrency) for _ in range(size.base_runs)])
+    run_load(url, bodies, size.mixed.concurrency)
+    return [run_load(url, bodies, size.mixed.concurrency) for _ in range(size.base_runs)]
 
 
 def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str, Any]:
@@ -413,21 +416,25 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     }
     started = time.monotonic()
 
-    log(f"[1/3] vLLM OpenAI server ({model_id}, {STACK_EXPERTS} adapters, --enable-lora)")
-    with vllm_server(
-        model_dir,
-        model_id,
-        {n: synth / n / "adapter" for n in stack_names},
-        work / "vllm.log",
-        max_loras=settings.max_loras + 1,
-        max_cpu_loras=settings.max_cpu_loras + 1,
-        max_lora_rank=rank,
-        max_num_seqs=settings.max_num_seqs,
-        kv_cache_gib=settings.kv_cache_gib,
-        prefix_caching=settings.prefix_caching,
-        block_size=kv_block_size(settings.block_size, settings.prefix_caching),
-        dtype=dtype,
-    ) as url:
+    log(f"[1/4] vLLM OpenAI server ({model_id}, {STACK_EXPERTS} adapters, --enable-lora)")
+
+    def vllm(log_name: str):  # noqa: ANN202 (a context manager)
+        return vllm_server(
+            model_dir,
+            model_id,
+            {n: synth / n / "adapter" for n in stack_names},
+            work / log_name,
+            max_loras=settings.max_loras + 1,
+            max_cpu_loras=settings.max_cpu_loras + 1,
+            max_lora_rank=rank,
+            max_num_seqs=settings.max_num_seqs,
+            kv_cache_gib=settings.kv_cache_gib,
+            prefix_caching=settings.prefix_caching,
+            block_size=kv_block_size(settings.block_size, settings.prefix_caching),
+            dtype=dtype,
+        )
+
+    with vllm("vllm.log") as url:
         log(f"      up after {time.monotonic() - started:.0f} s; stack workload")
         vllm_stack = stack(url, stack_names, size)
         log("      stack workload with vLLM's benchmark client")
@@ -436,9 +443,9 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         )
         log("      base model only (no adapter)")
         _warm(url, [model_id])
-        vllm_base = _base_only(url, model_id, size)
+        vllm_base_before = _base_only(url, model_id, size)
 
-    log("[2/3] expertserve (Ray Serve + vLLM engine)")
+    log("[2/4] expertserve (Ray Serve + vLLM engine)")
     port = free_port()
     config = {
         "model_dir": str(model_dir),
@@ -487,13 +494,21 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
             url, workload.requests(mixed_names[:8], size.mixed, SEED + 1), size.mixed.concurrency
         )
 
-    log("[3/3] expertserve with 2 engine replicas: placement of the 8-expert mix")
+    log("[3/4] expertserve with 2 engine replicas: placement of the 8-expert mix")
     two = {**config, "port": free_port(), "replicas": {"num_replicas": 2, "num_cpus": 1}}
     (work / "expertserve-2.json").write_text(json.dumps(two, indent=2))
     with expertserve_server(
         work / "expertserve-2.json", work / "expertserve-2.log", settings.kv_cache_gib
     ) as url:
         place = placement(url, mixed_names[:8], size)
+
+    # The base-only comparison is across servers, minutes apart; this machine's speed drifted by up to 13% within
+    # one run. vLLM's base-only runs before and after expertserve's are pooled, so a drift falls on both sides.
+    log("[4/4] vLLM OpenAI server again: base model only")
+    with vllm("vllm-2.log") as url:
+        _warm(url, [model_id])
+        vllm_base_after = _base_only(url, model_id, size)
+    vllm_base = _pooled(vllm_base_before + vllm_base_after)
 
     results["stack"] = {
         "vllm": vllm_stack,
@@ -512,7 +527,14 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     }
     results["vllm_client"] = {"vllm": vllm_client, "expertserve": ours_client}
     results["experts"] = experts
-    results["base_only"] = {"vllm": vllm_base, "expertserve": experts["base"]}
+    results["base_only"] = {
+        "vllm": vllm_base,
+        "expertserve": experts["base"],
+        "vllm_tokens_per_s_before_after": [
+            _pooled(vllm_base_before)["output_tokens_per_s"],
+            _pooled(vllm_base_after)["output_tokens_per_s"],
+        ],
+    }
     results["cold_warm"] = cold
     results["routing"] = route
     results["softprompt"] = soft
