@@ -50,9 +50,7 @@ def run(args: Any) -> int:
     if isolate:
         from expertserve.serve.cpu_affinity import keep_off_inference_cores
 
-        niceness = config.engine.serving_niceness
-
-        keep_off_inference_cores(os.getpid(), niceness)
+        keep_off_inference_cores(os.getpid())
     url = f"http://{config.host}:{config.port}"
     from expertserve.engine.hardware import choose_dtype
 
@@ -69,7 +67,7 @@ def run(args: Any) -> int:
     if isolate:
         # Ray starts processes later too (workers, replicas after a restart): look again now and then.
         while not stop.wait(5):
-            keep_off_inference_cores(os.getpid(), niceness)
+            keep_off_inference_cores(os.getpid())
     stop.wait()
     print("stopping...", flush=True)
     serve.shutdown()

@@ -54,14 +54,6 @@ class EngineConfig(StrictModel):
         description="On CPU, with the Ray that `expertserve serve` starts: keep Ray's processes off the cores vLLM "
         "binds its inference threads to (see expertserve/serve/cpu_affinity.py). No effect on GPU or on a cluster.",
     )
-    serving_niceness: int = Field(
-        default=10,
-        ge=0,
-        le=19,
-        description="With isolate_inference_cores: how much lower than vLLM's scheduler Ray's processes run on the "
-        "cores they share with it (nice value added; 0: same priority). vLLM's scheduler then goes first and the "
-        "worker waits less for its next step (expertserve/serve/cpu_affinity.py).",
-    )
     engine_metrics: bool = Field(
         default=True,
         description="Export vLLM's engine metrics (vllm:* series) through Ray's metrics; /metrics includes them.",
