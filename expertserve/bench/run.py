@@ -502,8 +502,9 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     ) as url:
         place = placement(url, mixed_names[:8], size)
 
-    # The base-only comparison is across servers, minutes apart; this machine's speed drifted by up to 13% within
-    # one run. vLLM's base-only runs before and after expertserve's are pooled, so a drift falls on both sides.
+    # The base-only comparison is across servers, minutes apart; this machine's speed drifted by 13-33% within one
+    # benchmark run (vLLM's base-only server: 104.9 before, 139.9 after in one of round 10's). vLLM's base-only
+    # runs before and after expertserve's are pooled, so a drift falls on both sides.
     log("[4/4] vLLM OpenAI server again: base model only")
     with vllm("vllm-2.log") as url:
         _warm(url, [model_id])
