@@ -442,7 +442,6 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
             url, model_id, model_dir, stack_names, size.stack, SEED, work / "client-vllm.log"
         )
         log("      base model only (no adapter)")
-        _warm(url, [model_id])
         vllm_base_before = _base_only(url, model_id, size)
 
     log("[2/4] expertserve (Ray Serve + vLLM engine)")
@@ -507,7 +506,6 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     # runs before and after expertserve's are pooled, so a drift falls on both sides.
     log("[4/4] vLLM OpenAI server again: base model only")
     with vllm("vllm-2.log") as url:
-        _warm(url, [model_id])
         vllm_base_after = _base_only(url, model_id, size)
     vllm_base = _pooled(vllm_base_before + vllm_base_after)
 
