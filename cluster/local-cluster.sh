@@ -13,6 +13,8 @@ DIR=${EXPERTSERVE_CLUSTER_DIR:-/tmp/expertserve-local-cluster}
 RAY=${RAY:-.venv/bin/ray}
 # =1 allows several nodes on one machine (=0 makes Ray single-node); every node is addressed as 127.0.0.1.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# Serve's data plane over its gRPC channels (ServeConfig.grpc_data_plane): Ray's nodes read it when they start.
+export RAY_SERVE_USE_GRPC_BY_DEFAULT=${RAY_SERVE_USE_GRPC_BY_DEFAULT:-1}
 # Jobs run `python ...` with the nodes' PATH: make it the environment that has expertserve.
 PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 export PATH

@@ -36,6 +36,10 @@ def run(args: Any) -> int:
         if address:
             ray.init(address=address)
         else:
+            from expertserve.serve.transport import ray_env
+
+            # Before Ray starts: its processes read Serve's data-plane switch from the environment they inherit.
+            os.environ.update(ray_env(config.grpc_data_plane))
             context = ray.init(
                 address="local",
                 include_dashboard=config.ray_dashboard,

@@ -73,6 +73,7 @@ from expertserve.serve.responses import (
 from expertserve.serve.streams import merged
 from expertserve.serve.tools import ToolPlan, render_tool_turn, with_manifest
 from expertserve.serve.tools import plan as plan_tools
+from expertserve.serve.transport import by_reference
 from expertserve.serve.warm import Warmer, warm_targets
 
 # Serve configures this logger in replicas (stderr and log files); a logger of our own would print nothing.
@@ -131,7 +132,8 @@ class Ingress:
         embedder_cls: Any = None,
         compile_grammars: bool = True,
     ):
-        self.engine = engine
+        # Serve's direct gRPC channel or a Ray actor call, per the config, whatever Ray's nodes default to.
+        self.engine = engine.options(_by_reference=by_reference(config.grpc_data_plane))
         self.config = config
         self.roots = roots
         # Each store's mirror on this node, once: the request path asks which store an expert came from.

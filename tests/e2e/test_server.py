@@ -562,3 +562,24 @@ def test_responses_name_the_engine_replica_and_the_expert_generation(server: Ser
         assert s.headers["x-expertserve-replica"] == r.headers["x-expertserve-replica"]  # one engine replica
     models = httpx.get(f"{server.url}/v1/models", timeout=30)
     assert models.headers["x-expertserve-generation"] == r.headers["x-expertserve-generation"]
+
+
+def test_serves_data_plane_runs_over_its_grpc_channels(server: Server) -> None:
+    """`expertserve serve` starts Ray with Serve's gRPC switch (`grpc_data_plane`, on by default), so its proxy
+    and replicas, which read it when they start, carry requests over gRPC instead of Ray actor calls."""
+    import psutil
+
+    from expertserve.serve.transport import GRPC_SWITCH
+
+    assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    serving = []
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith(("ray::ProxyActor", "ray::ServeReplica:expertserve:")):
+            serving.append((title, proc.environ().get(GRPC_SWITCH)))
+    assert {t.split()[0] for t, _ in serving} >= {
+        "ray::ProxyActor",
+        "ray::ServeReplica:expertserve:Ingress",
+        "ray::ServeReplica:expertserve:ExpertEngine",
+    }, serving
+    assert all(value == "1" for _, value in serving), serving

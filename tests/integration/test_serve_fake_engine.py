@@ -55,6 +55,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from expertserve.bench.servers import free_port
     from expertserve.serve.app import build_app_from_config
     from expertserve.serve.config import ServeConfig
+    from expertserve.serve.transport import ray_env
 
     root = tmp_path_factory.mktemp("fake-serve")
     experts = root / "experts"
@@ -95,6 +96,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             # The `scaled` app's shared expert store (an S3 server on loopback) and this node's mirror of it.
             **S3_ENV,
             "EXPERTSERVE_STORE_CACHE": str(root / "store-cache"),
+            **ray_env(config.grpc_data_plane),  # as `expertserve serve` starts Ray
         }
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)

@@ -414,3 +414,28 @@ def test_deprecated_rayservice_fields_are_refused() -> None:
     doc["spec"]["serviceUnhealthySecondThreshold"] = 900
     with pytest.raises(ValidationError, match="serviceUnhealthySecondThreshold"):
         check_object(doc)
+
+
+def test_every_serving_node_starts_with_serves_grpc_data_plane() -> None:
+    """`grpc_data_plane` (on by default) needs Serve's switch in the environment every serving node starts with:
+    the proxy reads it there. The clusters that serve (not the training job's) and both cluster launchers set it."""
+    from expertserve.serve.transport import GRPC_SWITCH, ray_env
+
+    assert ServeConfig().grpc_data_plane and ray_env(True) == {GRPC_SWITCH: "1"}
+    serving = [(name, c) for name, c in _ray_clusters() if name != "rayjob-train.yaml"]
+    assert {name for name, _ in serving} == {"rayservice.yaml", "raycluster-dev.yaml"}
+    for name, cluster in serving:
+        for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+            for container in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert env.get(GRPC_SWITCH) == "1", f"{name}: {container['name']}"
+    launcher = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    starts = [
+        c
+        for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+        if "ray start" in c
+    ]
+    assert len(starts) == 2 and all(f"{GRPC_SWITCH}=1 " in c for c in starts)
+    assert (
+        f"export {GRPC_SWITCH}=${{{GRPC_SWITCH}:-1}}" in (REPO / "cluster" / "local-cluster.sh").read_text()
+    )

@@ -74,3 +74,11 @@ def test_other_tools_variables_are_not_server_settings() -> None:
     assert env_values(env) == {"engine": {"dtpye": "x"}}
     with pytest.raises(ConfigError, match="engine.dtpye: unknown setting"):
         ServeConfig.load(environ=env)
+
+
+def test_the_data_plane_switch_for_rays_processes_and_the_ingress_handles() -> None:
+    from expertserve.serve.transport import GRPC_SWITCH, by_reference, ray_env
+
+    assert ray_env(True) == {GRPC_SWITCH: "1"} and ray_env(False) == {GRPC_SWITCH: "0"}
+    assert by_reference(True) is False and by_reference(False) is True
+    assert ServeConfig.load(None, environ={"EXPERTSERVE_GRPC_DATA_PLANE": "false"}).grpc_data_plane is False
