@@ -29,7 +29,7 @@ import numpy as np
 
 from expertserve.registry import ExpertRecord, Registry
 from expertserve.routing.intent import Cues, cues, is_fragment, languages, requested_formats, wanted_languages
-from expertserve.routing.lexical import FuzzyIndex, matches, normalise
+from expertserve.routing.lexical import FuzzyIndex, PhraseIndex, normalise
 
 BASE = None  # the decision "base model"
 
@@ -115,6 +115,42 @@ class _Profile:
     formats: frozenset[str] = frozenset()  # its `format:X` capabilities
 
 
+class _Index:
+    """What a decision reads of all profiles at once, built on first use after the profiles change: one product of
+    every profile text's vector with the query instead of one per expert, and the keyword indexes."""
+
+    def __init__(self, profiles: list[_Profile], top_k: int):
+        counts = np.array([len(p.vectors) for p in profiles], dtype=np.int64)
+        dim = profiles[0].vectors.shape[1] if profiles else 0
+        self.vectors = np.concatenate([p.vectors for p in profiles]) if profiles else np.zeros((0, dim))
+        # Row i holds the positions of profile i's vectors, padded with the position of a -inf appended to the
+        # similarities; sorted descending, a row's first k entries are its best k texts.
+        padded = len(self.vectors)
+        self._rows: np.ndarray = np.full(
+            (len(profiles), max(int(counts.max(initial=0)), 1)), padded, dtype=np.int64
+        )
+        start = 0
+        for i, n in enumerate(counts):
+            self._rows[i, :n] = np.arange(start, start + n)
+            start += n
+        self._k = np.minimum(top_k, counts)
+        self._top = max(1, min(top_k, self._rows.shape[1]))
+        # Experts cloned from one another share their patterns: each distinct one searched once a decision.
+        self.patterns = list(dict.fromkeys(r for p in profiles for r in p.patterns))
+        self.fuzzy = FuzzyIndex({p.name: p.keywords for p in profiles})
+        self.keywords = PhraseIndex(p.keywords for p in profiles)
+        self.exclude = PhraseIndex(p.exclude for p in profiles)
+
+    def semantic(self, query: np.ndarray) -> np.ndarray:
+        """Per profile, the mean similarity of its `top_k` texts most similar to `query` (0 for no texts)."""
+        sims = np.append(self.vectors @ query, -np.inf)
+        # Only each row's best `top_k` are sorted (the -inf padding of a short row sorts last).
+        best = -np.partition(-sims[self._rows], self._top - 1, axis=1)[:, : self._top]
+        best_first = -np.sort(-best, axis=1)
+        sums = np.cumsum(best_first, axis=1)[np.arange(len(self._k)), np.maximum(self._k - 1, 0)]
+        return np.where(self._k > 0, sums / np.maximum(self._k, 1), 0.0)
+
+
 class Router:
     """Routes requests among the registry's servable experts."""
 
@@ -129,7 +165,7 @@ class Router:
         self.embedder = embedder
         self.config = config or RouterConfig()
         self.profiles: list[_Profile] = []
-        self._fuzzy: FuzzyIndex | None = None  # built on first use after the profiles change
+        self._index: _Index | None = None  # built on first use after the profiles change
         # Experts left without a routing profile, with why (they still serve by name).
         self.problems: list[str] = []
         for record in registry.servable(base_model):
@@ -144,7 +180,7 @@ class Router:
     def add(self, record: ExpertRecord) -> None:
         """Registers (or replaces) an expert's profile."""
         self.profiles = [p for p in self.profiles if p.name != record.name]
-        self._fuzzy = None
+        self._index = None
         routing = record.routing
         texts = [record.manifest.description, *(routing.examples if routing else [])]
         texts += _training_prompts(record, self.config.data_samples)
@@ -177,7 +213,7 @@ class Router:
     def remove(self, name: str) -> None:
         """Drops an expert."""
         self.profiles = [p for p in self.profiles if p.name != name]
-        self._fuzzy = None
+        self._index = None
 
     def route_messages(self, messages: list[dict[str, str]]) -> Decision:
         """Routes a conversation: the last user turn decides, except that a short fragment continuing the previous
@@ -225,22 +261,22 @@ class Router:
         named = languages(prompt)
         wanted = wanted_languages(prompt)
         formats = requested_formats(prompt)
-        if self._fuzzy is None:
-            self._fuzzy = FuzzyIndex({p.name: p.keywords for p in self.profiles})
-        slips = self._fuzzy.hits(text)
+        if self._index is None:
+            self._index = _Index(self.profiles, cfg.top_k)
+        index = self._index
+        slips = index.fuzzy.hits(text)
         raw: list[tuple[_Profile, float, float, list[str], list[str]]] = []
-        for p in self.profiles:
-            sims = p.vectors @ query
-            k = min(cfg.top_k, len(sims))
-            semantic = float(np.sort(sims)[-k:].mean()) if k else 0.0
-            hits = matches(text, p.keywords)
+        semantics = index.semantic(query).tolist()
+        searched = {r for r in index.patterns if r.search(text)}
+        for p, semantic, hits, excluded in zip(
+            self.profiles, semantics, index.keywords.matches(text), index.exclude.matches(text), strict=True
+        ):
             hits += [slip for slip in slips.get(p.name, []) if slip.split("~")[1] not in hits]
-            hits += [f"/{r.pattern}/" for r in p.patterns if r.search(text)]
+            hits += [f"/{r.pattern}/" for r in p.patterns if r in searched]
             # The prompt names the expert's language in words no keyword covers ("postgres: ..." for SQL).
             spoken = sorted(named & p.languages)
             if spoken and not (languages(" ".join(hits)) & p.languages):
                 hits.append(f"language:{spoken[0]}")
-            excluded = matches(text, p.exclude)
             bonus = min(cfg.max_keyword_bonus, cfg.keyword_bonus * len(hits))
             # The answer's format is asked for and the expert declares it: the task, whatever the text is about.
             # The code is wanted in another language (`a rust function that serializes to JSON`): the format is

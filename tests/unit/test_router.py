@@ -316,3 +316,37 @@ def test_explain_shows_evidence_and_margin(two: Path) -> None:
     assert report["languages"] == {"named": ["sql"], "wanted": ["sql"]}
     runs = r.explain("a python function that runs a sql query")["languages"]
     assert runs == {"named": ["python", "sql"], "wanted": ["python"]}
+
+
+def test_the_stacked_semantic_score_is_each_experts_mean_of_its_best_texts() -> None:
+    """One product for all experts (router._Index) against the definition, one expert at a time: the mean
+    similarity of an expert's `top_k` most similar texts, fewer when it has fewer."""
+    import numpy as np
+
+    from expertserve.routing.router import _Index, _Profile
+
+    rng = np.random.default_rng(7)
+    for top_k in (1, 3, 12):
+        profiles = []
+        for i in range(30):
+            vectors = rng.normal(size=(int(rng.integers(1, 9)), 16)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            profiles.append(_Profile(f"e{i}", ["t"] * len(vectors), vectors, [], [], 0.0, frozenset()))
+        index = _Index(profiles, top_k)
+        for _ in range(5):
+            query = rng.normal(size=16).astype(np.float32)
+            query /= np.linalg.norm(query)
+            expected = [
+                float(np.sort(p.vectors @ query)[-min(top_k, len(p.vectors)) :].mean()) for p in profiles
+            ]
+            assert np.allclose(index.semantic(query), expected, atol=1e-6)
+
+
+def test_the_phrase_index_matches_as_each_list_alone() -> None:
+    from expertserve.routing.lexical import PhraseIndex, matches, normalise
+
+    lists = [["sql", "select rows", "  "], ["json", "sql query", "Select"], [], ["type script", "rows"]]
+    index = PhraseIndex(lists)
+    for text in ("write a SQL query to select rows", "json please", "nothing here", "selected rowset", ""):
+        text = normalise(text)
+        assert index.matches(text) == [matches(text, phrases) for phrases in lists]
