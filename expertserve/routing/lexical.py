@@ -30,24 +30,18 @@ def _first_word(phrase: str) -> str:
     return words[0] if words else ""
 
 
-def matches(text: str, phrases: list[str]) -> list[str]:
-    """The phrases that occur in `text` as whole words (text already normalised)."""
-    # A plain substring test first: most keywords are absent, and a hundred experts' keywords cost 2,000 regex
-    # searches a decision (5 ms) without it.
-    return [p for p in phrases if p.strip() and _first_word(p) in text and _pattern(p).search(text)]
-
-
 class PhraseIndex:
-    """`matches` for many phrase lists at once (every expert's keywords): each distinct first word is looked for in
-    the text once, where a hundred experts' lists repeat most of them (a decision's cost stays flat in their
-    number)."""
+    """Which phrases of each list (every expert's keywords) occur in a text as whole words. A plain substring test of
+    a phrase's first word comes before its regex: most keywords are absent, and a hundred experts' keywords cost
+    2,000 regex searches a decision (5 ms) without it. Each distinct first word and phrase is looked up once, where
+    a hundred experts' lists repeat most of them (a decision's cost stays flat in their number)."""
 
     def __init__(self, lists: Iterable[Iterable[str]]):
         self._lists = [[(p, _first_word(p)) for p in phrases if p.strip()] for phrases in lists]
         self._first = {first for phrases in self._lists for _, first in phrases}
 
     def matches(self, text: str) -> list[list[str]]:
-        """Per list, what `matches(text, list)` gives (text already normalised)."""
+        """Per list, its phrases that occur in `text` (already normalised) as whole words, in list order."""
         present = {first for first in self._first if first in text}
         if not present:
             return [[] for _ in self._lists]

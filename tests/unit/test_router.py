@@ -343,10 +343,23 @@ def test_the_stacked_semantic_score_is_each_experts_mean_of_its_best_texts() -> 
 
 
 def test_the_phrase_index_matches_as_each_list_alone() -> None:
-    from expertserve.routing.lexical import PhraseIndex, matches, normalise
+    import re
+
+    from expertserve.routing.lexical import PhraseIndex, normalise
+
+    def whole_words(
+        text: str, phrases: list[str]
+    ) -> list[str]:  # the definition, one list and phrase at a time
+        return [
+            p
+            for p in phrases
+            if p.strip()
+            and re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, normalise(p).split())) + r"(?!\w)", text)
+        ]
 
     lists = [["sql", "select rows", "  "], ["json", "sql query", "Select"], [], ["type script", "rows"]]
     index = PhraseIndex(lists)
     for text in ("write a SQL query to select rows", "json please", "nothing here", "selected rowset", ""):
         text = normalise(text)
-        assert index.matches(text) == [matches(text, phrases) for phrases in lists]
+        assert index.matches(text) == [whole_words(text, phrases) for phrases in lists]
+    assert index.matches(normalise("write a SQL query to select rows"))[1] == ["sql query", "Select"]
