@@ -12,7 +12,7 @@ from expertserve.engine.hardware import choose_dtype, has_gpu
 
 # With vLLM's default `auto` backend small models emit whitespace until max_tokens; xgrammar without any
 # whitespace keeps them on the grammar (the per-request whitespace flag is ignored by vLLM 0.32). Which
-# separators JSON then gets is `engine.json_whitespace` (expertserve's vLLM plugin, vllm_patches.py).
+# separators JSON then gets is `engine.json_whitespace` (expertserve's vLLM plugin, vllm_patches/json_whitespace.py).
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 # vLLM accepts only these values of max_lora_rank; a smaller adapter fits in a larger slot.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -20,7 +20,7 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 def engine_environment(config: EngineConfig) -> None:
     """Process environment vLLM reads at engine start (set before vLLM is imported)."""
-    os.environ["EXPERTSERVE_VLLM_PATCHES"] = "1"  # see expertserve/engine/vllm_patches.py
+    os.environ["EXPERTSERVE_VLLM_PATCHES"] = "1"  # see expertserve/engine/vllm_patches/
     os.environ["EXPERTSERVE_JSON_WHITESPACE"] = config.json_whitespace
     # Without a bound the CPU KV cache takes most of the RAM; an explicit environment value wins.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))

@@ -1,7 +1,7 @@
 """The vLLM engine: one `AsyncLLM` with multi-LoRA, prompt embeddings (soft prompts) and xgrammar structured
 outputs, applying fully resolved requests as given.
 
-Base-model requests run without an adapter: expertserve's vLLM plugin (engine/vllm_patches.py) gives their rows no
+Base-model requests run without an adapter: expertserve's vLLM plugin (engine/vllm_patches/) gives their rows no
 LoRA term in mixed CPU batches. Only base requests with prompt log probabilities go through an all-zero adapter, which
 vLLM's CPU LoRA logits processor needs (see `EngineConfig.zero_adapter_for_base`).
 """

@@ -8,7 +8,7 @@ from typing import Any
 
 from expertserve.engine.config import EngineSettings
 from expertserve.serve.config import ServeConfig
-from expertserve.serve.engine_shape import start_shape
+from expertserve.serve.control.shape import start_shape
 
 # Requests the ingress admits beyond what the engines can run or queue (see build_app_from_config).
 INGRESS_HEADROOM = 1024

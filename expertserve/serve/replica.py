@@ -6,15 +6,13 @@ the loader only registers the expert (`Resident`) and its load runs outside it: 
 requests wait, loads of different experts at the same time.
 The engine class is a keyword argument (`engine_cls=`): vLLM in production, a fake in CPU tests.
 
-Each replica follows the app's engine shape (serve/engine_shape.py, held by the expert-state actor): when
-`POST /admin/engines/restart` raises it, the replicas restart their engines one at a time (a claim in the actor), so
-the others keep serving; a replica starting later starts with the raised shape.
+Each replica follows the app's engine shape (serve/control/engine_follower.py): when `POST /admin/engines/restart`
+raises it, the replicas restart their engines one at a time, so the others keep serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -29,14 +27,14 @@ from expertserve.engine.config import EngineSettings
 from expertserve.engine.protocol import ExpertEngine, LoadedExpert
 from expertserve.engine.request import Chunk, EngineRequest, ExpertSpec, coalesce
 from expertserve.errors import ExpertLoadError
-from expertserve.serve.engine_shape import EngineShape
-from expertserve.serve.expert_state import find_state_actor
+from expertserve.serve.control.engine_follower import ShapeFollower, initial_target
+from expertserve.serve.control.engine_slot import EngineSlot, shape_of, shaped
+from expertserve.serve.control.identity import app_name, replica_id
+from expertserve.serve.control.state import find_state_actor
 
 logger = logging.getLogger("ray.serve")
 # Experts a replica keeps loaded; Serve routes an expert's requests to replicas that already hold it.
 MAX_EXPERTS_PER_REPLICA = 16
-SHAPE_POLL_S = 1.0  # how often a replica reads the target engine shape
-RESTART_BACKOFF_S = 30.0  # after an engine that would not start, before trying again
 
 
 class Resident:
@@ -96,7 +94,9 @@ class Resident:
 
 
 class EngineReplica:
-    """Ray Serve deployment class (the app builder wraps it with `serve.deployment`)."""
+    """Ray Serve deployment class (the app builder wraps it with `serve.deployment`): the replica's engine (in an
+    `EngineSlot`, which a restart swaps), the experts it holds, and its stream of chunks. The shape it runs is the
+    control plane's (control/engine_follower.py)."""
 
     # Serve awaits an async constructor; the engine starts before the replica takes requests.
     async def __init__(  # type: ignore[misc]
@@ -106,22 +106,14 @@ class EngineReplica:
             from expertserve.engine.vllm_engine import VLLMExpertEngine
 
             engine_cls = VLLMExpertEngine
-        self.engine_cls = engine_cls
         self.replica_id = replica_id()
-        self.app_name = app_name()
-        self.state = find_state_actor(self.app_name) if self.app_name else None
+        app = app_name()
+        state = find_state_actor(app) if app else None
         # A replica started after a restart raised the shape (autoscaling, a replaced replica) starts with it.
-        self.shape_version, target = (0, None)
-        if self.state is not None:
-            self.shape_version, shape = await self.state.target_shape.remote()
-            target = EngineShape.from_dict(shape)
-        self.settings = _shaped(settings, _shape(settings).grown(target))
-        self.engine = engine_cls(self.settings)
+        version, target = await initial_target(state)
+        self.slot = EngineSlot(engine_cls, shaped(settings, shape_of(settings).grown(target)))
         self.interval_s = settings.engine.stream_interval_ms / 1000
-        self._busy: dict[int, int] = {}  # id(engine) -> requests running on it
-        self._ready = asyncio.Event()  # cleared while a drain-then-start restart has no engine
-        self._ready.set()
-        await self.engine.start()
+        await self.slot.start()
         # The specs of the experts this replica was asked for: Serve's loader gets only the key.
         self._specs: dict[str, ExpertSpec] = {}
         from ray.util.metrics import Counter
@@ -134,11 +126,10 @@ class EngineReplica:
             "expertserve_engine_expert_evictions",
             description="Experts released by engine replicas to make room (least recently used).",
         )
-        # Two tasks: the heartbeat goes on while the follower restarts the engine (draining can take minutes).
-        self._target: tuple[int, dict[str, Any] | None] = (self.shape_version, None)
-        self._target_seen = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._heartbeat()), loop.create_task(self._follow_shape())]
+        self.follower = ShapeFollower(
+            self.slot, state=state, app_name=app, replica=self.replica_id, version=version
+        )
+        self.follower.start()
 
     @serve.multiplexed(max_num_models_per_replica=MAX_EXPERTS_PER_REPLICA)
     async def _expert(self, key: str) -> Resident:
@@ -158,16 +149,16 @@ class EngineReplica:
     async def _load(self, spec: ExpertSpec) -> LoadedExpert:
         if spec.store is not None:
             spec = await asyncio.to_thread(fetch_from_store, spec)
-        loaded = await self.engine.load_expert(spec)
+        loaded = await self.slot.engine.load_expert(spec)
         self._loads.inc()
         logger.info("expert %s loaded on this replica in %.3f s", spec.key, loaded.load_seconds)
         return loaded
 
     async def warm(self, spec: ExpertSpec) -> tuple[str, bool]:
-        """Loads the expert here if this replica does not hold it (serve/warm.py); returns this replica's id and
+        """Loads the expert here if this replica does not hold it (control/warm.py); returns this replica's id and
         whether it holds the expert now. Serve learns that this replica holds it, and routes its requests here too."""
         self._specs[spec.key] = spec
-        await self._ready.wait()
+        await self.slot.wait_ready()
         try:
             await self._held(spec.key)
         except ExpertLoadError as e:
@@ -179,14 +170,9 @@ class EngineReplica:
         """Streams the request's chunks, its expert loaded first (once per replica). The first chunk of a request
         that waited for its expert's load carries how long it waited (`load_seconds`; 0 when the expert was
         loaded already)."""
-        await self._ready.wait()
-        engine = self.engine  # a restart may replace self.engine while this request runs on this one
-        self._busy[id(engine)] = self._busy.get(id(engine), 0) + 1
-        try:
+        async with self.slot.using() as engine:
             async for chunk in self._generate(engine, request):
                 yield chunk
-        finally:
-            self._busy[id(engine)] -= 1
 
     async def _generate(self, engine: ExpertEngine, request: EngineRequest) -> AsyncIterator[Chunk]:
         resident = None
@@ -199,7 +185,7 @@ class EngineReplica:
         source = engine.generate(request, resident.loaded if resident else None)
         try:
             replica = self.replica_id
-            async for chunk in self._coalesced(source, whole=request.extras.whole):
+            async for chunk in coalesced(source, self.interval_s, whole=request.extras.whole):
                 yield dataclasses.replace(
                     chunk, load_seconds=chunk.load_seconds + load_seconds, replica=replica
                 )
@@ -208,152 +194,39 @@ class EngineReplica:
             await engine.abort(request.request_id)
             raise
 
-    async def _coalesced(self, source: AsyncIterator[Chunk], *, whole: bool) -> AsyncIterator[Chunk]:
-        """Fewer, larger messages: every generated token used to cross Ray as its own message. The first chunk goes
-        at once (time to first token does not grow); after it, what arrives within `stream_interval_ms` goes
-        together; a non-streamed request (`whole`) goes as one message at the end."""
-        interval = self.interval_s
-        pending: list[Chunk] = []
-        sent_first = whole  # a whole answer has no early first chunk
-        last = time.monotonic()
-        async for chunk in source:
-            if not sent_first:
-                sent_first, last = True, time.monotonic()
-                yield chunk
-                continue
-            pending.append(chunk)
-            if not whole and (chunk.finish_reason is not None or time.monotonic() - last >= interval):
-                for joined in coalesce(pending):
-                    yield joined
-                pending, last = [], time.monotonic()
-        for joined in coalesce(pending):
-            yield joined
-
     async def check_health(self) -> None:
         """Serve's health check: the engine must be alive (a replica restarting its engine is healthy)."""
-        if self._ready.is_set():
-            await self.engine.check_health()
-
-    # ---- engine shape ----------------------------------------------------------------------------------------
-
-    async def _heartbeat(self) -> None:
-        """Tells the state actor which shape version this replica's engine runs, and reads the target."""
-        while True:
-            await asyncio.sleep(SHAPE_POLL_S)
-            try:
-                if self.state is None:
-                    self.state = await asyncio.to_thread(find_state_actor, self.app_name)
-                    if self.state is None:
-                        continue
-                self._target = await self.state.engine_ack.remote(self.replica_id, self.shape_version)
-                self._target_seen.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the actor restarting: try again next tick
-                logger.warning("engine shape: %s: %s", type(e).__name__, e)
-
-    async def _follow_shape(self) -> None:
-        """Restarts the engine when the target grows past the shape it runs, after claiming the restart (one
-        replica at a time)."""
-        while True:
-            await self._target_seen.wait()
-            self._target_seen.clear()
-            version, shape = self._target
-            target = EngineShape.from_dict(shape)
-            if version <= self.shape_version or target is None or self.state is None:
-                continue
-            if _shape(self.settings).covers(target):
-                self.shape_version = version
-                continue
-            try:
-                if not await self.state.claim_restart.remote(self.replica_id):
-                    continue  # another replica is restarting: this one serves meanwhile, and asks again
-                try:
-                    await self._restart(_shape(self.settings).grown(target))
-                    self.shape_version = version
-                    await self.state.engine_ack.remote(self.replica_id, version)
-                finally:
-                    await self.state.release_restart.remote(self.replica_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # an engine that would not start: this replica keeps its shape for now
-                logger.error("engine restart for %s failed: %s: %s", target, type(e).__name__, e)
-                await asyncio.sleep(RESTART_BACKOFF_S)
-
-    async def _restart(self, shape: EngineShape) -> None:
-        """Replaces the engine with one of `shape`; no request is dropped: requests running on the old engine
-        finish there, new ones go to the new engine (or wait for it, when the old one must stop first)."""
-        settings = _shaped(self.settings, shape)
-        overlap = self.settings.engine.restart_overlap
-        if overlap is None:
-            import ray
-
-            overlap = not ray.get_gpu_ids()
-        logger.info("engine restart for %s (%s)", shape, "overlapping" if overlap else "drain, then start")
-        started = time.monotonic()
-        old = self.engine
-        if overlap:
-            new = self.engine_cls(settings)
-            await new.start()
-            self.engine, self.settings = new, settings
-            await self._drained(old)
-            await old.shutdown()
-        else:
-            self._ready.clear()
-            try:
-                await self._drained(old)
-                await old.shutdown()
-                new = self.engine_cls(settings)
-                try:
-                    await new.start()
-                except Exception:
-                    # Back to the shape it had: this replica keeps serving what it served.
-                    self.engine = self.engine_cls(self.settings)
-                    await self.engine.start()
-                    raise
-                self.engine, self.settings = new, settings
-            finally:
-                self._ready.set()
-        logger.info("engine restarted for %s in %.1f s", shape, time.monotonic() - started)
-
-    async def _drained(self, engine: ExpertEngine) -> None:
-        """Returns once no request runs on `engine` (each ends: they are bounded by their max_tokens)."""
-        while self._busy.get(id(engine), 0) > 0:
-            await asyncio.sleep(0.1)
-        self._busy.pop(id(engine), None)
+        await self.slot.check_health()
 
     async def shape(self) -> dict[str, Any]:
         """This replica's id, the shape its engine runs and that shape's version (tests, diagnostics)."""
-        return {
-            "replica": self.replica_id,
-            "version": self.shape_version,
-            **_shape(self.settings).to_dict(),
-        }
+        return {"replica": self.replica_id, "version": self.follower.version, **self.slot.shape.to_dict()}
 
     def __del__(self) -> None:
-        state = getattr(self, "state", None)
-        if state is not None:
-            # Ray going down with the replica may refuse the call: the actor forgets it after LIVE_S anyway.
-            with contextlib.suppress(Exception):
-                state.engine_leave.remote(self.replica_id)
+        follower = getattr(self, "follower", None)
+        if follower is not None:
+            follower.leave()
 
 
-def _shape(settings: EngineSettings) -> EngineShape:
-    return EngineShape(settings.max_lora_rank, settings.prefix_caching)
-
-
-def _shaped(settings: EngineSettings, shape: EngineShape) -> EngineSettings:
-    return settings.model_copy(
-        update={"max_lora_rank": shape.max_lora_rank, "prefix_caching": shape.prefix_caching}
-    )
-
-
-def app_name() -> str | None:
-    """The Serve application this replica belongs to (None outside Serve: unit tests build the classes directly)."""
-    try:
-        return serve.get_replica_context().app_name
-    except Exception:  # outside a Serve replica
-        return None
+async def coalesced(source: AsyncIterator[Chunk], interval: float, *, whole: bool) -> AsyncIterator[Chunk]:
+    """Fewer, larger messages: every generated token used to cross Ray as its own message. The first chunk goes at
+    once (time to first token does not grow); after it, what arrives within `interval` seconds goes together; a
+    non-streamed request (`whole`) goes as one message at the end."""
+    pending: list[Chunk] = []
+    sent_first = whole  # a whole answer has no early first chunk
+    last = time.monotonic()
+    async for chunk in source:
+        if not sent_first:
+            sent_first, last = True, time.monotonic()
+            yield chunk
+            continue
+        pending.append(chunk)
+        if not whole and (chunk.finish_reason is not None or time.monotonic() - last >= interval):
+            for joined in coalesce(pending):
+                yield joined
+            pending, last = [], time.monotonic()
+    for joined in coalesce(pending):
+        yield joined
 
 
 def fetch_from_store(spec: ExpertSpec) -> ExpertSpec:
@@ -403,14 +276,3 @@ def fetch_from_store(spec: ExpertSpec) -> ExpertSpec:
 def _moved(path: str, mirror: str, here: str) -> str:
     """`path` under the ingress node's mirror, as the same path under this node's."""
     return str(Path(here) / Path(path).relative_to(mirror))
-
-
-def replica_id() -> str:
-    """This Serve replica's id (an engine replica's is `x-expertserve-replica`), or the process id outside one."""
-    import os
-
-    try:
-        replica = serve.get_replica_context().replica_id
-        return str(getattr(replica, "unique_id", replica))
-    except Exception:
-        return f"pid-{os.getpid()}"

@@ -170,7 +170,7 @@ def _comment_in_manifest(tiny_expert: tuple[Path, Path]) -> None:
 
 def test_seeded_sampling_with_chunked_prefill_keeps_the_engine_alive(engine: Any) -> None:
     """vLLM 0.32 on CPU crashed ("CPU Generator does not use offset") when a seeded request's prefill was split
-    across steps; expertserve's vLLM plugin stops that (expertserve/engine/vllm_patches.py)."""
+    across steps; expertserve's vLLM plugin stops that (expertserve/engine/vllm_patches/json_whitespace.py)."""
     from vllm import SamplingParams
 
     from expertserve.engine.batch import GenerationRequest

@@ -67,7 +67,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _expert(experts, "expert-greedy", {"keywords": ["greedy"]}, temperature=0.0)
     # Asked for by one test only, so no other test has loaded it on a replica.
     _expert(experts, "expert-affinity", {"keywords": ["affinity"]})
-    # Kept loaded on both engine replicas by the ingress (runtime.min_replicas; serve/warm.py).
+    # Kept loaded on both engine replicas by the ingress (runtime.min_replicas; serve/control/warm.py).
     _expert(experts, "expert-popular", {"keywords": ["popular"]}, runtime={"min_replicas": 2})
     port = free_port()
     config = ServeConfig.model_validate(

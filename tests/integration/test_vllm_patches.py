@@ -25,10 +25,10 @@ def test_base_rows_get_no_lora_term_in_a_mixed_batch() -> None:
     import torch
     from vllm.lora.ops.torch_ops import lora_ops
 
-    from expertserve.engine import vllm_patches
+    from expertserve.engine.vllm_patches import cpu_lora
 
     # The kernel as vLLM ships it (an in-process engine of an earlier test may have patched the module).
-    shipped = vllm_patches.SHIPPED_KERNELS.get("bgmv_shrink", lora_ops.bgmv_shrink)
+    shipped = cpu_lora.SHIPPED_KERNELS.get("bgmv_shrink", lora_ops.bgmv_shrink)
     torch.manual_seed(0)
     weights = torch.randn(2, 1, 3, 5)  # two adapter slots: [slots, 1, rank, hidden]
     inputs = torch.randn(3, 5)
@@ -38,18 +38,18 @@ def test_base_rows_get_no_lora_term_in_a_mixed_batch() -> None:
     assert torch.allclose(unpatched[1], inputs[1] @ weights[1, 0].T), "vLLM's bug: -1 is the last slot"
 
     shrunk = torch.full((3, 3), 7.0)
-    vllm_patches.bgmv_shrink(inputs, weights, shrunk, indices, 1.0)
+    cpu_lora.bgmv_shrink(inputs, weights, shrunk, indices, 1.0)
     assert torch.equal(shrunk[1], torch.zeros(3))
     assert torch.allclose(shrunk[0], inputs[0] @ weights[0, 0].T)
     assert torch.allclose(shrunk[2], inputs[2] @ weights[1, 0].T)
 
     b = torch.randn(2, 1, 5, 3)
     out = torch.ones(3, 5)
-    vllm_patches.bgmv_expand(shrunk, b, out, indices, True)
+    cpu_lora.bgmv_expand(shrunk, b, out, indices, True)
     assert torch.equal(out[1], torch.ones(5)), "the base row's output is left as it was"
     assert torch.allclose(out[0], 1 + shrunk[0] @ b[0, 0].T)
     sliced = torch.ones(3, 9)
-    vllm_patches.bgmv_expand_slice(shrunk, b, sliced, indices, 2, 5, False)
+    cpu_lora.bgmv_expand_slice(shrunk, b, sliced, indices, 2, 5, False)
     assert torch.equal(sliced[1, 2:7], torch.zeros(5)) and torch.equal(sliced[:, :2], torch.ones(3, 2))
     assert torch.allclose(sliced[2, 2:7], shrunk[2] @ b[1, 0].T)
 
@@ -66,9 +66,9 @@ def test_grouped_lora_step_matches_the_row_by_row_definition(
 ) -> None:
     import torch
 
-    from expertserve.engine import vllm_patches
+    from expertserve.engine.vllm_patches import cpu_lora
 
-    monkeypatch.setattr(vllm_patches, "DENSE_ROWS", dense_rows)
+    monkeypatch.setattr(cpu_lora, "DENSE_ROWS", dense_rows)
 
     dt = getattr(torch, dtype)
     torch.manual_seed(1)
@@ -79,10 +79,10 @@ def test_grouped_lora_step_matches_the_row_by_row_definition(
     indices = torch.tensor(rows)
     want = _reference(x, a, b, indices, 0.5, torch.ones(6, 32, dtype=dt))
     got = torch.ones(6, 32, dtype=dt)
-    step = vllm_patches._StepRows(indices)
+    step = cpu_lora._StepRows(indices)
     assert (step.groups is None) == all(r < 0 for r in rows)
     if step.groups is not None:
-        vllm_patches._add_lora(got, x, a, b, 0.5, slices, step)
+        cpu_lora._add_lora(got, x, a, b, 0.5, slices, step)
     tolerance = {"atol": 1e-4} if dt == torch.float32 else {"atol": 0.1, "rtol": 0.02}
     assert torch.allclose(got.float(), want.float(), **tolerance)
     for r in (i for i, slot in enumerate(rows) if slot < 0):
@@ -92,23 +92,23 @@ def test_grouped_lora_step_matches_the_row_by_row_definition(
 def test_a_slot_loaded_with_another_adapter_is_not_served_from_a_stale_float32_copy() -> None:
     import torch
 
-    from expertserve.engine import vllm_patches
+    from expertserve.engine.vllm_patches import cpu_lora
 
     a = (torch.randn(2, 1, 4, 6, dtype=torch.bfloat16),)
     b = (torch.randn(2, 1, 5, 4, dtype=torch.bfloat16),)
     x = torch.randn(3, 6, dtype=torch.bfloat16)
     first = torch.zeros(3, 5, dtype=torch.bfloat16)
-    step = vllm_patches._StepRows(torch.tensor([1, 1, 1]))
-    vllm_patches._add_lora(first, x, a, b, 1.0, (5,), step)
+    step = cpu_lora._StepRows(torch.tensor([1, 1, 1]))
+    cpu_lora._add_lora(first, x, a, b, 1.0, (5,), step)
     assert first.abs().sum() > 0
     # vLLM loads an adapter into a slot by copying into the stacked tensors in place.
     b[0][1, 0].copy_(torch.zeros(5, 4))
     again = torch.zeros(3, 5, dtype=torch.bfloat16)
-    vllm_patches._add_lora(again, x, a, b, 1.0, (5,), step)
+    cpu_lora._add_lora(again, x, a, b, 1.0, (5,), step)
     assert torch.equal(again, torch.zeros(3, 5, dtype=torch.bfloat16))
     # The same for a step over both slots (one product over every slot, built from the same copy).
     mixed = torch.zeros(3, 5, dtype=torch.bfloat16)
-    vllm_patches._add_lora(mixed, x, a, b, 1.0, (5,), vllm_patches._StepRows(torch.tensor([1, 0, 1])))
+    cpu_lora._add_lora(mixed, x, a, b, 1.0, (5,), cpu_lora._StepRows(torch.tensor([1, 0, 1])))
     assert torch.equal(mixed[0], torch.zeros(5, dtype=torch.bfloat16)) and mixed[1].abs().sum() > 0
 
 
@@ -146,7 +146,7 @@ def test_json_constraints_compile_in_the_configured_whitespace_style(
     import xgrammar as xgr
     from transformers import AutoTokenizer
 
-    from expertserve.engine.vllm_patches import JSON_WHITESPACE, _JsonStyleCompiler
+    from expertserve.engine.vllm_patches.json_whitespace import JSON_WHITESPACE, _JsonStyleCompiler
     from expertserve.models import offline
 
     tokenizer = AutoTokenizer.from_pretrained(offline.prepared_model_dir())
@@ -167,33 +167,58 @@ def test_json_constraints_compile_in_the_configured_whitespace_style(
 def test_the_plugin_refuses_an_unknown_json_style_and_patches_the_xgrammar_backend() -> None:
     from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
 
-    from expertserve.engine import vllm_patches
+    from expertserve.engine.vllm_patches import json_whitespace
 
     with pytest.raises(ValueError, match="EXPERTSERVE_JSON_WHITESPACE='loose': expected one of"):
-        vllm_patches._patch_json_whitespace("loose")
-    vllm_patches._patch_json_whitespace("spaced")
+        json_whitespace._patch_json_whitespace("loose")
+    json_whitespace._patch_json_whitespace("spaced")
     assert getattr(XgrammarBackend.__post_init__, "_expertserve", False)
 
 
 def test_a_rewritten_slot_is_refreshed_alone_and_matches_a_full_copy() -> None:
     import torch
 
-    from expertserve.engine import vllm_patches
+    from expertserve.engine.vllm_patches import cpu_lora
 
     torch.manual_seed(2)
     slices = (6, 4)
     a = tuple(torch.randn(3, 1, 2, 5, dtype=torch.bfloat16) for _ in slices)
     b = tuple(torch.randn(3, 1, n, 2, dtype=torch.bfloat16) for n in slices)
-    layer = vllm_patches._STACKS.get(a, b, slices)
+    layer = cpu_lora._STACKS.get(a, b, slices)
     layer.dense()  # the over-every-slot copy is refreshed too
     untouched = layer.a[0].clone()
     # What vLLM's set_lora does for slot 2 (reset_lora marks it), then a new adapter's weights.
-    vllm_patches._STACKS.mark(a[0], 2)
+    cpu_lora._STACKS.mark(a[0], 2)
     for t in (*a, *b):
         t[2] = torch.randn_like(t[2])
-    refreshed = vllm_patches._STACKS.get(a, b, slices)
+    refreshed = cpu_lora._STACKS.get(a, b, slices)
     assert refreshed is layer, "refreshed in place, not rebuilt"
-    full = vllm_patches._Layer(a, b, slices)
+    full = cpu_lora._Layer(a, b, slices)
     assert torch.equal(refreshed.a, full.a) and torch.equal(refreshed.b, full.b)
     assert torch.equal(refreshed.dense()[1], full.dense()[1])
     assert torch.equal(refreshed.a[0], untouched)
+
+
+def test_every_patch_refuses_a_vllm_it_was_not_verified_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from expertserve.engine.vllm_patches import cpu_generator, cpu_lora, json_whitespace, lora_embedding
+    from expertserve.engine.vllm_patches.guard import OVERRIDE_ENV, UnverifiedVLLM, installed_vllm, verified
+
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+    for module in (cpu_generator, cpu_lora, json_whitespace, lora_embedding):
+        assert installed_vllm() in module.VERIFIED, module.__name__  # the pinned vLLM is the verified one
+        with pytest.raises(UnverifiedVLLM, match="verified on vLLM 0.32.0; this environment has 0.33.0"):
+            verified(module.__name__, module.VERIFIED, installed="0.33.0")
+    verified("cpu_lora", cpu_lora.VERIFIED, installed="0.32.0+cpu")  # a local build tag is the same release
+    monkeypatch.setenv(OVERRIDE_ENV, "1")
+    verified("cpu_lora", cpu_lora.VERIFIED, installed="0.33.0")  # an operator who checked it by hand
+
+
+def test_the_engine_start_fails_loudly_on_an_unverified_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from expertserve.engine import vllm_patches
+    from expertserve.engine.vllm_patches import guard
+
+    monkeypatch.delenv(guard.OVERRIDE_ENV, raising=False)
+    monkeypatch.setenv(vllm_patches.ENV, "1")
+    monkeypatch.setattr(guard, "installed_vllm", lambda: "0.40.1")
+    with pytest.raises(guard.UnverifiedVLLM, match="cpu_generator"):
+        vllm_patches.register()

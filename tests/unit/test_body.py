@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from expertserve.serve.body import MAX_DEPTH, parse_body
 from expertserve.serve.errors import RequestError
+from expertserve.serve.http.body import MAX_DEPTH, parse_body
 
 
 @pytest.mark.parametrize(

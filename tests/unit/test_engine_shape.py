@@ -6,7 +6,7 @@ from pathlib import Path
 
 from expertserve.engine.config import EngineConfig
 from expertserve.registry import Registry
-from expertserve.serve.engine_shape import EngineShape, experts_need, start_shape
+from expertserve.serve.control.shape import EngineShape, experts_need, start_shape
 from tests.helpers import make_expert, manifest
 
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from expertserve.serve import expert_state
-from expertserve.serve.expert_state import ExpertState, StateFollower
+from expertserve.serve.control import state as expert_state
+from expertserve.serve.control.state import ExpertState, StateFollower
 
 
 def test_generations_acks_and_lagging_replicas(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,65 +1,84 @@
-"""Inference API keys and the admin key (the ingress's own logic, no Ray)."""
+"""Inference API keys and the admin key (the auth layer's own logic, and its middleware on a bare app, no Ray)."""
 
 from __future__ import annotations
 
 import pytest
-from starlette.requests import Request
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
 
-from expertserve.serve.config import ServeConfig
 from expertserve.serve.errors import RequestError
-from expertserve.serve.ingress import Ingress
+from expertserve.serve.http import auth
+from expertserve.serve.http.auth import KeyCheck, scope_of
 
 
-def ingress(**config: object) -> Ingress:
-    obj = Ingress.__new__(Ingress)
-    obj.config = ServeConfig(**config)
-    return obj
-
-
-def request(token: str | None = None, host: str = "127.0.0.1") -> Request:
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
-    return Request({"type": "http", "headers": headers, "client": (host, 5000), "method": "GET", "path": "/"})
+def check(keys: KeyCheck, token: str | None, *, admin: bool, host: str = "127.0.0.1") -> auth.Caller:
+    header = f"Bearer {token}" if token else ""
+    return keys.check("admin" if admin else "inference", header, host)
 
 
 def test_no_keys_means_open_inference_and_loopback_only_admin() -> None:
-    server = ingress()
-    server._auth(request(), admin=False)
-    server._auth(request(), admin=True)
+    keys = KeyCheck([], None)
+    check(keys, None, admin=False)
+    check(keys, None, admin=True)
     with pytest.raises(RequestError) as info:
-        server._auth(request(host="10.1.2.3"), admin=True)
+        check(keys, None, admin=True, host="10.1.2.3")
     assert info.value.status == 403
 
 
 def test_api_keys_are_required_when_configured() -> None:
-    server = ingress(api_keys=["k1", "k2"], admin_key="adm")
-    server._auth(request("k2"), admin=False)
+    keys = KeyCheck(["k1", "k2"], "adm")
+    assert check(keys, "k2", admin=False).key_index == 1
     for token in (None, "nope", "adm"):
         with pytest.raises(RequestError) as info:
-            server._auth(request(token), admin=False)
+            check(keys, token, admin=False)
         assert info.value.status == 401 and info.value.body()["error"]["type"] == "authentication_error"
 
 
 def test_admin_key_is_separate() -> None:
-    server = ingress(api_keys=["k1"], admin_key="adm")
-    server._auth(request("adm", host="10.1.2.3"), admin=True)
+    keys = KeyCheck(["k1"], "adm")
+    check(keys, "adm", admin=True, host="10.1.2.3")
     with pytest.raises(RequestError) as info:
-        server._auth(request("k1"), admin=True)
+        check(keys, "k1", admin=True)
     assert info.value.status == 401
 
 
 def test_non_ascii_and_odd_bytes_in_the_key_are_refused_not_crashed() -> None:
-    server = ingress(api_keys=["k1", "clé"], admin_key="adm")
+    keys = KeyCheck(["k1", "clé"], "adm")
     for raw in (b"Bearer k\xe9", b"Bearer \xff\xfe", b"bearer k1 ", "Bearer clé".encode()):
-        scope = {
-            "type": "http",
-            "headers": [(b"authorization", raw)],
-            "client": ("127.0.0.1", 1),
-            "method": "GET",
-            "path": "/",
-        }
         try:
-            server._auth(Request(scope), admin=False)
+            keys.check("inference", raw.decode("latin-1"), "127.0.0.1")
         except RequestError as e:
             assert e.status == 401
         else:
             assert raw == "Bearer clé".encode(), raw  # a UTF-8 key sent as UTF-8 bytes matches
+
+
+def test_paths_decide_what_a_request_needs() -> None:
+    assert scope_of("/v1/chat/completions") == "inference"
+    assert scope_of("/v1/models/x") == "inference"
+    assert scope_of("/admin/experts/reload") == "admin"
+    for open_path in ("/livez", "/healthz", "/readyz", "/metrics", "/"):
+        assert scope_of(open_path) == "open"
+
+
+def test_the_middleware_refuses_before_the_route_reads_the_body() -> None:
+    app = FastAPI()
+    app.add_middleware(auth.AuthMiddleware)
+    seen: list[object] = []
+
+    @app.post("/v1/echo")
+    async def echo(request: Request) -> dict[str, object]:
+        seen.append(await request.body())
+        return {"ok": True}
+
+    @app.get("/livez")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    client = TestClient(app)
+    auth.install(KeyCheck(["k1"], "adm"))
+    refused = client.post("/v1/echo", content=b"{not json", headers={"authorization": "Bearer nope"})
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    assert seen == []
+    assert client.get("/livez").status_code == 200
+    assert client.post("/admin/x", headers={"authorization": "Bearer k1"}).status_code == 401

@@ -1,11 +1,11 @@
-"""Which experts the ingress keeps loaded on several engine replicas (serve/warm.py: the pure plan)."""
+"""Which experts the ingress keeps loaded on several engine replicas (serve/control/warm.py: the pure plan)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from expertserve.registry import Registry
-from expertserve.serve.warm import warm_targets
+from expertserve.serve.control.warm import warm_targets
 from tests.helpers import make_expert, manifest
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -30,7 +30,7 @@ class ExpertState:
     def __init__(self) -> None:
         self.generation = 0
         self.seen: dict[str, tuple[int, float]] = {}  # replica id -> (generation it serves, when it said so)
-        # The engine shape (serve/engine_shape.py): the target, its version, the shape every engine runs.
+        # The engine shape (serve/control/shape.py): the target, its version, the shape every engine runs.
         self.shape: dict[str, Any] | None = None
         self.shape_version = 0
         self.applied: dict[str, Any] | None = None

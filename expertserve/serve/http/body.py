@@ -68,3 +68,18 @@ def _check_text(text: str, path: str) -> None:
             f"{e.start}); send valid Unicode",
             param=path or None,
         ) from None
+
+
+async def read_body(request: Any, limit: int) -> dict[str, Any]:
+    """A request's body as a JSON object (`parse_body`), refused at `limit` bytes.
+
+    Raises:
+        RequestError: 413 beyond the limit (by the declared length before reading), 400 for a bad body.
+    """
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise RequestError(413, f"request body is {len(raw)} bytes; the limit is {limit}")
+    return parse_body(raw)

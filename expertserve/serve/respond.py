@@ -1,0 +1,182 @@
+"""Sending engine requests and answering: the engine's streams started (a request whose engine replica died
+before any output is sent again), merged across prompts and choices, then streamed as server-sent events or
+collected into one body. Errors before the first byte are raised (the handlers map them); errors mid-stream go
+into the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from expertserve.engine.request import Chunk, EngineRequest
+from expertserve.serve.config import ServeConfig
+from expertserve.serve.errors import client_error
+from expertserve.serve.metrics import Metrics, RequestTracker
+from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest
+from expertserve.serve.responses import (
+    INTERNAL_ERROR,
+    SSE_DONE,
+    ResponseMeta,
+    chunk_body,
+    full_response,
+    sse,
+    tool_call_chunk,
+    usage,
+    usage_body,
+)
+from expertserve.serve.streams import merged
+
+logger = logging.getLogger("ray.serve")
+AnyRequest = ChatCompletionRequest | CompletionRequest
+
+
+class Responder:
+    """Answers with the engine deployment's output.
+
+    Args:
+        engine: Handle of the engine deployment (its data plane chosen by the ingress).
+        config: The server config (the engine retry budget).
+        metrics: Per-request tracking.
+    """
+
+    def __init__(self, *, engine: Any, config: ServeConfig, metrics: Metrics) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+
+    async def respond(
+        self,
+        req: AnyRequest,
+        engine_requests: list[EngineRequest],
+        headers: dict[str, str],
+        meta: ResponseMeta,
+    ) -> Response:
+        """Sends the requests to the engine; streams the chunks as SSE, or answers with the whole body."""
+        tracker = self.metrics.track(headers["x-expertserve-expert"])
+        try:
+            started = await _all_or_none([self._start(r) for r in engine_requests])
+            stream = merged(started, req.n)
+            first = await anext(stream, None)
+            tracker.first(first, streamed=bool(req.stream))
+            if first is not None and first.replica:
+                headers["x-expertserve-replica"] = first.replica
+            if (
+                first is not None and first.load_seconds > 0
+            ):  # this request waited for its expert to load there
+                headers["x-expertserve-expert-load-ms"] = f"{first.load_seconds * 1000:.0f}"
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return StreamingResponse(
+                    self._sse(meta, first, stream, include_usage, tracker),
+                    media_type="text/event-stream",
+                    headers=headers,
+                )
+            chunks = [first] if first is not None else []
+            chunks += [chunk async for chunk in stream]
+        except BaseException as e:
+            raise _failed(tracker, e) from None
+        payload = full_response(meta, req.n * len(engine_requests), chunks)
+        tracker.done(payload["usage"])
+        return JSONResponse(payload, headers=headers)
+
+    async def _start(self, engine_request: EngineRequest) -> tuple[Any, Chunk | None]:
+        """The engine's stream and its first chunk. A request whose replica died before it produced anything is
+        sent again (nothing reached the client yet), with backoff, until `replicas.engine_retry_s` runs out."""
+        expert = engine_request.expert
+        handle = self.engine.options(stream=True, multiplexed_model_id=expert.key if expert else "")
+        deadline = time.monotonic() + self.config.replicas.engine_retry_s
+        delay = 0.25
+        while True:
+            stream = handle.generate.remote(engine_request)
+            try:
+                return stream, await anext(stream, None)
+            except Exception as e:
+                mapped = client_error(e)
+                if (
+                    mapped is None
+                    or mapped.code != "engine_unavailable"
+                    or time.monotonic() + delay > deadline
+                ):
+                    raise
+                self.metrics.engine_lost.inc()
+                logger.warning(
+                    "request %s: engine replica lost before any output (%s); sending it again in %.2f s",
+                    engine_request.request_id,
+                    type(e).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    async def _sse(
+        self,
+        meta: ResponseMeta,
+        first: Chunk | None,
+        stream: Any,
+        include_usage: bool,
+        tracker: RequestTracker,
+    ) -> AsyncIterator[str]:
+        """The event stream; an error mid-stream goes into the stream (the status is sent already)."""
+        per_choice: dict[int, tuple[int, int]] = {}
+        sent: dict[int, int] = {}  # characters each choice has sent (completions' text_offset)
+        try:
+            chunk = first
+            calls: dict[int, str] = {}  # a tool call's arguments so far, per choice (sent once complete)
+            while chunk is not None:
+                per_choice[chunk.index] = (chunk.prompt_tokens, chunk.completion_tokens)
+                if meta.tools is not None:
+                    calls[chunk.index] = calls.get(chunk.index, "") + chunk.text
+                    if chunk.finish_reason is not None:
+                        yield sse(tool_call_chunk(meta, chunk.index, calls[chunk.index], chunk.finish_reason))
+                else:
+                    body = chunk_body(
+                        meta, chunk, first=chunk.index not in sent, offset=sent.get(chunk.index, 0)
+                    )
+                    sent[chunk.index] = sent.get(chunk.index, 0) + len(_text(body))
+                    yield sse(body)
+                chunk = await anext(stream, None)
+            totals = usage(per_choice, meta.n)
+            if include_usage:
+                yield sse(usage_body(meta, totals))
+            tracker.done(totals)
+        except Exception as e:
+            error = client_error(e)
+            tracker.failed(error.status if error else 500)
+            if error is None:
+                logger.error("stream failed: %s", e, exc_info=e)
+            yield sse(error.body() if error else INTERNAL_ERROR)
+        finally:
+            tracker.close()  # the client went away mid-stream
+        yield SSE_DONE
+
+
+def _failed(tracker: RequestTracker, error: BaseException) -> BaseException:
+    """Ends the request's tracking as failed; the error to raise (a client error, or the original: a 500)."""
+    if isinstance(error, asyncio.CancelledError):  # the client went away
+        tracker.close()
+        return error
+    mapped = client_error(error)
+    tracker.failed(mapped.status if mapped else 500)
+    return mapped or error
+
+
+def _text(body: dict[str, Any]) -> str:
+    choice = body["choices"][0]
+    return str(choice["delta"]["content"] if "delta" in choice else choice["text"])
+
+
+async def _all_or_none(starts: list[Any]) -> list[tuple[Any, Chunk | None]]:
+    """Starts every engine request; if any fails, the others are cancelled and the first error raised."""
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        for r in results:
+            if not isinstance(r, BaseException):
+                r[0].cancel()
+        raise errors[0]
+    return [r for r in results if not isinstance(r, BaseException)]
