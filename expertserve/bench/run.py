@@ -370,8 +370,60 @@ def routing_prompts(n: int, repo: Path) -> list[str]:
     return out[::step][:n]
 
 
+@dataclass(frozen=True)
+class _Bench:
+    """What every phase of one benchmark run shares: the size, the engine settings both servers run, the model and
+    the synthetic experts."""
+
+    size: Size
+    settings: EngineSettings
+    work: Path
+    repo: Path
+    model_dir: Path
+    model_id: str
+    rank: int
+    dtype: str
+    synth: Path
+    many_root: Path
+    mixed_names: list[str]
+    cold_names: list[str]
+    many_names: list[str]
+    template: Any  # the shipped expert the synthetic ones are shaped like
+
+    @property
+    def stack_names(self) -> list[str]:
+        return self.mixed_names[:STACK_EXPERTS]
+
+
 def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  # noqa: ANN001 (a print-like callable)
     """Every scenario at `size_name`; returns all figures with the headline keys at the top level."""
+    bench, results = _prepare(size_name, work, repo, log)
+    started = time.monotonic()
+    log(f"[1/4] vLLM OpenAI server ({bench.model_id}, {STACK_EXPERTS} adapters, --enable-lora)")
+    theirs = _vllm_phase(bench, "vllm.log", log, started)
+    log("[2/4] expertserve (Ray Serve + vLLM engine)")
+    ours = _expertserve_phase(bench, log)
+    log("[3/4] expertserve with 2 engine replicas: placement of the 8-expert mix")
+    two = {**_server_config(bench), "port": free_port(), "replicas": {"num_replicas": 2, "num_cpus": 1}}
+    (work / "expertserve-2.json").write_text(json.dumps(two, indent=2))
+    with expertserve_server(
+        work / "expertserve-2.json", work / "expertserve-2.log", bench.settings.kv_cache_gib
+    ) as url:
+        ours["placement"] = placement(url, bench.mixed_names[:8], bench.size)
+    # The base-only comparison is across servers, minutes apart; this machine's speed drifted by 13-33% within one
+    # benchmark run (vLLM's base-only server: 104.9 before, 139.9 after in one of round 10's). vLLM's base-only
+    # runs before and after expertserve's are pooled, so a drift falls on both sides.
+    log("[4/4] vLLM OpenAI server again: base model only")
+    with _vllm(bench, "vllm-2.log") as url:
+        theirs["base_after"] = _base_only(url, bench.model_id, bench.size)
+    results.update(_figures(theirs, ours))
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def _prepare(size_name: str, work: Path, repo: Path, log: Any) -> tuple[_Bench, dict[str, Any]]:
+    """The synthetic experts (shaped like the shipped expert-sql) and the run's header figures."""
+    from expertserve.bench.synthetic import make_experts
     from expertserve.models import offline
     from expertserve.registry import Registry
 
@@ -380,35 +432,26 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     model_dir = offline.prepared_model_dir()
     model_id = offline.DEFAULT_MODEL.model_id
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
-    shipped = Registry.scan([repo / "experts"])
-    template = shipped.get("expert-sql")
+    template = Registry.scan([repo / "experts"]).get("expert-sql")
     rank = template.manifest.model_dump()["base_models"][0]["adapters"][0]["r"]
-
-    from expertserve.bench.synthetic import make_experts
-
     synth = work / "experts"
     log(f"writing synthetic experts (rank {rank}, shaped like {template.name}) under {synth}")
     mixed_names = [f"expert-bench-{i:02d}" for i in range(max(MIXED_SIZES))]
     cold_names = [f"expert-bench-cold-{i:02d}" for i in range(size.cold_experts)]
     make_experts(synth, mixed_names + cold_names, template, model_id, seed=SEED)
-    make_experts(
-        synth,
-        ["expert-bench-soft"],
-        template,
-        model_id,
-        seed=SEED + 1,
-        soft_tokens=SOFT_TOKENS,
-        hidden_size=hidden,
-    )
+    soft = dict(soft_tokens=SOFT_TOKENS, hidden_size=hidden)
+    make_experts(synth, ["expert-bench-soft"], template, model_id, seed=SEED + 1, **soft)
     make_experts(synth, ["expert-bench-nosoft"], template, model_id, seed=SEED + 1)
-    stack_names = mixed_names[:STACK_EXPERTS]
     # Registered while the server runs (a reload), after the other scenarios: a root that starts empty.
     many_root = work / "experts-many"
     many_root.mkdir(parents=True, exist_ok=True)
     many_names = [f"expert-bench-many-{i:04d}" for i in range(size.many_experts)]
-
     dtype, why = choose_dtype(settings.dtype)
     log(f"engine dtype: {dtype} ({why})")
+    bench = _Bench(
+        size, settings, work, repo, model_dir, model_id, rank, dtype, synth, many_root, mixed_names, cold_names,
+        many_names, template,
+    )  # fmt: skip
     results: dict[str, Any] = {
         "size": size_name,
         "machine": machine(),
@@ -416,181 +459,194 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
         "engine": asdict(settings),
         "shapes": asdict(size),
     }
-    started = time.monotonic()
+    return bench, results
 
-    log(f"[1/4] vLLM OpenAI server ({model_id}, {STACK_EXPERTS} adapters, --enable-lora)")
 
-    def vllm(log_name: str):  # noqa: ANN202 (a context manager)
-        return vllm_server(
-            model_dir,
-            model_id,
-            {n: synth / n / "adapter" for n in stack_names},
-            work / log_name,
-            max_loras=settings.max_loras + 1,
-            max_cpu_loras=settings.max_cpu_loras + 1,
-            max_lora_rank=rank,
-            max_num_seqs=settings.max_num_seqs,
-            kv_cache_gib=settings.kv_cache_gib,
-            prefix_caching=settings.prefix_caching,
-            block_size=kv_block_size(settings.block_size, settings.prefix_caching),
-            dtype=dtype,
-        )
+def _vllm(bench: _Bench, log_name: str) -> Any:
+    """vLLM's own OpenAI server on the same model, adapters and engine settings (a context manager: its URL)."""
+    settings = bench.settings
+    return vllm_server(
+        bench.model_dir,
+        bench.model_id,
+        {n: bench.synth / n / "adapter" for n in bench.stack_names},
+        bench.work / log_name,
+        max_loras=settings.max_loras + 1,
+        max_cpu_loras=settings.max_cpu_loras + 1,
+        max_lora_rank=bench.rank,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_gib=settings.kv_cache_gib,
+        prefix_caching=settings.prefix_caching,
+        block_size=kv_block_size(settings.block_size, settings.prefix_caching),
+        dtype=bench.dtype,
+    )
 
-    with vllm("vllm.log") as url:
+
+def _vllm_phase(bench: _Bench, log_name: str, log: Any, started: float) -> dict[str, Any]:
+    """vLLM's server: the stack workload with both clients, then base-only runs."""
+    with _vllm(bench, log_name) as url:
         log(f"      up after {time.monotonic() - started:.0f} s; stack workload")
-        vllm_stack = stack(url, stack_names, size)
+        found: dict[str, Any] = {"stack": stack(url, bench.stack_names, bench.size)}
         log("      stack workload with vLLM's benchmark client")
-        vllm_client = run_vllm_client(
-            url, model_id, model_dir, stack_names, size.stack, SEED, work / "client-vllm.log"
-        )
+        found["client"] = run_vllm_client(
+            url, bench.model_id, bench.model_dir, bench.stack_names, bench.size.stack, SEED,
+            bench.work / "client-vllm.log",
+        )  # fmt: skip
         log("      base model only (no adapter)")
-        vllm_base_before = _base_only(url, model_id, size)
+        found["base_before"] = _base_only(url, bench.model_id, bench.size)
+    return found
 
-    log("[2/4] expertserve (Ray Serve + vLLM engine)")
-    port = free_port()
-    config = {
-        "model_dir": str(model_dir),
-        "model_id": model_id,
-        "experts_dirs": [str(repo / "experts"), str(synth), str(many_root)],
-        "port": port,
+
+def _server_config(bench: _Bench) -> dict[str, Any]:
+    """expertserve's config for the benchmark: same model and engine settings, the shipped and synthetic roots."""
+    return {
+        "model_dir": str(bench.model_dir),
+        "model_id": bench.model_id,
+        "experts_dirs": [str(bench.repo / "experts"), str(bench.synth), str(bench.many_root)],
+        "port": free_port(),
         "ray_dashboard": False,  # vLLM's own server runs without one: same processes on the same cores
-        "engine": asdict(settings),
-    }  # EngineSettings' fields are EngineConfig keys
-    (work / "expertserve.json").write_text(json.dumps(config, indent=2))
+        "engine": asdict(bench.settings),  # EngineSettings' fields are EngineConfig keys
+    }
+
+
+def _expertserve_phase(bench: _Bench, log: Any) -> dict[str, Any]:
+    """expertserve: the stack workload with both clients, the expert mixes, cold loads, routing, soft prompts and
+    the many-expert Zipf run, then the 8-expert mix again."""
+    size, work = bench.size, bench.work
+    (work / "expertserve.json").write_text(json.dumps(_server_config(bench), indent=2))
     t0 = time.monotonic()
     with expertserve_server(
-        work / "expertserve.json", work / "expertserve.log", settings.kv_cache_gib
+        work / "expertserve.json", work / "expertserve.log", bench.settings.kv_cache_gib
     ) as url:
         log(f"      up after {time.monotonic() - t0:.0f} s; stack workload")
-        ours_stack = stack(url, stack_names, size)
+        found: dict[str, Any] = {"stack": stack(url, bench.stack_names, size)}
         log("      stack workload with vLLM's benchmark client")
-        ours_client = run_vllm_client(
-            url, model_id, model_dir, stack_names, size.stack, SEED, work / "client-expertserve.log"
-        )
+        found["client"] = run_vllm_client(
+            url, bench.model_id, bench.model_dir, bench.stack_names, size.stack, SEED,
+            work / "client-expertserve.log",
+        )  # fmt: skip
         log("      many experts: base only, 1, 8, 32")
-        experts = mixed(url, model_id, mixed_names, size)
+        found["experts"] = mixed(url, bench.model_id, bench.mixed_names, size)
         log("      cold vs warm")
-        cold = cold_warm(url, cold_names, size)
+        found["cold"] = cold_warm(url, bench.cold_names, size)
         log("      routing")
-        route = routing(url, routing_prompts(size.routing_pairs, repo))
+        found["route"] = routing(url, routing_prompts(size.routing_pairs, bench.repo))
         log("      soft prompt")
-        soft = soft_prompt(url, "expert-bench-soft", "expert-bench-nosoft", size)
+        found["soft"] = soft_prompt(url, "expert-bench-soft", "expert-bench-nosoft", size)
         log(f"      {size.many_experts} experts registered by a reload, Zipf traffic (s = {ZIPF_S})")
-        make_experts(
-            many_root,
-            many_names,
-            template,
-            model_id,
-            seed=SEED + 2,
-            distinct_weights=MANY_DISTINCT_WEIGHTS,
-        )
-        register_s = _register(url, len(many_names))
-        zipf = many(url, many_names, size)
-        zipf["register_s"] = register_s
+        found["zipf"] = _many_phase(bench, url)
         # The 8-expert mix again, after the Zipf run: the Zipf figure is compared with the mean of the runs before
         # and after it, so a drift of the machine's speed during the scenarios falls on both sides.
         log("      the 8-expert mix again")
-        _warm(url, mixed_names[:8])
-        mixed8_after = _summary(
-            url, workload.requests(mixed_names[:8], size.mixed, SEED + 1), size.mixed.concurrency
-        )
+        _warm(url, bench.mixed_names[:8])
+        requests = workload.requests(bench.mixed_names[:8], size.mixed, SEED + 1)
+        found["mixed8_after"] = _summary(url, requests, size.mixed.concurrency)
+    return found
 
-    log("[3/4] expertserve with 2 engine replicas: placement of the 8-expert mix")
-    two = {**config, "port": free_port(), "replicas": {"num_replicas": 2, "num_cpus": 1}}
-    (work / "expertserve-2.json").write_text(json.dumps(two, indent=2))
-    with expertserve_server(
-        work / "expertserve-2.json", work / "expertserve-2.log", settings.kv_cache_gib
-    ) as url:
-        place = placement(url, mixed_names[:8], size)
 
-    # The base-only comparison is across servers, minutes apart; this machine's speed drifted by 13-33% within one
-    # benchmark run (vLLM's base-only server: 104.9 before, 139.9 after in one of round 10's). vLLM's base-only
-    # runs before and after expertserve's are pooled, so a drift falls on both sides.
-    log("[4/4] vLLM OpenAI server again: base model only")
-    with vllm("vllm-2.log") as url:
-        vllm_base_after = _base_only(url, model_id, size)
-    vllm_base = _pooled(vllm_base_before + vllm_base_after)
+def _many_phase(bench: _Bench, url: str) -> dict[str, Any]:
+    """The many synthetic experts written, registered by a reload, and asked for with Zipf traffic."""
+    from expertserve.bench.synthetic import make_experts
 
-    results["stack"] = {
-        "vllm": vllm_stack,
-        "expertserve": ours_stack,
-        "ratios": {
-            k: ratio(ours_stack[k], vllm_stack[k])
-            for k in (
-                "output_tokens_per_s",
-                "requests_per_s",
-                "ttft_ms_p50",
-                "ttft_ms_p99",
-                "latency_ms_p50",
-                "latency_ms_p99",
-            )
-        },
-    }
-    results["vllm_client"] = {"vllm": vllm_client, "expertserve": ours_client}
-    results["experts"] = experts
-    results["base_only"] = {
-        "vllm": vllm_base,
-        "expertserve": experts["base"],
-        "vllm_tokens_per_s_before_after": [
-            _pooled(vllm_base_before)["output_tokens_per_s"],
-            _pooled(vllm_base_after)["output_tokens_per_s"],
-        ],
-    }
-    results["cold_warm"] = cold
-    results["routing"] = route
-    results["softprompt"] = soft
-    results["placement"] = place
+    make_experts(
+        bench.many_root,
+        bench.many_names,
+        bench.template,
+        bench.model_id,
+        seed=SEED + 2,
+        distinct_weights=MANY_DISTINCT_WEIGHTS,
+    )
+    register_s = _register(url, len(bench.many_names))
+    zipf = many(url, bench.many_names, bench.size)
+    zipf["register_s"] = register_s
+    return zipf
+
+
+def _figures(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """Every scenario's figures, with the headline ratios at the top level."""
+    vllm_stack, ours_stack, experts = theirs["stack"], ours["stack"], ours["experts"]
+    vllm_base = _pooled(theirs["base_before"] + theirs["base_after"])
+    zipf, cold, route, soft, place = (
+        ours["zipf"],
+        ours["cold"],
+        ours["route"],
+        ours["soft"],
+        ours["placement"],
+    )
+    ratio_keys = ("output_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p99", "latency_ms_p50")
     zipf["mixed8_tokens_per_s_before_after"] = [
         experts["mixed8"]["output_tokens_per_s"],
-        mixed8_after["output_tokens_per_s"],
+        ours["mixed8_after"]["output_tokens_per_s"],
     ]
     zipf["mixed8_tokens_per_s"] = statistics.mean(zipf["mixed8_tokens_per_s_before_after"])
-    results["many"] = zipf
-    base_tps = experts["base"]["output_tokens_per_s"]
-    results.update(
-        {
-            "stack_throughput_ratio": results["stack"]["ratios"]["output_tokens_per_s"],
-            "stack_ttft_p50_ratio": results["stack"]["ratios"]["ttft_ms_p50"],
-            "stack_throughput_ratio_vllm_client": _client_ratio(
-                ours_client, vllm_client, "output_throughput"
-            ),
-            "stack_ttft_p50_ratio_vllm_client": _client_ratio(ours_client, vllm_client, "median_ttft_ms"),
-            "base_throughput_ratio": ratio(
-                experts["base"]["output_tokens_per_s"], vllm_base["output_tokens_per_s"]
-            ),
-            "mixed1_throughput_ratio": ratio(experts["mixed1"]["output_tokens_per_s"], base_tps),
-            "mixed8_throughput_ratio": ratio(experts["mixed8"]["output_tokens_per_s"], base_tps),
-            "mixed32_throughput_ratio": ratio(experts["mixed32"]["output_tokens_per_s"], base_tps),
-            "cold_warm_ttft_ratio": ratio(cold["cold_ttft_ms_p50"], cold["warm_ttft_ms_p50"]),
-            "routing_added_ms_p50": route["added_ms_p50"],
-            "routing_added_ms_p99": route["added_ms_p99"],
-            "softprompt_throughput_ratio": ratio(
-                soft["with"]["output_tokens_per_s"], soft["without"]["output_tokens_per_s"]
-            ),
-            "many_throughput_ratio": ratio(zipf["output_tokens_per_s"], zipf["mixed8_tokens_per_s"]),
-            "many_cold_warm_ttft_p99_ratio": ratio(zipf["cold_ttft_ms_p99"], zipf["warm_ttft_ms_p99"]),
-            "placement_held_share": place["held_share"],
-            "placement_throughput_ratio": ratio(
-                place["output_tokens_per_s"], experts["mixed8"]["output_tokens_per_s"]
-            ),
-            "errors": sum(
-                s["errors"]
-                for s in [
-                    vllm_stack,
-                    ours_stack,
-                    vllm_base,
-                    *experts.values(),
-                    soft["with"],
-                    soft["without"],
-                    place,
-                    zipf,
-                ]
-            )
-            + sum(int(c.get("failed") or 0) for c in (vllm_client, ours_client)),
-            "elapsed_s": round(time.monotonic() - started, 1),
-        }
-    )
+    results: dict[str, Any] = {
+        "stack": {
+            "vllm": vllm_stack,
+            "expertserve": ours_stack,
+            "ratios": {k: ratio(ours_stack[k], vllm_stack[k]) for k in (*ratio_keys, "latency_ms_p99")},
+        },
+        "vllm_client": {"vllm": theirs["client"], "expertserve": ours["client"]},
+        "experts": experts,
+        "base_only": {
+            "vllm": vllm_base,
+            "expertserve": experts["base"],
+            "vllm_tokens_per_s_before_after": [
+                _pooled(theirs["base_before"])["output_tokens_per_s"],
+                _pooled(theirs["base_after"])["output_tokens_per_s"],
+            ],
+        },
+        "cold_warm": cold,
+        "routing": route,
+        "softprompt": soft,
+        "placement": place,
+        "many": zipf,
+    }
+    results.update(_headline(results, theirs, ours, vllm_base))
     return results
+
+
+def _headline(
+    results: dict[str, Any], theirs: dict[str, Any], ours: dict[str, Any], vllm_base: Any
+) -> dict[str, Any]:
+    """The top-level keys (docs/benchmarks.md's and the e2e test's)."""
+    experts, zipf, cold, route, soft, place = (
+        results["experts"], results["many"], results["cold_warm"], results["routing"], results["softprompt"],
+        results["placement"],
+    )  # fmt: skip
+    base_tps = experts["base"]["output_tokens_per_s"]
+    scenario_errors = [
+        theirs["stack"],
+        ours["stack"],
+        vllm_base,
+        *experts.values(),
+        soft["with"],
+        soft["without"],
+    ]
+    return {
+        "stack_throughput_ratio": results["stack"]["ratios"]["output_tokens_per_s"],
+        "stack_ttft_p50_ratio": results["stack"]["ratios"]["ttft_ms_p50"],
+        "stack_throughput_ratio_vllm_client": _client_ratio(
+            ours["client"], theirs["client"], "output_throughput"
+        ),
+        "stack_ttft_p50_ratio_vllm_client": _client_ratio(ours["client"], theirs["client"], "median_ttft_ms"),
+        "base_throughput_ratio": ratio(base_tps, vllm_base["output_tokens_per_s"]),
+        "mixed1_throughput_ratio": ratio(experts["mixed1"]["output_tokens_per_s"], base_tps),
+        "mixed8_throughput_ratio": ratio(experts["mixed8"]["output_tokens_per_s"], base_tps),
+        "mixed32_throughput_ratio": ratio(experts["mixed32"]["output_tokens_per_s"], base_tps),
+        "cold_warm_ttft_ratio": ratio(cold["cold_ttft_ms_p50"], cold["warm_ttft_ms_p50"]),
+        "routing_added_ms_p50": route["added_ms_p50"],
+        "routing_added_ms_p99": route["added_ms_p99"],
+        "softprompt_throughput_ratio": ratio(
+            soft["with"]["output_tokens_per_s"], soft["without"]["output_tokens_per_s"]
+        ),
+        "many_throughput_ratio": ratio(zipf["output_tokens_per_s"], zipf["mixed8_tokens_per_s"]),
+        "many_cold_warm_ttft_p99_ratio": ratio(zipf["cold_ttft_ms_p99"], zipf["warm_ttft_ms_p99"]),
+        "placement_held_share": place["held_share"],
+        "placement_throughput_ratio": ratio(
+            place["output_tokens_per_s"], experts["mixed8"]["output_tokens_per_s"]
+        ),
+        "errors": sum(s["errors"] for s in [*scenario_errors, place, zipf])
+        + sum(int(c.get("failed") or 0) for c in (theirs["client"], ours["client"])),
+    }
 
 
 def _client_ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> float:

@@ -12,24 +12,22 @@ from expertserve.cli.common import EXIT_OK, UsageError, claim_stdout
 
 def run(args: Any) -> int:
     """Evaluates and prints the scores."""
-    from expertserve.eval.runner import evaluate
+    from expertserve.eval.runner import EvalSettings, evaluate
 
     expert_dir = Path(args.expert_dir)
     if not expert_dir.is_dir():
         raise UsageError(f"{expert_dir}: not a directory (expected an expert directory with manifest.json)")
     out = claim_stdout()
-    report = evaluate(
-        expert_dir,
+    settings = EvalSettings(
         limit=args.limit,
         write=not args.no_write,
         split=args.split,
         expert_only=args.expert_only,
         base_model_dir=Path(args.base_model) if args.base_model else None,
         base_model_id=args.base_model_id,
-        log=lambda line: print(
-            line, file=sys.stderr, flush=True
-        ),  # progress on stderr; stdout stays the report
     )
+    # Progress on stderr; stdout stays the report.
+    report = evaluate(expert_dir, settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2), file=out)
         return EXIT_OK

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from expertserve.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError
 from expertserve.settings import DEFAULT_MODEL_ID
@@ -24,7 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_validate(sub)
+    _add_list(sub)
+    _add_package(sub)
+    _add_verify(sub)
+    _add_install(sub)
+    _add_keygen(sub)
+    _add_train(sub)
+    _add_serve(sub)
+    _add_route(sub)
+    _add_eval(sub)
+    _add_bench(sub)
+    _add_models(sub)
+    return parser
 
+
+# Commands that start engine or Ray processes: a watchdog ends them if the command dies (expertserve/watchdog.py).
+WATCHED = {"serve", "eval", "bench", "train"}
+
+
+def _add_validate(sub: Any) -> None:
+    """`expertserve validate`."""
     p = sub.add_parser(
         "validate",
         help="check expert manifests and report every field's status",
@@ -45,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler="expertserve.cli.validate:run")
 
+
+def _add_list(sub: Any) -> None:
+    """`expertserve list`."""
     p = sub.add_parser("list", help="list the registered experts (repository experts/ and install directory)")
     p.add_argument(
         "--experts-dir",
@@ -56,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler="expertserve.cli.packages:run_list")
 
+
+def _add_package(sub: Any) -> None:
+    """`expertserve package`."""
     p = sub.add_parser("package", help="write <name>-<version>.expert from an expert directory")
     p.add_argument("expert_dir", metavar="EXPERT_DIR")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory that receives the package")
@@ -64,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler="expertserve.cli.packages:run_package")
 
+
+def _add_verify(sub: Any) -> None:
+    """`expertserve verify`."""
     p = sub.add_parser("verify", help="check a package's hashes, signature and manifest")
     p.add_argument("file", metavar="FILE")
     p.add_argument(
@@ -74,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler="expertserve.cli.packages:run_verify")
 
+
+def _add_install(sub: Any) -> None:
+    """`expertserve install`."""
     p = sub.add_parser("install", help="verify a package and install it into the install directory")
     p.add_argument("file", metavar="FILE")
     p.add_argument(
@@ -102,11 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an installed copy of the same version")
     p.set_defaults(handler="expertserve.cli.packages:run_install")
 
+
+def _add_keygen(sub: Any) -> None:
+    """`expertserve keygen`."""
     p = sub.add_parser("keygen", help="create an Ed25519 signing key (KEY) and its public key (KEY.pub)")
     p.add_argument("-o", "--output", required=True, metavar="KEY", help="private key file to write")
     p.add_argument("--force", action="store_true", help="overwrite existing key files")
     p.set_defaults(handler="expertserve.cli.packages:run_keygen")
 
+
+def _add_train(sub: Any) -> None:
+    """`expertserve train`."""
     p = sub.add_parser(
         "train", help="train an expert's adapter and soft prompts with Ray Train, then package it"
     )
@@ -115,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(handler="expertserve.cli.train:run")
 
+
+def _add_serve(sub: Any) -> None:
+    """`expertserve serve`."""
     p = sub.add_parser(
         "serve", help="serve the base model and the experts over an OpenAI-compatible HTTP API"
     )
@@ -133,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler="expertserve.cli.serve:run")
 
+
+def _add_route(sub: Any) -> None:
+    """`expertserve route`."""
     p = sub.add_parser(
         "route", help="show which expert a prompt goes to, or evaluate routing on a labelled file"
     )
@@ -161,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", type=int, default=100, metavar="N", help="synthetic experts for --bench")
     p.set_defaults(handler="expertserve.cli.route:run")
 
+
+def _add_eval(sub: Any) -> None:
+    """`expertserve eval`."""
     p = sub.add_parser("eval", help="score base model and expert on the held-out test split")
     p.add_argument("expert_dir", metavar="EXPERT_DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -179,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model-id", metavar="ID", help="the id the manifest names for --base-model")
     p.set_defaults(handler="expertserve.cli.eval:run")
 
+
+def _add_bench(sub: Any) -> None:
+    """`expertserve bench`."""
     p = sub.add_parser(
         "bench",
         help="benchmark against vLLM's own OpenAI server; prints ratios, writes JSON + PNG",
@@ -193,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", help="where the PNG goes (default: the JSON path with .png)")
     p.set_defaults(handler="expertserve.cli.bench:run")
 
+
+def _add_models(sub: Any) -> None:
+    """`expertserve models`."""
     p = sub.add_parser("models", help="base models: prepare the offline default, build tiny test models")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     mp = msub.add_parser(
@@ -207,11 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     mp.add_argument("--seed", type=int, default=0)
     mp.set_defaults(handler="expertserve.cli.models:run_tiny")
-    return parser
-
-
-# Commands that start engine or Ray processes: a watchdog ends them if the command dies (expertserve/watchdog.py).
-WATCHED = {"serve", "eval", "bench", "train"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

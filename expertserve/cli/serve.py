@@ -13,41 +13,13 @@ from expertserve.cli.common import EXIT_OK, UsageError
 
 def run(args: Any) -> int:
     """Starts (or joins) Ray, deploys the app on Serve's HTTP proxy, and blocks until SIGINT/SIGTERM."""
-    from expertserve.serve.config import ServeConfig
-
-    if args.config and not Path(args.config).is_file():
-        raise UsageError(f"{args.config}: config file not found")
-    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if args.ignore_manifest_decoding:
-        overrides["ignore_manifest_decoding"] = True
-    config = ServeConfig.load(
-        args.config, overrides=overrides
-    )  # a ConfigError is one line per problem, exit 1
-
+    config = _config(args)
     import ray
     from ray import serve
 
     from expertserve.serve.app import build_app_from_config
 
-    started_ray = False
-    dashboard = None
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            from expertserve.serve.transport import ray_env
-
-            # Before Ray starts: its processes read Serve's data-plane switch from the environment they inherit.
-            os.environ.update(ray_env(config.grpc_data_plane))
-            context = ray.init(
-                address="local",
-                include_dashboard=config.ray_dashboard,
-                dashboard_host="127.0.0.1",
-                object_store_memory=100 * 2**20,
-            )
-            dashboard = context.dashboard_url if config.ray_dashboard else None
-            started_ray = True
+    started_ray, dashboard = _start_ray(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app_from_config(config), name="expertserve", route_prefix="/", blocking=False)
     isolate = started_ray and config.engine.isolate_inference_cores
@@ -55,16 +27,7 @@ def run(args: Any) -> int:
         from expertserve.serve.cpu_affinity import keep_off_inference_cores
 
         keep_off_inference_cores(os.getpid())
-    url = f"http://{config.host}:{config.port}"
-    from expertserve.engine.hardware import choose_dtype
-
-    print(f"expertserve is serving {config.model_id} and its experts at {url}/v1", flush=True)
-    dtype, why = choose_dtype(config.engine.dtype)
-    print(f"  engine dtype {dtype}: {why}", flush=True)
-    print(f"  curl {url}/v1/models", flush=True)
-    if dashboard:
-        print(f"  Ray dashboard: http://{dashboard}", flush=True)
-
+    _announce(config, dashboard)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -78,3 +41,51 @@ def run(args: Any) -> int:
     if started_ray:
         ray.shutdown()
     return EXIT_OK
+
+
+def _config(args: Any) -> Any:
+    """The server config: the file, EXPERTSERVE_* variables, then the command line (a ConfigError is one line per
+    problem, exit 1)."""
+    from expertserve.serve.config import ServeConfig
+
+    if args.config and not Path(args.config).is_file():
+        raise UsageError(f"{args.config}: config file not found")
+    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.ignore_manifest_decoding:
+        overrides["ignore_manifest_decoding"] = True
+    return ServeConfig.load(args.config, overrides=overrides)
+
+
+def _start_ray(config: Any) -> tuple[bool, str | None]:
+    """Joins RAY_ADDRESS's cluster, or starts a local one; (whether this process started Ray, dashboard URL)."""
+    import ray
+
+    if ray.is_initialized():
+        return False, None
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return False, None
+    from expertserve.serve.transport import ray_env
+
+    # Before Ray starts: its processes read Serve's data-plane switch from the environment they inherit.
+    os.environ.update(ray_env(config.grpc_data_plane))
+    context = ray.init(
+        address="local",
+        include_dashboard=config.ray_dashboard,
+        dashboard_host="127.0.0.1",
+        object_store_memory=100 * 2**20,
+    )
+    return True, context.dashboard_url if config.ray_dashboard else None
+
+
+def _announce(config: Any, dashboard: str | None) -> None:
+    from expertserve.engine.hardware import choose_dtype
+
+    url = f"http://{config.host}:{config.port}"
+    print(f"expertserve is serving {config.model_id} and its experts at {url}/v1", flush=True)
+    dtype, why = choose_dtype(config.engine.dtype)
+    print(f"  engine dtype {dtype}: {why}", flush=True)
+    print(f"  curl {url}/v1/models", flush=True)
+    if dashboard:
+        print(f"  Ray dashboard: http://{dashboard}", flush=True)

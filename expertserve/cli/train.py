@@ -81,22 +81,7 @@ def run(args: Any) -> int:
         s = TrainSettings.resolve(cli, args.config)
     except ValueError as e:
         raise UsageError(str(e).replace("\n", "; ")) from None
-    result = train_expert(
-        expert_dir,
-        output_dir=Path(s.output) if s.output else None,
-        workers=s.workers,
-        use_gpu=s.gpu,
-        max_steps=s.max_steps,
-        resume=args.resume,
-        base_model_dir=Path(s.base_model) if s.base_model else None,
-        base_model_id=s.base_model_id,
-        storage=s.storage,
-        version=s.version,
-        max_failures=s.max_failures,
-        cpus_per_worker=s.cpus_per_worker,
-        ray_address=s.address,
-        placement_strategy=s.placement_strategy,
-    )
+    result = train_expert(expert_dir, s, resume=args.resume)
     loss = (
         f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}"
         if result.first_loss is not None and result.last_loss is not None

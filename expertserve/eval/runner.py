@@ -50,19 +50,38 @@ class EvalReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How `expertserve eval` runs (the command's options)."""
+
+    limit: int | None = None  # score the first N examples only
+    base_model_dir: Path | None = None  # default: the prepared offline model
+    base_model_id: str | None = None  # the id the manifest names for that base; default: the offline model's
+    write: bool = True  # write quality_metrics (test split, with the base model only)
+    split: str = "test"  # or "valid", the split to choose settings on
+    expert_only: bool = False  # skip the base model and the ablation
+
+
+@dataclass(frozen=True)
+class _Task:
+    """What one evaluation scores: the expert's examples, its scorer, its adapter and decoding."""
+
+    loaded: Any  # LoadedManifest
+    scorer: Any
+    test_file: Path
+    examples: list[dict[str, Any]]
+    adapter_dir: Path
+    adapter_rank: int
+
+
 def evaluate(
     expert_dir: Path,
+    settings: EvalSettings | None = None,
     *,
-    limit: int | None = None,
-    base_model_dir: Path | None = None,
-    base_model_id: str | None = None,
-    write: bool = True,
-    split: str = "test",
-    expert_only: bool = False,
     engine: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> EvalReport:
-    """Scores base model and expert; writes quality_metrics into the manifest when `write`.
+    """Scores base model and expert; writes quality_metrics into the manifest when `settings.write`.
 
     `split="valid"` scores the validation split, the one to choose settings on; quality_metrics are never
     written from it (they report the test split). `expert_only` skips the base model and the ablation.
@@ -70,96 +89,124 @@ def evaluate(
     Raises:
         EvalError: No scorer, no such split, or no trained adapter for the base model.
     """
+    from expertserve.engine.batch import BatchEngine
+
+    settings = settings or EvalSettings()
     start = time.monotonic()
+    task = _task(expert_dir, settings)
+    own_engine = engine is None
+    if own_engine:
+        model_dir = settings.base_model_dir or offline.prepared_model_dir()
+        engine = BatchEngine(model_dir, max_lora_rank=task.adapter_rank)
+    try:
+        report = _run(task, engine, settings, log)
+    finally:
+        if own_engine:
+            engine.close()
+    report.seconds = time.monotonic() - start
+    if settings.write and settings.split == "test" and not settings.expert_only:
+        write_quality_metrics(task.loaded.path, report)
+    return report
+
+
+def _task(expert_dir: Path, settings: EvalSettings) -> _Task:
+    """The expert's scorer, split and trained adapter, each checked with an error that names what is missing."""
     loaded = load_manifest(expert_dir)
     m = loaded.manifest
     scorer_name = m.evaluation.scorer if m.evaluation else None
     if scorer_name is None:
         raise EvalError(f"{loaded.path}: evaluation.scorer is not set (one of {', '.join(SCORERS)})")
-    if split not in SPLITS:
-        raise EvalError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
-    split_path = getattr(m.training.dataset, SPLITS[split])
+    if settings.split not in SPLITS:
+        raise EvalError(f"split {settings.split!r}: expected one of {', '.join(SPLITS)}")
+    split_path = getattr(m.training.dataset, SPLITS[settings.split])
     if not split_path:
-        raise EvalError(f"{loaded.path}: training.dataset.{SPLITS[split]} is not set")
-    scorer = SCORERS[scorer_name]
+        raise EvalError(f"{loaded.path}: training.dataset.{SPLITS[settings.split]} is not set")
     test_file = loaded.root / split_path
-    examples = read_jsonl(test_file)[:limit]
-    base_id = base_model_id or offline.DEFAULT_MODEL.model_id
+    base_id = settings.base_model_id or offline.DEFAULT_MODEL.model_id
     entry = m.adapter_for(base_id)
     if entry is None:
         raise EvalError(f"{loaded.path}: no adapter for base model {base_id}")
     adapter_dir = loaded.root / entry.path
     if not (adapter_dir / "adapter_model.safetensors").exists():
         raise EvalError(f"{adapter_dir}: no trained adapter; run `expertserve train {expert_dir}` first")
+    examples = read_jsonl(test_file)[: settings.limit]
+    return _Task(loaded, SCORERS[scorer_name], test_file, examples, adapter_dir, entry.r or 8)
 
-    from expertserve.engine.batch import BatchEngine, GenerationRequest
+
+def _run(task: _Task, engine: Any, settings: EvalSettings, log: Callable[[str], None] | None) -> EvalReport:
+    """Generates and scores every condition (base, expert, and the ablation) with the expert's decoding."""
     from expertserve.engine.sampling import sampling_params
     from expertserve.engine.soft_prompts import load_soft_prompts
 
-    own_engine = engine is None
-    if own_engine:
-        engine = BatchEngine(base_model_dir or offline.prepared_model_dir(), max_lora_rank=entry.r or 8)
+    m, root, scorer = task.loaded.manifest, task.loaded.root, task.scorer
     resolved = resolve({}, m.decoding, load_defaults())
-    constraint = resolve_constraint(None, m.decoding, loaded.root)
+    constraint = resolve_constraint(None, m.decoding, root)
     params = sampling_params({k: v.value for k, v in resolved.items()}, constraint, seed=0)
-    soft = load_soft_prompts([loaded.root / sp.path for sp in m.soft_prompts])
-    lora = (m.name, 1, str(adapter_dir))
-    conditions: dict[str, tuple[Any, Any]] = {"base": (None, None), "expert": (lora, soft)}
-    if expert_only:
-        del conditions["base"]
-    elif soft is not None:
-        conditions["adapter_only"] = (lora, None)
-        conditions["soft_prompt_only"] = (None, soft)
-    metas = [e["meta"] for e in examples]
+    soft = load_soft_prompts([root / sp.path for sp in m.soft_prompts])
+    conditions = _conditions((m.name, 1, str(task.adapter_dir)), soft, settings.expert_only)
     scores: dict[str, float] = {}
     well_formed: dict[str, float] = {}
     failures: list[dict[str, str]] = []
-    for step, (name, (lo, sp)) in enumerate(conditions.items(), 1):
+    for step, (name, (lora, prompt)) in enumerate(conditions.items(), 1):
+        label = f"[{step}/{len(conditions)}] {m.name} {name}"
         if log:
-            log(
-                f"[{step}/{len(conditions)}] {m.name} {name}: generating {len(examples)} {split} examples ..."
-            )
+            log(f"{label}: generating {len(task.examples)} {settings.split} examples ...")
         started = time.monotonic()
-        outputs = engine.generate([GenerationRequest(prompt_messages(e), params, lo, sp) for e in examples])
-        ok = scorer.score_many(outputs, metas, test_file.parent)
+        outputs, ok = _generate_and_score(task, engine, params, lora, prompt)
         scores[name] = sum(ok) / len(ok)
         if scorer.well_formed:
             well_formed[name] = sum(map(scorer.well_formed[1], outputs)) / len(outputs)
         if log:
-            log(
-                f"[{step}/{len(conditions)}] {m.name} {name}: {scorer.metric} {scores[name]:.1%} "
-                f"({time.monotonic() - started:.0f} s)"
-            )
+            log(f"{label}: {scorer.metric} {scores[name]:.1%} ({time.monotonic() - started:.0f} s)")
         if name == "expert":
-            failures = [
-                {
-                    "prompt": e["messages"][-2]["content"][-200:],
-                    "output": o,
-                    "gold": e["messages"][-1]["content"],
-                }
-                for e, o, good in zip(examples, outputs, ok, strict=True)
-                if not good
-            ][:5]
-    if own_engine:
-        engine.close()
-    report = EvalReport(
+            failures = _failures(task.examples, outputs, ok)
+    return EvalReport(
         m.name,
         scorer.metric,
-        len(examples),
+        len(task.examples),
         scores.get("base"),
         scores["expert"],
         scores["expert"] - scores["base"] if "base" in scores else None,
         {k: v for k, v in scores.items() if k not in ("base", "expert")},
         describe(resolved, constraint),
-        time.monotonic() - start,
+        0.0,
         failures,
-        split,
+        settings.split,
         scorer.well_formed[0] if scorer.well_formed else None,
         well_formed,
     )
-    if write and split == "test" and not expert_only:
-        write_quality_metrics(loaded.path, report)
-    return report
+
+
+def _conditions(lora: Any, soft: Any, expert_only: bool) -> dict[str, tuple[Any, Any]]:
+    """The conditions scored: (LoRA, soft prompt) for the base model, the expert, and the ablation."""
+    if expert_only:
+        return {"expert": (lora, soft)}
+    conditions: dict[str, tuple[Any, Any]] = {"base": (None, None), "expert": (lora, soft)}
+    if soft is not None:
+        conditions["adapter_only"] = (lora, None)
+        conditions["soft_prompt_only"] = (None, soft)
+    return conditions
+
+
+def _generate_and_score(
+    task: _Task, engine: Any, params: Any, lora: Any, soft: Any
+) -> tuple[list[str], list[bool]]:
+    from expertserve.engine.batch import GenerationRequest
+
+    outputs = engine.generate(
+        [GenerationRequest(prompt_messages(e), params, lora, soft) for e in task.examples]
+    )
+    metas = [e["meta"] for e in task.examples]
+    return outputs, task.scorer.score_many(outputs, metas, task.test_file.parent)
+
+
+def _failures(examples: list[dict[str, Any]], outputs: list[str], ok: list[bool]) -> list[dict[str, str]]:
+    """The first five examples the expert got wrong: prompt (tail), output and gold."""
+    return [
+        {"prompt": e["messages"][-2]["content"][-200:], "output": o, "gold": e["messages"][-1]["content"]}
+        for e, o, good in zip(examples, outputs, ok, strict=True)
+        if not good
+    ][:5]
 
 
 def write_quality_metrics(manifest_file: Path, report: EvalReport) -> None:

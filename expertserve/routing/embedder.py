@@ -46,7 +46,7 @@ class Embedder:
 
     By default the linear layers are quantised to int8 (dynamic quantisation): a decision's embedding takes
     about 3.6 ms instead of 9.8 ms on this project's CPU, and the held-out routing accuracy is unchanged
-    (README, "Routing"). `quantize=False` keeps float32.
+    (docs/routing.md). `quantize=False` keeps float32.
 
     One text (a routing decision) runs through a TorchScript trace of the model, taken at start without an
     attention mask (one unpadded text needs none): transformers' Python around each layer and its mask building

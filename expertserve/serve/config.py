@@ -134,8 +134,8 @@ class ServeConfig(StrictModel):
         default=True,
         description="Requests and streamed chunks travel between Serve's proxy and the ingress and between the "
         "ingress and the engine replicas over Ray Serve's direct gRPC channels instead of Ray actor calls: about "
-        "half the CPU per request in those processes, on the cores the engine's scheduler needs (README, "
-        "Benchmarks round 11). The ingress's calls follow this setting wherever Ray runs; the proxy follows "
+        "half the CPU per request in those processes, on the cores the engine's scheduler needs (docs/benchmarks.md, "
+        "round 11). The ingress's calls follow this setting wherever Ray runs; the proxy follows "
         "RAY_SERVE_USE_GRPC_BY_DEFAULT in the environment of Ray's nodes, which `expertserve serve` sets when it "
         "starts Ray itself and the Kubernetes manifests set on every pod.",
     )

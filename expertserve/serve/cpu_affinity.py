@@ -3,7 +3,7 @@
 vLLM's CPU worker pins its threads to some cores (`VLLM_CPU_OMP_THREADS_BIND=auto`) and leaves at least one for
 its scheduler. Ray's processes (proxy, ingress, engine replica, GCS, raylet) otherwise float onto the worker's
 cores and slow every forward pass: on 2 cores, moving them to the scheduler's core took `expertserve bench`'s
-stack throughput from 0.90x to about 0.96x vLLM's own server (README, "Benchmarks").
+stack throughput from 0.90x to about 0.96x vLLM's own server (docs/benchmarks-history.md).
 """
 
 from __future__ import annotations

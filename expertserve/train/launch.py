@@ -24,10 +24,11 @@ from expertserve.models import offline
 from expertserve.packaging.archive import build_package
 from expertserve.registry import version_key
 from expertserve.settings import home_dir
-from expertserve.train.loop import CHECKPOINT_ADAPTER, CHECKPOINT_SOFT_PROMPTS, train_loop
+from expertserve.train.faults import Faults
+from expertserve.train.loop import CHECKPOINT_ADAPTER, CHECKPOINT_SOFT_PROMPTS, LoopConfig, train_loop
 from expertserve.train.plan import TrainingError, TrainPlan, make_plan
 from expertserve.train.plot import plot_loss
-from expertserve.train.settings import storage_location
+from expertserve.train.settings import TrainSettings, storage_location
 
 
 @dataclass(frozen=True)
@@ -45,113 +46,139 @@ class TrainResult:
     loss_plot: Path | None = None
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A run ready to start: its plan, where it writes, and the version it will produce."""
+
+    expert_dir: Path
+    plan: TrainPlan
+    out: Path
+    version: str
+    storage_path: str
+    progress_file: Path
+    use_tf32: bool
+
+
 def train_expert(
     expert_dir: Path,
+    settings: TrainSettings | None = None,
     *,
-    output_dir: Path | None = None,
-    workers: int = 1,
-    use_gpu: bool = False,
-    max_steps: int | None = None,
     resume: bool = False,
-    base_model_dir: Path | None = None,
-    base_model_id: str | None = None,
-    storage: str | Path | None = None,
-    version: str | None = None,
-    max_failures: int = 2,
-    cpus_per_worker: float | None = None,
-    ray_address: str | None = None,
     progress: bool | None = None,
     log: Any = print,
-    fail_once_at_step: int | None = None,
-    nan_at_step: int | None = None,
-    placement_strategy: str = "PACK",
 ) -> TrainResult:
-    """Trains an expert's adapter and soft prompts with Ray Train and writes the trained expert.
+    """Trains an expert's adapter and soft prompts with Ray Train and writes the trained expert: setup (the plan,
+    checked before anything starts), build (the trainer), fit, then the expert and its package.
 
     Args:
         expert_dir: The expert directory (manifest and dataset).
-        output_dir: Receives the trained expert and its package; default: `expert_dir` itself.
-        workers: Ray Train workers (data parallel).
-        use_gpu: One GPU per worker.
-        max_steps: Overrides the manifest's length.
+        settings: How the run executes (workers, GPU, steps, output, base model, storage, ...); default: the
+            defaults of `TrainSettings`.
         resume: Continue the latest run of this expert from its latest checkpoint.
-        base_model_dir: Base model directory; default: the prepared offline SmolLM2.
-        base_model_id: The id the manifest names for that base; default: the offline model's id.
-        storage: Where runs and checkpoints live: a directory or a URI Ray Train stores to (s3://, gs://, ...);
-            default `$EXPERTSERVE_HOME/runs`.
-        version: The trained expert's version; default: the manifest's, with the patch number raised when the
-            output already holds a trained version.
-        max_failures: Worker-group restarts (from the latest checkpoint) before the run fails.
-        cpus_per_worker: CPUs Ray reserves per worker (fractional is fine); default 1.
-        ray_address: Ray cluster to join; default: RAY_ADDRESS, else a local cluster.
         progress: Show a progress bar; default: when stdout is a terminal.
-        fail_once_at_step: Fault injection for tests: one worker raises once at this step.
-        nan_at_step: Fault injection for tests: the loss of this step is NaN.
-        placement_strategy: Ray placement of the workers (STRICT_SPREAD: one per node).
+        log: Where the run's announcement goes.
 
     Raises:
         TrainingError: The plan cannot be made or the run failed.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     start = time.monotonic()
+    settings = settings or TrainSettings()
+    prepared = _setup(expert_dir, settings, resume, log)
+    trainer = _build(prepared, settings, Faults.from_env())
+    result = _fit(trainer, prepared, progress)
+    checkpoint = _chosen_checkpoint(result, prepared.plan)
+    if checkpoint is None:
+        raise TrainingError(f"training {prepared.plan.expert_name} produced no checkpoint")
+    with checkpoint.as_directory() as d:
+        _write_expert(prepared.expert_dir, prepared.out, Path(d), prepared.plan, prepared.version)
+    package = build_package(prepared.out, prepared.out)
+    history = _read_progress(prepared.progress_file)
+    losses = [h["loss"] for h in history if "loss" in h]
+    plot = plot_loss(history, prepared.progress_file.with_name("loss.png"), _plot_title(prepared.plan))
+    return TrainResult(
+        prepared.out,
+        package,
+        prepared.plan.total_steps,
+        losses[0] if losses else None,
+        losses[-1] if losses else None,
+        (result.metrics or {}).get("eval_loss"),
+        time.monotonic() - start,
+        history,
+        plot,
+    )
+
+
+def _setup(expert_dir: Path, settings: TrainSettings, resume: bool, log: Any) -> _Prepared:
+    """The plan (manifest and data checked before the base model, so their errors come first), the storage, the
+    version, and a clean run directory unless resuming."""
     expert_dir = expert_dir.resolve()
     loaded = load_manifest(expert_dir)
-    # Workers run in another working directory: every path they get is absolute. The manifest and data are
-    # checked before the base model, so their errors come first.
-    base_dir = (base_model_dir or offline.model_dir()).resolve()
+    # Workers run in another working directory: every path they get is absolute.
+    base_dir = (Path(settings.base_model) if settings.base_model else offline.model_dir()).resolve()
     plan = make_plan(
         loaded,
         base_model_dir=base_dir,
-        base_model_id=base_model_id or offline.DEFAULT_MODEL.model_id,
-        workers=workers,
-        use_gpu=use_gpu,
-        max_steps=max_steps,
+        base_model_id=settings.base_model_id or offline.DEFAULT_MODEL.model_id,
+        workers=settings.workers,
+        use_gpu=settings.gpu,
+        max_steps=settings.max_steps,
     )
     try:
-        storage_path, local = storage_location(None if storage is None else str(storage), home_dir() / "runs")
+        storage_path, local = storage_location(settings.storage, home_dir() / "runs")
     except ValueError as e:
         raise TrainingError(str(e)) from None
-    out = (output_dir or expert_dir).resolve()
-    new_version = version or _next_version(loaded.manifest.version, out, plan)
-    if base_model_dir is None:
+    out = (Path(settings.output) if settings.output else expert_dir).resolve()
+    version = settings.version or _next_version(loaded.manifest.version, out, plan)
+    if settings.base_model is None:
         offline.prepared_model_dir()
     elif not (base_dir / "config.json").is_file():
         raise TrainingError(f"{base_dir}: not a model directory (no config.json)")
     _announce(plan, log)
-
     # Progress and markers stay on this machine; checkpoints go wherever `storage` says.
     run_dir = (Path(storage_path) if local else home_dir() / "progress") / plan.expert_name
     if not resume:
         _clear_run(storage_path, local, plan.expert_name)
         shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    progress_file = run_dir / "progress.jsonl"
+    return _Prepared(
+        expert_dir,
+        plan,
+        out,
+        version,
+        storage_path,
+        run_dir / "progress.jsonl",
+        bool(loaded.manifest.training.config.use_tf32),
+    )
 
-    _init_ray(ray, ray_address, workers, cpus_per_worker)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    trainer = TorchTrainer(
+
+def _build(prepared: _Prepared, settings: TrainSettings, faults: Faults) -> Any:
+    """The Ray Train trainer for the run (a local Ray cluster is started when none is given)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    plan, workers = prepared.plan, settings.workers
+    _init_ray(ray, settings.address, workers, settings.cpus_per_worker)
+    loop = LoopConfig(
+        plan=plan.to_dict(),
+        threads_per_worker=max(1, (os.cpu_count() or 1) // workers),
+        progress_file=str(prepared.progress_file),
+        tf32=prepared.use_tf32,
+        faults=faults,
+    )
+    return TorchTrainer(
         train_loop,
-        train_loop_config={
-            "plan": plan.to_dict(),
-            "threads_per_worker": threads,
-            "progress_file": str(progress_file),
-            "tf32": loaded.manifest.training.config.use_tf32,
-            "fail_once_at_step": fail_once_at_step,
-            "nan_at_step": nan_at_step,
-        },
+        train_loop_config=loop.to_dict(),
         scaling_config=ScalingConfig(
             num_workers=workers,
-            use_gpu=use_gpu,
-            placement_strategy=placement_strategy,
-            resources_per_worker={"CPU": cpus_per_worker or 1},
+            use_gpu=settings.gpu,
+            placement_strategy=settings.placement_strategy,
+            resources_per_worker={"CPU": settings.cpus_per_worker or 1},
         ),
         run_config=RunConfig(
             name=plan.expert_name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=max_failures),
+            storage_path=prepared.storage_path,
+            failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=plan.save_total_limit,
                 checkpoint_score_attribute=plan.best_metric if plan.keep_best else None,
@@ -159,11 +186,13 @@ def train_expert(
             ),
         ),
     )
-    bar = (
-        _ProgressBar(progress_file, plan.total_steps)
-        if (progress if progress is not None else sys.stdout.isatty())
-        else None
-    )
+
+
+def _fit(trainer: Any, prepared: _Prepared, progress: bool | None) -> Any:
+    """Runs the trainer (with a progress bar on a terminal); its result, or a TrainingError."""
+    plan = prepared.plan
+    show = progress if progress is not None else sys.stdout.isatty()
+    bar = _ProgressBar(prepared.progress_file, plan.total_steps) if show else None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; report them as a training failure
@@ -177,26 +206,7 @@ def train_expert(
             f"training {plan.expert_name} stopped: the loss is not finite (NaN or infinite) at step {bad_step}; "
             "nothing was written. Lower training.config.learning_rate, or check the data for empty answers"
         )
-    checkpoint = _chosen_checkpoint(result, plan)
-    if checkpoint is None:
-        raise TrainingError(f"training {plan.expert_name} produced no checkpoint")
-    with checkpoint.as_directory() as d:
-        _write_expert(expert_dir, out, Path(d), plan, new_version)
-    package = build_package(out, out)
-    history = _read_progress(progress_file)
-    losses = [h["loss"] for h in history if "loss" in h]
-    plot = plot_loss(history, progress_file.with_name("loss.png"), _plot_title(plan))
-    return TrainResult(
-        out,
-        package,
-        plan.total_steps,
-        losses[0] if losses else None,
-        losses[-1] if losses else None,
-        (result.metrics or {}).get("eval_loss"),
-        time.monotonic() - start,
-        history,
-        plot,
-    )
+    return result
 
 
 def _plot_title(plan: TrainPlan) -> str:

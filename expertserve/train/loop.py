@@ -13,8 +13,11 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from expertserve.train.faults import Faults
 
 CHECKPOINT_ADAPTER = "adapter"
 CHECKPOINT_SOFT_PROMPTS = "soft_prompts"
@@ -22,29 +25,85 @@ CHECKPOINT_STATE = "optimizer.pt"
 CHECKPOINT_SCHEDULER = "scheduler.json"
 
 
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the driver hands every worker (Ray passes `train_loop_config` as a dict: `to_dict` / `from_dict`)."""
+
+    plan: dict[str, Any]  # TrainPlan.to_dict()
+    threads_per_worker: int = 1
+    progress_file: str | None = None
+    tf32: bool = False
+    faults: Faults = field(default_factory=Faults)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "faults": self.faults.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopConfig:
+        return cls(**{**data, "faults": Faults(**data.get("faults") or {})})
+
+
+@dataclass
+class _Run:
+    """One worker's training state, built by `_build` and advanced by `_fit`."""
+
+    plan: Any  # TrainPlan
+    config: LoopConfig
+    rank: int
+    world: int
+    module: Any  # the (DDP-wrapped) ExpertModule
+    inner: Any  # the ExpertModule itself
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    autocast: Any
+    device: Any
+    pad: int
+    shard: list[dict[str, list[int]]]
+    valid: list[dict[str, list[int]]]
+    step: int = 0
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Trains the adapter and soft prompts of one expert (runs inside each Ray Train worker)."""
+    """Trains the adapter and soft prompts of one expert (runs inside each Ray Train worker): setup, build, fit
+    (which validates at the eval steps)."""
+    import ray.train
+
+    from expertserve.train.plan import TrainPlan
+
+    loop = LoopConfig.from_dict(config)
+    plan = TrainPlan.from_dict(loop.plan)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _setup(plan, loop, rank)
+    run = _build(plan, loop, rank, world)
+    _fit(run)
+
+
+def _setup(plan: Any, loop: LoopConfig, rank: int) -> None:
+    """Seeds, threads and the offline hub, before anything is loaded."""
+    import torch
+
+    # No hub at run time: a wrong model path must fail at once, not after network timeouts.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _record_worker(loop.progress_file, rank)
+    torch.manual_seed(plan.seed)
+    random.seed(plan.seed)
+    if not plan.use_gpu:
+        torch.set_num_threads(max(1, loop.threads_per_worker))
+    elif loop.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def _build(plan: Any, loop: LoopConfig, rank: int, world: int) -> _Run:
+    """The model with its adapter and soft prompts, the optimizer and schedule (resumed from the latest checkpoint
+    if there is one), and this worker's data."""
     import ray.train
     import torch
     from ray.train.torch import prepare_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-    from expertserve.datasets.common import read_jsonl
-    from expertserve.train.modules import ExpertModule, collate, encode, init_soft_prompt
-    from expertserve.train.plan import TrainPlan
-
-    # No hub at run time: a wrong model path must fail at once, not after network timeouts.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    plan = TrainPlan.from_dict(config["plan"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _record_worker(config, rank)
-    torch.manual_seed(plan.seed)
-    random.seed(plan.seed)
-    if not plan.use_gpu:
-        torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
-    elif config.get("tf32"):
-        torch.backends.cuda.matmul.allow_tf32 = True
+    from expertserve.train.modules import ExpertModule, init_soft_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(plan.base_model_dir)
     model = AutoModelForCausalLM.from_pretrained(
@@ -62,103 +121,149 @@ def train_loop(config: dict[str, Any]) -> None:
     ]
     module = prepare_model(ExpertModule(peft_model, soft))
     inner: ExpertModule = getattr(module, "module", module)
-
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = (
-        torch.optim.SGD(params, lr=plan.learning_rate, momentum=0.9)
-        if plan.optimizer == "sgd"
-        else torch.optim.AdamW(params, lr=plan.learning_rate, fused=plan.optimizer == "adamw_torch_fused")
-    )
+    optimizer = _optimizer([p for p in module.parameters() if p.requires_grad], plan)
     scheduler = get_scheduler(
         plan.scheduler, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps
     )
-
-    step = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        step = _resume(checkpoint, inner, optimizer, scheduler, plan, rank)
-
-    train = _answered(
-        [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.train_file))],
-        "training",
-        rank,
-        plan,
+    step = _resume(checkpoint, inner, optimizer, scheduler, plan, rank) if checkpoint is not None else 0
+    shard, valid = _data(plan, tokenizer, rank, world)
+    device = next(module.parameters()).device
+    return _Run(
+        plan=plan,
+        config=loop,
+        rank=rank,
+        world=world,
+        module=module,
+        inner=inner,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None,
+        autocast=_autocast(plan, device),
+        device=device,
+        pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        shard=shard,
+        valid=valid,
+        step=step,
     )
-    shard = train[rank::world]
+
+
+def _optimizer(params: list[Any], plan: Any) -> Any:
+    import torch
+
+    if plan.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=plan.learning_rate, momentum=0.9)
+    return torch.optim.AdamW(params, lr=plan.learning_rate, fused=plan.optimizer == "adamw_torch_fused")
+
+
+def _data(
+    plan: Any, tokenizer: Any, rank: int, world: int
+) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+    """This worker's shard of the training examples, and (rank 0 only) up to 64 validation examples."""
+    from expertserve.datasets.common import read_jsonl
+    from expertserve.train.modules import encode
+
+    def encoded(path: str) -> list[dict[str, list[int]]]:
+        return [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(path))]
+
+    train = _answered(encoded(plan.train_file), "training", rank, plan)
     valid = (
-        _answered(
-            [encode(e, tokenizer, plan.max_seq_length) for e in read_jsonl(Path(plan.valid_file))][:64],
-            "validation",
-            rank,
-            plan,
-        )
+        _answered(encoded(plan.valid_file)[:64], "validation", rank, plan)
         if plan.valid_file and rank == 0
         else []
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(module.parameters()).device
-    autocast = _autocast(plan, device)
-    scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None
+    return train[rank::world], valid
 
-    progress = _Progress(plan, rank, config.get("progress_file"), start_step=step)
-    batches = _batches(shard, plan, start_step=step)
-    module.train()
-    while step < plan.total_steps:
-        loss_sum, tokens = 0.0, 0
-        for _ in range(plan.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(next(batches), pad).items()}
-            with autocast:
-                loss = module(**batch) / plan.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        loss_sum = _checked_loss(loss_sum, config, step + 1, world, device)
-        if not math.isfinite(loss_sum):
-            # Every worker stops here together (the check is all-reduced) and tells the driver, which reports it
-            # and writes nothing: a non-finite step would make every weight NaN from here on.
-            # Ray Train keeps metrics only with a checkpoint: a marker checkpoint carries the news (resuming skips it).
-            optimizer.zero_grad(set_to_none=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    (Path(tmp) / "non_finite.json").write_text(json.dumps({"step": step + 1}))
-                marker = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-                ray.train.report({**progress.last, "non_finite_loss_step": step + 1}, checkpoint=marker)
+
+def _fit(run: _Run) -> None:
+    """Steps until the plan's total, reporting (a barrier: every worker equally often) at logging steps, and with a
+    checkpoint from rank 0 at save steps; validates at eval steps."""
+    plan = run.plan
+    progress = _Progress(plan, run.rank, run.config.progress_file, start_step=run.step)
+    batches = _batches(run.shard, plan, start_step=run.step)
+    run.module.train()
+    while run.step < plan.total_steps:
+        loss, tokens = _accumulate(run, batches)
+        loss = _checked_loss(run.config.faults.loss(loss, run.step + 1), run.world, run.device)
+        if not math.isfinite(loss):
+            _stop_non_finite(run, progress)
             return
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        _maybe_inject_failure(config, step)
-        metrics = progress.update(step, loss_sum, scheduler.get_last_lr()[0], tokens * world)
-        saving = step % plan.save_steps == 0 or step == plan.total_steps
-        evaluating = plan.eval_steps is not None and (step % plan.eval_steps == 0 or saving)
-        if evaluating and rank == 0:
-            metrics["eval_loss"] = _eval_loss(inner, valid, pad, device, autocast)
-            progress.note_eval(step, metrics["eval_loss"])
-        if saving:
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    _save_state(Path(tmp), inner, optimizer, scheduler, step, plan)
-                ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=ckpt)
-        elif step % plan.logging_steps == 0:
-            ray.train.report(metrics)
+        _optimizer_step(run)
+        run.step += 1
+        run.config.faults.maybe_fail(run.step, run.config.progress_file)
+        metrics = progress.update(run.step, loss, run.scheduler.get_last_lr()[0], tokens * run.world)
+        _report(run, progress, metrics)
     progress.finish()
 
 
-def _record_worker(config: dict[str, Any], rank: int) -> None:
+def _accumulate(run: _Run, batches: Any) -> tuple[float, int]:
+    """Forward and backward over `grad_accum` batches: the step's loss and its tokens on this worker."""
+    from expertserve.train.modules import collate
+
+    loss_sum, tokens = 0.0, 0
+    for _ in range(run.plan.grad_accum):
+        batch = {k: v.to(run.device) for k, v in collate(next(batches), run.pad).items()}
+        with run.autocast:
+            loss = run.module(**batch) / run.plan.grad_accum
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        loss_sum += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, tokens
+
+
+def _optimizer_step(run: _Run) -> None:
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _report(run: _Run, progress: Any, metrics: dict[str, Any]) -> None:
+    """Validates at eval steps (rank 0), then reports: with a checkpoint at save steps, without at logging steps."""
+    import ray.train
+
+    plan, step = run.plan, run.step
+    saving = step % plan.save_steps == 0 or step == plan.total_steps
+    evaluating = plan.eval_steps is not None and (step % plan.eval_steps == 0 or saving)
+    if evaluating and run.rank == 0:
+        metrics["eval_loss"] = _eval_loss(run.inner, run.valid, run.pad, run.device, run.autocast)
+        progress.note_eval(step, metrics["eval_loss"])
+    if saving:
+        with tempfile.TemporaryDirectory() as tmp:
+            if run.rank == 0:
+                _save_state(Path(tmp), run.inner, run.optimizer, run.scheduler, step, plan)
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if run.rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt)
+    elif step % plan.logging_steps == 0:
+        ray.train.report(metrics)
+
+
+def _stop_non_finite(run: _Run, progress: Any) -> None:
+    """Every worker stops here together (the check is all-reduced) and tells the driver, which reports it and writes
+    nothing: a non-finite step would make every weight NaN from here on. Ray Train keeps metrics only with a
+    checkpoint: a marker checkpoint carries the news (resuming skips it)."""
+    import ray.train
+
+    run.optimizer.zero_grad(set_to_none=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if run.rank == 0:
+            (Path(tmp) / "non_finite.json").write_text(json.dumps({"step": run.step + 1}))
+        marker = ray.train.Checkpoint.from_directory(tmp) if run.rank == 0 else None
+        ray.train.report({**progress.last, "non_finite_loss_step": run.step + 1}, checkpoint=marker)
+
+
+def _record_worker(progress_file: str | None, rank: int) -> None:
     """Writes which node this worker runs on next to the progress file (`workers/rank-N.json`)."""
     import socket
 
     import ray
 
-    if not config.get("progress_file"):
+    if not progress_file:
         return
-    folder = Path(config["progress_file"]).with_name("workers")
+    folder = Path(progress_file).with_name("workers")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank-{rank}.json").write_text(
         json.dumps(
@@ -192,13 +297,10 @@ def _answered(
     return kept
 
 
-def _checked_loss(loss: float, config: dict[str, Any], step: int, world: int, device: Any) -> float:
-    """The step's loss, NaN on every worker when it is not finite on any (all-reduced), so all stop together.
-    `nan_at_step` injects a NaN for tests."""
+def _checked_loss(loss: float, world: int, device: Any) -> float:
+    """The step's loss, NaN on every worker when it is not finite on any (all-reduced), so all stop together."""
     import torch
 
-    if config.get("nan_at_step") == step:
-        loss = float("nan")
     if world > 1:
         import torch.distributed as dist
 
@@ -207,18 +309,6 @@ def _checked_loss(loss: float, config: dict[str, Any], step: int, world: int, de
         if flag.item() > 0:
             return float("nan")
     return loss
-
-
-def _maybe_inject_failure(config: dict[str, Any], step: int) -> None:
-    """Fault injection for fault-tolerance tests: `fail_once_at_step` makes a worker raise once, at that step
-    (a marker file next to the progress file keeps it to once), as a lost worker would."""
-    at, marker = config.get("fail_once_at_step"), config.get("progress_file")
-    if at is None or step != at or marker is None:
-        return
-    flag = Path(marker).with_name("injected-failure")
-    if not flag.exists():
-        flag.write_text(str(step))
-        raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
 
 
 def _peft(model: Any, plan: Any) -> Any:

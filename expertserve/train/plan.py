@@ -110,6 +110,15 @@ def _inside(loaded: LoadedManifest, field: str, rel: str) -> Path:
     return path
 
 
+def _precision_and_optimizer(cfg: Any, use_gpu: bool) -> tuple[str, str]:
+    """fp16 only on a GPU; an 8-bit optimizer (not installed) and the fused one without a GPU fall back to AdamW."""
+    precision = "fp16" if use_gpu and cfg.fp16 else "bf16" if cfg.bf16 else "fp32"
+    optimizer = cfg.optim or "adamw_torch"
+    if optimizer == "adamw_bnb_8bit" or (optimizer == "adamw_torch_fused" and not use_gpu):
+        optimizer = "adamw_torch"
+    return precision, optimizer
+
+
 def make_plan(
     loaded: LoadedManifest,
     *,
@@ -176,14 +185,7 @@ def make_plan(
         if evaluating
         else None
     )
-    precision = "fp32"
-    if use_gpu and cfg.fp16:
-        precision = "fp16"
-    elif cfg.bf16:
-        precision = "bf16"
-    optimizer = cfg.optim or "adamw_torch"
-    if optimizer == "adamw_bnb_8bit" or (optimizer == "adamw_torch_fused" and not use_gpu):
-        optimizer = "adamw_torch"
+    precision, optimizer = _precision_and_optimizer(cfg, use_gpu)
     ctx = RuntimeContext(device="cuda" if use_gpu else "cpu")
     ignored = [
         f"{s.path}: {s.detail}"

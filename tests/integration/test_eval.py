@@ -3,6 +3,7 @@ and quality_metrics written back into a manifest that still validates."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,10 +124,12 @@ def test_adapter_and_soft_prompt_change_the_output(engine: Any, tiny_expert: tup
 def test_evaluate_reports_scores_and_writes_quality_metrics(
     engine: Any, tiny_expert: tuple[Path, Path]
 ) -> None:
-    from expertserve.eval.runner import evaluate
+    from expertserve.eval.runner import EvalSettings, evaluate
 
     expert, base = tiny_expert
-    report = evaluate(expert, base_model_dir=base, base_model_id=TINY_ID, engine=engine, limit=3)
+    report = evaluate(
+        expert, EvalSettings(base_model_dir=base, base_model_id=TINY_ID, limit=3), engine=engine
+    )
     assert (report.n, report.metric) == (3, "exact_match")
     assert 0 <= report.base_score <= 1 and 0 <= report.expert_score <= 1
     assert set(report.ablation) == {"adapter_only", "soft_prompt_only"}
@@ -144,19 +147,18 @@ def test_evaluate_reports_scores_and_writes_quality_metrics(
 def test_the_validation_split_is_scored_apart_and_never_written(
     engine: Any, tiny_expert: tuple[Path, Path]
 ) -> None:
-    from expertserve.eval.runner import EvalError, evaluate
+    from expertserve.eval.runner import EvalError, EvalSettings, evaluate
 
     expert, base = tiny_expert
     before = (expert / "manifest.json").read_text()
-    report = evaluate(
-        expert, base_model_dir=base, base_model_id=TINY_ID, engine=engine, split="valid", expert_only=True
-    )
+    tiny = EvalSettings(base_model_dir=base, base_model_id=TINY_ID)
+    report = evaluate(expert, dataclasses.replace(tiny, split="valid", expert_only=True), engine=engine)
     assert (report.n, report.split) == (2, "valid")
     assert report.base_score is None and report.improvement is None and report.ablation == {}
     assert 0 <= report.expert_score <= 1
     assert (expert / "manifest.json").read_text() == before, "quality_metrics come from the test split only"
     with pytest.raises(EvalError, match="split 'train'"):
-        evaluate(expert, base_model_dir=base, base_model_id=TINY_ID, engine=engine, split="train")
+        evaluate(expert, dataclasses.replace(tiny, split="train"), engine=engine)
 
 
 @pytest.fixture(autouse=True)

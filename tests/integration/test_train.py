@@ -71,25 +71,28 @@ def tiny_expert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_two_workers_survive_a_lost_worker_resume_and_package(
-    ray_cluster: None, tiny_expert: tuple[Path, Path], tmp_path: Path
+    ray_cluster: None, tiny_expert: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from expertserve.train.faults import ENV as FAULTS_ENV
     from expertserve.train.launch import train_expert
+    from expertserve.train.settings import TrainSettings
 
     expert, base = tiny_expert
     storage, out = tmp_path / "runs", tmp_path / "out"
-    common = dict(
+    settings = TrainSettings(
         workers=2,
-        base_model_dir=base,
+        base_model=str(base),
         base_model_id=TINY_ID,
-        storage=storage,
+        storage=str(storage),
         cpus_per_worker=0.5,
-        output_dir=out,
-        progress=False,
-        log=lambda line: None,
+        output=str(out),
     )
+    quiet = dict(progress=False, log=lambda line: None)
 
     # A worker fails at step 7; FailureConfig restarts the group from the step-4 checkpoint.
-    result = train_expert(expert, fail_once_at_step=7, **common)
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"fail_once_at_step": 7}))
+    result = train_expert(expert, settings, **quiet)
+    monkeypatch.delenv(FAULTS_ENV)
     steps = [h["step"] for h in result.history if "step" in h]
     assert steps[-1] == 12
     assert steps.count(5) == 2 and steps.count(6) == 2, f"expected a restart from step 4: {steps}"
@@ -120,7 +123,7 @@ def test_two_workers_survive_a_lost_worker_resume_and_package(
 
     # --resume continues the same run from its latest checkpoint (step 12) to a longer length; the retrained
     # expert gets the next version, its package a new name, and no quality figures of the older weights.
-    resumed = train_expert(expert, resume=True, max_steps=14, **common)
+    resumed = train_expert(expert, settings.model_copy(update={"max_steps": 14}), resume=True, **quiet)
     new_steps = [h["step"] for h in resumed.history if "step" in h][len(result.history) - 1 :]
     assert new_steps[:2] == [13, 14], new_steps
     retrained = json.loads((out / "manifest.json").read_text())
@@ -141,7 +144,9 @@ def test_two_workers_survive_a_lost_worker_resume_and_package(
     assert json.loads((checkpoints[-1] / "step.json").read_text())["step"] == 14
     marker = tmp_path / "pwned"
     torch.save({"optimizer": _RunsCode(marker)}, checkpoints[-1] / CHECKPOINT_STATE)
-    again = train_expert(expert, resume=True, max_steps=15, version="2.0.0", **common)
+    again = train_expert(
+        expert, settings.model_copy(update={"max_steps": 15, "version": "2.0.0"}), resume=True, **quiet
+    )
     steps = [h["step"] for h in again.history if "step" in h]
     assert steps[-3:] == [13, 14, 15], steps
     assert not marker.exists()
@@ -159,27 +164,27 @@ class _RunsCode:
 
 
 def test_a_non_finite_loss_stops_the_run_and_writes_nothing(
-    ray_cluster: None, tiny_expert: tuple[Path, Path], tmp_path: Path
+    ray_cluster: None, tiny_expert: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from expertserve.train.faults import ENV as FAULTS_ENV
     from expertserve.train.launch import train_expert
     from expertserve.train.plan import TrainingError
+    from expertserve.train.settings import TrainSettings
 
     expert, base = tiny_expert
     out = tmp_path / "out"
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"nan_at_step": 3}))
+    settings = TrainSettings(
+        workers=2,
+        cpus_per_worker=0.5,
+        base_model=str(base),
+        base_model_id=TINY_ID,
+        storage=str(tmp_path / "runs"),
+        output=str(out),
+        max_steps=6,
+    )
     with pytest.raises(TrainingError, match="loss is not finite .* at step 3; nothing was written"):
-        train_expert(
-            expert,
-            workers=2,
-            cpus_per_worker=0.5,
-            base_model_dir=base,
-            base_model_id=TINY_ID,
-            storage=tmp_path / "runs",
-            output_dir=out,
-            max_steps=6,
-            nan_at_step=3,
-            progress=False,
-            log=lambda line: None,
-        )
+        train_expert(expert, settings, progress=False, log=lambda line: None)
     assert not out.exists()
 
 
@@ -188,7 +193,12 @@ def test_training_errors_are_reported_not_raised_as_tracebacks(
 ) -> None:
     from expertserve.train.launch import train_expert
     from expertserve.train.plan import TrainingError
+    from expertserve.train.settings import TrainSettings
 
     expert, base = tiny_expert
     with pytest.raises(TrainingError, match="no adapter for base model other-model"):
-        train_expert(expert, base_model_dir=base, base_model_id="other-model", storage=tmp_path, log=print)
+        train_expert(
+            expert,
+            TrainSettings(base_model=str(base), base_model_id="other-model", storage=str(tmp_path)),
+            log=print,
+        )

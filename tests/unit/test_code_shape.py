@@ -55,9 +55,14 @@ def test_serving_evaluation_and_engine_never_import_training() -> None:
     assert hits == []
 
 
-def test_no_function_on_the_serving_path_has_more_than_40_statements() -> None:
+SHAPED = ("serve", "train", "eval", "bench", "cli")
+MAX_CLASS_LINES = 350
+MAX_INGRESS_LINES = 300
+
+
+def test_no_function_in_serve_train_eval_bench_or_cli_has_more_than_40_statements() -> None:
     long = []
-    for path in _modules("serve"):
+    for path in _modules(*SHAPED):
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
@@ -65,6 +70,21 @@ def test_no_function_on_the_serving_path_has_more_than_40_statements() -> None:
             ):
                 long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({_statements(node)})")
     assert long == []
+
+
+def test_no_class_in_the_package_is_over_350_lines() -> None:
+    big = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and (node.end_lineno or 0) - node.lineno + 1 > MAX_CLASS_LINES
+    ]
+    assert big == []
+
+
+def test_the_ingress_declares_routes_and_wires_its_rooms_in_under_300_lines() -> None:
+    lines = len((PACKAGE / "serve" / "ingress.py").read_text().splitlines())
+    assert lines < MAX_INGRESS_LINES, lines
 
 
 def test_the_statement_counter_counts_nested_blocks() -> None:

@@ -22,6 +22,7 @@ PURE_MODULES = [
     "expertserve.datasets.typescript",
     "expertserve.eval.scorers",
     "expertserve.train.plan",
+    "expertserve.train.faults",
     "expertserve.cli.train",
     "expertserve.cli.eval",
     "expertserve.routing.lexical",
