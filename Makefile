@@ -1,5 +1,5 @@
 # Everyday commands. The README's two commands are the source of truth; these call the same scripts and tools.
-.PHONY: setup run test check lint format typecheck unit integration e2e
+.PHONY: setup run test test-fast check lint format typecheck unit integration e2e
 
 setup:
 	bash scripts/setup.sh
@@ -7,8 +7,12 @@ setup:
 run: setup
 	.venv/bin/expertserve validate experts/*
 
-test:
+test:  ## everything, as CI runs it (the README's command)
 	bash scripts/test.sh -q
+
+test-fast:  ## checks, unit tests and the Serve app on the fake engine (no scaling): under 3 minutes
+	bash scripts/check.sh
+	.venv/bin/python -m pytest -q tests/unit tests/integration/test_serve_fake_engine.py -m "not scaling" --durations=10
 
 check:  ## format, lint and types, as CI checks them
 	bash scripts/check.sh

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/check.sh
-exec .venv/bin/python -m pytest "$@"
+# The 25 slowest tests, every run: the suite has a time budget (CONTRIBUTING.md, "Tests").
+exec .venv/bin/python -m pytest --durations=25 "$@"

@@ -33,7 +33,16 @@ def has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+# A marker that implies others: `-m "not engine"` must also skip what starts a server.
+IMPLIED = {"server": ("engine", "cluster")}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker, implied in IMPLIED.items():
+            if item.get_closest_marker(marker):
+                for name in implied:
+                    item.add_marker(name)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if gpu_items and not has_cuda():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (the `gpu` marker); none is visible to torch")

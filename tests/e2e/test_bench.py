@@ -15,7 +15,7 @@ import pytest
 from expertserve.bench.stats import FIGURES
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 
 def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from tests.e2e.conftest import running_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 BODY = {
     "model": "expert-beta",
     "messages": [{"role": "user", "content": "hello"}],

@@ -15,7 +15,7 @@ import pytest
 from tests.e2e.conftest import TINY_ID, running_server
 from tests.reference import reference_greedy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.server, pytest.mark.scaling]
 
 
 def _rank16(experts: Path, base: Path) -> Path:

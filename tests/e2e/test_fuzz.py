@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.e2e.conftest import TINY_ID, Server
 from tests.fuzz import HEADERS, REAL_EXAMPLES, bodies, check_response, seed_corpus, send
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 MAX_BODY = 65536  # the e2e server's limit (tests/e2e/conftest.py)
 
 

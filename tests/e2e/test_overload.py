@@ -10,7 +10,7 @@ import pytest
 
 from tests.e2e.conftest import running_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 
 def test_overload_is_503_with_retry_after(built: tuple[Path, Path, Path]) -> None:

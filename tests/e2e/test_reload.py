@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e.conftest import Server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 HELLO = [{"role": "user", "content": "hello world"}]
 BROKEN = [
     "expert-noadapter",

@@ -15,7 +15,7 @@ from tests.e2e.conftest import TINY_ID, Server
 from tests.helpers import REPO
 from tests.reference import reference_greedy
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 HELLO = [{"role": "user", "content": "hello world"}]
 
 

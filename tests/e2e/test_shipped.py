@@ -15,7 +15,7 @@ from expertserve.datasets import sql
 from tests.e2e.conftest import launched_server
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SQL_QUESTION = (
     "Schema:\nCREATE TABLE iris (sepal_length REAL, sepal_width REAL, petal_length REAL, "

@@ -15,7 +15,7 @@ from expertserve.manifest import load_manifest
 from tests.helpers import make_expert, manifest
 from tests.reference import reference_greedy
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 TINY_ID = "tiny-test-model"
 PROMPTS = ["Extract the fields.", "SELECT name FROM users", "function add(a: number)", "hello world yes no"]

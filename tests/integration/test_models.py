@@ -11,7 +11,7 @@ from expertserve.errors import ModelError
 from expertserve.models import offline
 from expertserve.models.tiny import build_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")

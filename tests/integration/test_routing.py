@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model
 HELDOUT = REPO / "configs" / "routing" / "heldout.jsonl"
 
 

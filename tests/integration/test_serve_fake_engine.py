@@ -20,7 +20,7 @@ from tests.fakes import FakeEmbedder, FakeEngine
 from tests.fuzz import FAKE_EXAMPLES, HEADERS, bodies, check_response, seed_corpus, send
 from tests.helpers import REPO, S3_ENV, make_expert, manifest, s3_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 BASE = "fake-base"
 HELLO = [{"role": "user", "content": "hello world"}]
 
@@ -257,6 +257,7 @@ def test_an_experts_requests_go_to_the_replica_that_loaded_it(url: str) -> None:
     assert all(len(hs) == 1 for hs in headers.values()) and len(set(named)) == len(named)
 
 
+@pytest.mark.scaling
 def test_an_expert_with_a_replica_minimum_is_loaded_on_that_many_replicas_and_served_by_both(
     url: str,
 ) -> None:
@@ -566,6 +567,7 @@ def test_two_ingress_replicas_agree_on_the_experts_after_a_reload(scaled: tuple[
     assert chat.status_code == 200 and chat.headers["x-expertserve-generation"] == str(generation + 1)
 
 
+@pytest.mark.scaling
 def test_engine_replicas_scale_up_under_load_and_down_after(
     url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -625,6 +627,7 @@ def test_engine_replicas_scale_up_under_load_and_down_after(
         serve.delete("autoscaled")
 
 
+@pytest.mark.scaling
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "drain-then-start"])
 def test_engine_restart_for_a_bigger_rank_serves_the_new_expert_without_dropping_requests(
     url: str, tmp_path_factory: pytest.TempPathFactory, overlap: bool

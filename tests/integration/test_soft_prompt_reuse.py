@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["Ana Lopez is 41.", "Bo Chen, aged 29, lives in Oslo.", "Ines is 35 and works as a pilot."]

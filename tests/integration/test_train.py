@@ -13,7 +13,7 @@ from expertserve.manifest.files import soft_prompt_shape
 from expertserve.packaging.archive import verify_package
 from tests.helpers import make_expert, manifest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 
 TINY_ID = "tiny-test-model"
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -22,7 +22,7 @@ import yaml
 from expertserve.bench.servers import free_port
 from tests.helpers import REPO, S3_ENV, make_expert, manifest, s3_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.cluster, pytest.mark.server]
 TINY_ID = "tiny-test-model"
 
 

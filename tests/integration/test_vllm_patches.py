@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 
 
 def _reference(x, a_slices, b_slices, indices, scale, init):  # noqa: ANN001, ANN202
