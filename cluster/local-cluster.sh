@@ -12,7 +12,11 @@ cd "$(dirname "$0")/.."
 DIR=${EXPERTSERVE_CLUSTER_DIR:-/tmp/expertserve-local-cluster}
 RAY=${RAY:-.venv/bin/ray}
 # =1 allows several nodes on one machine (=0 makes Ray single-node); every node is addressed as 127.0.0.1.
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
+# Ray's token authentication, as `ray start --head` has by default: the dashboard (jobs API) and the cluster's gRPC
+# ports take only clients holding the token (RAY_AUTH_MODE=disabled opts out). The token: RAY_AUTH_TOKEN, or the file
+# RAY_AUTH_TOKEN_PATH names, else $DIR/auth_token; made (0600) when that file does not exist yet.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 # Serve's data plane over its gRPC channels (ServeConfig.grpc_data_plane): Ray's nodes read it when they start.
 export RAY_SERVE_USE_GRPC_BY_DEFAULT=${RAY_SERVE_USE_GRPC_BY_DEFAULT:-1}
 # Jobs run `python ...` with the nodes' PATH: make it the environment that has expertserve.
@@ -44,6 +48,12 @@ case "${1:-}" in
 start)
     workers=${2:-1}; cpus=${3:-2}
     mkdir -p "$DIR"
+    if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+        export RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-$DIR/auth_token}
+        if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
+            (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32), end="")' > "$RAY_AUTH_TOKEN_PATH")
+        fi
+    fi
     gcs=$(free_port); dash=$(free_port)
     # The session directory names this cluster in every process's command line: `stop` finds them by it.
     # shellcheck disable=SC2046 (node_ports gives several words on purpose)
@@ -67,19 +77,23 @@ start)
     # does ("No available agent to submit job"), so a no-op job is the test; it is tried only once all nodes are
     # alive, so waiting does not pile up jobs. Plain HTTP, not the ray CLI: the CLI takes seconds to import.
     if ! python3 - "http://127.0.0.1:$dash" "$((workers + 1))" "${READY_TIMEOUT:-150}" <<'PY'
-import json, sys, time, urllib.request
+import json, os, sys, time, urllib.request
 url, want, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 deadline, last = time.monotonic() + timeout, "no answer yet"
+token = os.environ.get("RAY_AUTH_TOKEN") or (
+    open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip() if os.environ.get("RAY_AUTH_TOKEN_PATH") else ""
+)
+auth = {"Authorization": f"Bearer {token}"} if os.environ.get("RAY_AUTH_MODE") == "token" and token else {}
 while time.monotonic() < deadline:
     try:
-        with urllib.request.urlopen(f"{url}/nodes?view=summary", timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/nodes?view=summary", headers=auth), timeout=10) as r:
             nodes = json.load(r)["data"]["summary"]
         alive = sum(n["raylet"]["state"] == "ALIVE" for n in nodes)
         if alive < want:
             last = f"{alive} of {want} nodes alive"
         else:
             req = urllib.request.Request(f"{url}/api/jobs/", data=json.dumps({"entrypoint": "true"}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+                                         headers={"Content-Type": "application/json", **auth}, method="POST")
             with urllib.request.urlopen(req, timeout=30) as r:
                 if r.status == 200:
                     sys.exit(0)
@@ -99,6 +113,9 @@ PY
     echo "http://127.0.0.1:$dash" > "$DIR/dashboard"
     echo "RAY_ADDRESS=127.0.0.1:$gcs"
     echo "dashboard: http://127.0.0.1:$dash  (ray job submit --address http://127.0.0.1:$dash ...)"
+    if [ "$RAY_AUTH_MODE" = token ]; then
+        echo "clients need: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-<your RAY_AUTH_TOKEN>}"
+    fi
     ;;
 kill-node)
     i=${2:?usage: $0 kill-node I}

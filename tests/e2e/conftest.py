@@ -170,9 +170,39 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return root, base, experts
 
 
+# Tests that end the shared server: they run after every other test of the session.
+ENDS_THE_SERVER = ("tests/e2e/test_engine_failure.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    last = [item for item in items if item.nodeid.startswith(ENDS_THE_SERVER)]
+    items[:] = [item for item in items if item not in last] + last
+
+
 @pytest.fixture(scope="session")
 def server(built: tuple[Path, Path, Path]) -> Iterator[Server]:
     with running_server(*built) as running:
+        yield running
+
+
+# One engine request running and one queued per engine replica: what the overload test fills.
+SMALL_QUEUE = {"replicas": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
+
+
+@pytest.fixture(scope="session")
+def small_queue_server(
+    built: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """A second server, for the tests the shared one must not see: the engine restart changes its engines' shape
+    and its experts, the overload test fills its queue (`SMALL_QUEUE`). Its experts are a copy of expert-beta."""
+    import shutil
+
+    _, base, shared = built
+    root = tmp_path_factory.mktemp("small-queue")
+    experts = root / "experts"
+    experts.mkdir()
+    shutil.copytree(shared / "expert-beta", experts / "expert-beta")
+    with running_server(root, base, experts, **SMALL_QUEUE) as running:
         yield running
 
 

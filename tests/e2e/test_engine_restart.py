@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import TINY_ID, running_server
+from tests.e2e.conftest import TINY_ID, Server
 from tests.reference import reference_greedy
 
 pytestmark = [pytest.mark.server, pytest.mark.scaling]
@@ -55,52 +55,50 @@ def _greedy(url: str, model: str, n: int = 8) -> list[int]:
     return r.json()["choices"][0]["token_ids"]
 
 
-def test_engine_restart_for_a_bigger_rank_on_vllm(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    _, base, shared = built
-    experts = tmp_path / "experts"  # its own copy: the shared server's experts stay as they are
-    experts.mkdir()
-    shutil.copytree(shared / "expert-beta", experts / "expert-beta")
-    with running_server(tmp_path, base, experts) as server:
-        assert httpx.get(f"{server.url}/admin/engines", timeout=30).json()["serving"]["max_lora_rank"] == 8
-        before = _greedy(server.url, "expert-beta")
-        wide = _rank16(experts, base)
-        reloaded = httpx.post(f"{server.url}/admin/experts/reload", timeout=120).json()
-        assert any("expert-wide-rank" in p and "max_lora_rank 8" in p for p in reloaded["problems"]), reloaded
-        assert (
-            httpx.post(
-                f"{server.url}/v1/chat/completions",
-                json={"model": "expert-wide-rank", "messages": [{"role": "user", "content": "hi"}]},
-                timeout=60,
-            ).status_code
-            == 400
-        )
+def test_engine_restart_for_a_bigger_rank_on_vllm(small_queue_server: Server) -> None:
+    # The small-queue server (its own experts: the shared server's stay as they are); one client at a time here.
+    server = small_queue_server
+    base, experts = server.base, server.experts
+    assert httpx.get(f"{server.url}/admin/engines", timeout=30).json()["serving"]["max_lora_rank"] == 8
+    before = _greedy(server.url, "expert-beta")
+    wide = _rank16(experts, base)
+    reloaded = httpx.post(f"{server.url}/admin/experts/reload", timeout=120).json()
+    assert any("expert-wide-rank" in p and "max_lora_rank 8" in p for p in reloaded["problems"]), reloaded
+    assert (
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": "expert-wide-rank", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=60,
+        ).status_code
+        == 400
+    )
 
-        answers: list[object] = []
-        done = threading.Event()
+    answers: list[object] = []
+    done = threading.Event()
 
-        def keep_asking() -> None:
-            while not done.is_set():
-                try:
-                    answers.append(_greedy(server.url, "expert-beta"))
-                except (AssertionError, httpx.HTTPError) as e:
-                    answers.append(e)
+    def keep_asking() -> None:
+        while not done.is_set():
+            try:
+                answers.append(_greedy(server.url, "expert-beta"))
+            except (AssertionError, httpx.HTTPError) as e:
+                answers.append(e)
 
-        client = threading.Thread(target=keep_asking)
-        client.start()
-        try:
-            restarted = httpx.post(f"{server.url}/admin/engines/restart", timeout=600)
-        finally:
-            done.set()
-            client.join(timeout=200)
-        assert restarted.status_code == 200, restarted.text
-        answer = restarted.json()
-        assert answer["restarted"] is True and answer["shape"]["max_lora_rank"] == 16, answer
-        assert answers and all(a == before for a in answers), f"answers during the restart: {answers}"
+    client = threading.Thread(target=keep_asking)
+    client.start()
+    try:
+        restarted = httpx.post(f"{server.url}/admin/engines/restart", timeout=600)
+    finally:
+        done.set()
+        client.join(timeout=200)
+    assert restarted.status_code == 200, restarted.text
+    answer = restarted.json()
+    assert answer["restarted"] is True and answer["shape"]["max_lora_rank"] == 16, answer
+    assert answers and all(a == before for a in answers), f"answers during the restart: {answers}"
 
-        assert "expert-wide-rank" in {
-            m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
-        }
-        got = _greedy(server.url, "expert-wide-rank")
-        assert got == reference_greedy(base, wide, "hello world", True, False, len(got))
-        assert _greedy(server.url, "expert-beta") == before
-        assert _greedy(server.url, TINY_ID) == reference_greedy(base, base, "hello world", False, False, 8)
+    assert "expert-wide-rank" in {
+        m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+    }
+    got = _greedy(server.url, "expert-wide-rank")
+    assert got == reference_greedy(base, wide, "hello world", True, False, len(got))
+    assert _greedy(server.url, "expert-beta") == before
+    assert _greedy(server.url, TINY_ID) == reference_greedy(base, base, "hello world", False, False, 8)

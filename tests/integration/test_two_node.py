@@ -68,7 +68,10 @@ def _scenario_with_store(tmp_path: Path, store: str) -> None:
         **os.environ,
         "EXPERTSERVE_CLUSTER_DIR": str(cluster_dir),
         "RAY": f"{bin_dir}/ray",
-        "RAY_AUTH_MODE": "disabled",
+        # Token auth on, as `ray start --head` has it by default and the training docs' `ray job submit` expects
+        # (RAY_AUTH_MODE=token); the script makes the token file.
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(cluster_dir / "auth_token"),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "EXPERTSERVE_STORE": store,  # read by _serve_across_nodes
@@ -79,6 +82,9 @@ def _scenario_with_store(tmp_path: Path, store: str) -> None:
     started = run(["bash", "cluster/local-cluster.sh", "start", "1", "2"], env, timeout=480)
     assert started.returncode == 0, started.stdout + started.stderr
     dashboard = (cluster_dir / "dashboard").read_text().strip()
+    # Without the token the jobs API refuses (the cluster is not open to whoever reaches its ports).
+    refused = httpx.get(f"{dashboard}/api/jobs/", timeout=30)
+    assert refused.status_code in (401, 403), refused.status_code
     try:
         out, storage = tmp_path / "out", tmp_path / "runs"
         submit = [
