@@ -35,10 +35,27 @@ def has_cuda() -> bool:
 
 # A marker that implies others: `-m "not engine"` must also skip what starts a server.
 IMPLIED = {"server": ("engine", "cluster")}
+# Test modules that share a server of tests/e2e/conftest.py: with several workers (pytest-xdist's loadgroup, as
+# scripts/test.sh runs the suite) each group runs whole on one worker, so its server starts once.
+SHARED_SERVERS = {
+    "tests/e2e/test_server.py": "e2e-shared-server",
+    "tests/e2e/test_reload.py": "e2e-shared-server",
+    "tests/e2e/test_fuzz.py": "e2e-shared-server",
+    "tests/e2e/test_engine_failure.py": "e2e-shared-server",
+    "tests/e2e/test_overload.py": "e2e-small-queue",
+    "tests/e2e/test_engine_restart.py": "e2e-small-queue",
+}
+
+
+def xdist_group(nodeid: str) -> str:
+    """The worker group of a test: its module (module fixtures start once), or its shared server's group."""
+    module = nodeid.split("::", 1)[0]
+    return SHARED_SERVERS.get(module, module)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item.nodeid)))
         for marker, implied in IMPLIED.items():
             if item.get_closest_marker(marker):
                 for name in implied:

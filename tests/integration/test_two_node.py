@@ -156,6 +156,9 @@ def _serve_across_nodes(tmp_path: Path, env: dict[str, str], dashboard: str, clu
     serve_config["applications"][0]["args"] = {
         "experts_dirs": [str(REPO / "experts"), store],
         "trusted_keys": [public],
+        # Engines in their replicas' processes: they start in seconds, here and after the node kill (this test is
+        # about nodes: placement, mirrors, a lost node; tests/e2e/test_shipped.py serves with engine processes).
+        "engine": {"in_process": True},
         # Two CPUs per engine replica: one on each node. The shared expert is kept loaded on both, so the worker
         # node's engine fetches it from the store into that node's own mirror. The ingress replicas stay on the
         # head, where the HTTP proxy is (HeadOnly): Ray Serve's proxy answers 500 for requests in flight on an
