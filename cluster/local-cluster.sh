@@ -34,7 +34,22 @@ fail_with_logs() {
     exit 1
 }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free port outside the kernel's ephemeral range (where other Rays on the machine take theirs while this one
+# starts) and above Ray's worker ports: 20000-32767, as expertserve.bench.servers.free_port.
+free_port() {
+    python3 -c '
+import random, socket
+for _ in range(200):
+    p = random.randrange(20000, 32768)
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        print(p)
+        break
+'
+}
 # Every port a node opens, chosen free: Ray's defaults (dashboard agent 52365, client server 10001, ...) clash
 # with the other node of this cluster and with any other Ray on the machine. A head whose dashboard agent could
 # not bind refuses every job ("No available agent to submit job").

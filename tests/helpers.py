@@ -122,15 +122,14 @@ def s3_server(bucket: str = "experts") -> Iterator[str]:
     """moto's S3 server (a real HTTP server, installed from the package registries) on a free loopback port, with
     `bucket` created; yields the base URI of an expert store in it (`s3://bucket/store?endpoint_override=...`).
     The caller puts `S3_ENV` into the environment of every process that opens the store."""
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from expertserve.bench.servers import free_port
+
+    port = free_port()  # outside the range other Rays on the machine take ports from
     server = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen(
         [str(server), "-H", "127.0.0.1", "-p", str(port)],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +24,28 @@ class ServerError(ExpertserveError):
     """A benchmarked server did not start."""
 
 
+# Ports for the servers a benchmark (or a test) starts: outside the kernel's ephemeral range (32768-60999 on Linux),
+# where Ray's processes and every outgoing connection take random ports, and above Ray's worker ports (10002-19999).
+# A server binds its port 30-60 s after it was chosen; a port from the ephemeral range was taken meanwhile by another
+# Ray starting on the machine ("Failed to bind to address"), one from here is not.
+SERVER_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now on 127.0.0.1, from `SERVER_PORTS`.
+
+    Raises:
+        ServerError: None of 200 tries was free.
+    """
+    for _ in range(200):
+        port = random.choice(SERVER_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ServerError(f"no free port in {SERVER_PORTS.start}-{SERVER_PORTS.stop - 1} after 200 tries")
 
 
 @contextlib.contextmanager

@@ -176,3 +176,18 @@ def test_compared_workloads_run_interleaved_and_are_summarised_over_both_runs(mo
     order.clear()
     bench_run._interleaved("http://x", [{"model": "a"}], [{"model": "b"}], 1, rounds=2)
     assert order == ["a", "b", "b", "a"] * 2
+
+
+def test_server_ports_come_from_outside_the_kernels_ephemeral_range() -> None:
+    """Another Ray starting on the machine takes its ports from the ephemeral range while a server started here is
+    still starting: a server's port must not come from there (the two-worker suite hit exactly that)."""
+    import socket
+
+    from expertserve.bench.servers import SERVER_PORTS, free_port
+
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert SERVER_PORTS.stop <= low or SERVER_PORTS.start > high
+    port = free_port()
+    assert port in SERVER_PORTS
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free when returned
