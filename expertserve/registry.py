@@ -224,19 +224,31 @@ class Registry:
     def add(self, record: ExpertRecord) -> None:
         """Registers one expert version.
 
-        Expert names match `^expert-...`, so they never collide with `auto` or a base model id.
+        Expert names match `^expert-...`, so they never collide with `auto` or a base model id. A version is
+        identified by its name, version and source: when two sources define the same one, a servable record
+        (a trusted signer, where the server checks trust) takes the place of a broken one, whichever was found
+        first, so an unsigned package in a store can never take a trusted expert offline.
 
         Raises:
-            RegistryError: This name and version are already registered.
+            RegistryError: This name and version are already registered (the record that stays is named).
         """
         versions = self._by_name.setdefault(record.name, {})
-        if record.version in versions:
-            other = versions[record.version].loaded.path
+        current = versions.get(record.version)
+        if current is None:
+            versions[record.version] = record
+            return
+        if _rank(record) > _rank(current):
+            versions[record.version] = record
             raise RegistryError(
-                f"name clash: {record.name} {record.version} is defined twice, by {other} and by "
-                f"{record.loaded.path} (the first one is used; bump a version or remove one)"
+                f"name clash: {record.name} {record.version} is defined twice; {record.loaded.path} "
+                f"({record.source}) is used, not {current.loaded.path} ({current.source})"
+                + (f", which is not servable: {current.broken}" if current.broken else ", which is unsigned")
             )
-        versions[record.version] = record
+        raise RegistryError(
+            f"name clash: {record.name} {record.version} is defined twice, by {current.loaded.path} "
+            f"({current.source}) and by {record.loaded.path} ({record.source}); the first one is used "
+            "(bump a version or remove one)"
+        )
 
     def remove(self, name: str, version: str | None = None) -> None:
         """Unregisters one version, or every version of a name.
@@ -322,6 +334,11 @@ class Registry:
         adapters = [r.manifest.adapter_for(base_model, aliases) for r in self.servable(base_model, aliases)]
         ranks = [(a.r or 0) if a else 0 for a in adapters]
         return max(ranks, default=0)
+
+
+def _rank(record: ExpertRecord) -> tuple[bool, bool]:
+    """Which of two records of one name and version answers: servable first, then signed."""
+    return record.broken is None, bool((record.provenance or {}).get("signer"))
 
 
 def _manifest_files(root: Path) -> list[Path]:

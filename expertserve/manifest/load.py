@@ -80,9 +80,34 @@ def parse_json(text: str, source: str) -> dict[str, Any]:
         raise ManifestError(
             source, [f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"]
         ) from None
+    except RecursionError:
+        raise ManifestError(source, [f"nested deeper than {MAX_DEPTH} levels"]) from None
     if not isinstance(data, dict):
         raise ManifestError(source, [f"expected a JSON object at the top level, got {type(data).__name__}"])
+    if _depth(data) > MAX_DEPTH:
+        # Every recursive walker after this one (validation, copies, dumps) would hit the recursion limit.
+        raise ManifestError(source, [f"nested deeper than {MAX_DEPTH} levels"])
     return data
+
+
+# Far beyond any manifest (an inline JSON schema is the deepest part).
+MAX_DEPTH = 64
+
+
+def _depth(data: Any) -> int:
+    """The nesting depth of parsed JSON, iteratively."""
+    deepest = 0
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
 
 
 def validate_manifest(raw: dict[str, Any], source: str) -> m.ExpertManifest:

@@ -55,6 +55,7 @@ class Limits:
         ratio: Most uncompressed bytes per compressed byte, once past `ratio_floor` bytes (gzip bombs).
         ratio_floor: Uncompressed bytes below which the ratio is not checked (tiny packages compress well).
         header_bytes: Largest extended header (PAX records, GNU long names).
+        package_bytes: Largest package file a store sync downloads (compressed).
     """
 
     members: int = 256
@@ -63,6 +64,7 @@ class Limits:
     ratio: int = 200
     ratio_floor: int = 16 * 2**20
     header_bytes: int = 64 * 2**10
+    package_bytes: int = 4 * 2**30
 
 
 DEFAULT_LIMITS = Limits()
@@ -256,13 +258,13 @@ def extract_verified(
     if not path.is_file():
         raise PackageError(f"{path}: package file not found")
     try:
-        package_sha256 = _prescan(path, limits)
+        package_sha256, plan = _prescan(path, limits)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise PackageError(f"{path}: truncated or corrupt package ({type(e).__name__}: {e})") from None
     except OSError as e:
         raise PackageError(f"{path}: cannot read: {e}") from None
     dest.mkdir(parents=True)
-    digests = _extract(path, dest)
+    digests = _extract(path, dest, plan)
     checksums = _read_checksums(path, dest, digests)
     for rel, want in checksums.items():
         if rel not in digests:
@@ -292,24 +294,59 @@ def extract_verified(
     return info, dest
 
 
-# Tar header fields (POSIX ustar): name, size and type; extended headers carry long names and sizes.
+# Tar header fields (POSIX ustar): name, size and type. The prescan accepts only what `tarfile` then reads the same
+# way: regular files and directories, each after at most one PAX (`x`) or GNU long-name (`L`) header. Sparse files
+# (type `S`, PAX `GNU.sparse.*`) unpack to sizes their headers do not state; global (`g`) and long-link (`K`)
+# headers, and one extended header after another, are read differently by different tar readers.
 _BLOCK = 512
-_EXTENDED = {b"x", b"g", b"L", b"K"}
+_FILE_KINDS = {b"0": "file", b"\0": "file", b"5": "dir"}
+_EXTENDED = {b"x", b"L"}
+_REFUSED_KINDS = {
+    b"1": "a link",
+    b"2": "a link",
+    b"K": "a link (long link name)",
+    b"3": "a device or special file",
+    b"4": "a device or special file",
+    b"6": "a device or special file",
+    b"S": "a sparse file",
+    b"g": "a global extended header",
+}
+_PAX_KEYWORDS = {
+    "path",
+    "size",
+    "mtime",
+    "atime",
+    "ctime",
+    "uid",
+    "gid",
+    "uname",
+    "gname",
+    "comment",
+    "charset",
+}
+# Vendor records tarfile stores without acting on them (extended attributes written by libarchive and star).
+_PAX_VENDOR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
+
+# One entry of a package as the prescan measured it: ("file" | "dir", size).
+_Planned = tuple[str, int]
 
 
-def _prescan(path: Path, limits: Limits) -> str:
+def _prescan(path: Path, limits: Limits) -> tuple[str, list[_Planned]]:
     """Reads the whole decompressed stream once, writing nothing, and refuses it at the first header that breaks a
-    limit; returns the SHA-256 of the package file.
+    limit or that `tarfile` could read differently; returns the SHA-256 of the package file and the entries as
+    measured, which extraction must meet exactly.
 
     Raises:
-        PackageError: A limit is broken (named, with the member).
+        PackageError: A limit is broken or a header is refused (named, with the member).
     """
     compressed = path.stat().st_size
     whole = hashlib.sha256()
     with path.open("rb") as raw:
         for chunk in iter(lambda: raw.read(1 << 20), b""):
             whole.update(chunk)
-    total = members = 0
+    total = 0
+    plan: list[_Planned] = []
+    extended: bytes | None = None  # the kind of the extended header the next member follows
     pax_size: int | None = None
     with gzip.open(path, "rb") as stream:
 
@@ -334,31 +371,48 @@ def _prescan(path: Path, limits: Limits) -> str:
             name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace") or "(no name)"
             kind, size = header[156:157], _header_size(path, header, name)
             if kind in _EXTENDED:
+                if extended is not None:
+                    raise PackageError(
+                        f"{path}: entry {name!r}: two extended headers in a row; tar readers disagree on them"
+                    )
                 if size > limits.header_bytes:
                     raise PackageError(
                         f"{path}: entry {name!r}: extended header of {size} bytes, more than the limit of "
                         f"{limits.header_bytes}"
                     )
                 data = read(_padded(size), name)[:size]
-                pax_size = _pax_size(data) if kind == b"x" else pax_size
+                if kind == b"x":
+                    pax_size = _pax_size(path, name, data)
+                extended = kind
                 continue
+            if kind not in _FILE_KINDS:
+                what = _REFUSED_KINDS.get(kind, f"of tar type {kind.decode('latin-1')!r}")
+                raise PackageError(
+                    f"{path}: entry {name!r} is {what}; packages hold regular files and directories only"
+                )
             if pax_size is not None:
-                size, pax_size = pax_size, None
-            members += 1
-            if members > limits.members:
+                size = pax_size
+            extended, pax_size = None, None
+            if len(plan) >= limits.members:
                 raise PackageError(f"{path}: more than {limits.members} entries")
+            if _FILE_KINDS[kind] == "dir":
+                plan.append(("dir", 0))
+                continue
             if size > limits.member_bytes:
                 raise PackageError(
                     f"{path}: entry {name!r} is {size} bytes, more than the limit of {limits.member_bytes}"
                 )
             if total + size > limits.total_bytes:
                 raise PackageError(f"{path}: unpacks to more than {limits.total_bytes} bytes (at {name!r})")
-            left = _padded(size) if kind in (b"0", b"\0", b"7") else 0
+            plan.append(("file", size))
+            left = _padded(size)
             while left:
                 step = min(left, 1 << 20)
                 read(step, name)
                 left -= step
-    return whole.hexdigest()
+    if extended is not None:
+        raise PackageError(f"{path}: an extended header at the end of the package belongs to no entry")
+    return whole.hexdigest(), plan
 
 
 def _padded(size: int) -> int:
@@ -375,26 +429,57 @@ def _header_size(path: Path, header: bytes, name: str) -> int:
         raise PackageError(f"{path}: entry {name!r} has a malformed size field") from None
 
 
-def _pax_size(data: bytes) -> int | None:
-    """The `size` record of a PAX header, if any (it overrides the ustar size field)."""
+def _pax_size(path: Path, name: str, data: bytes) -> int | None:
+    """The `size` record of a PAX header, if any (it overrides the ustar size field).
+
+    Records are read by their stated length, as `tarfile` reads them, and must fill the header exactly; a value
+    holding a newline, a keyword that changes how the entry unpacks (`GNU.sparse.*`, `hdrcharset`, `linkpath`),
+    or a malformed length is refused.
+
+    Raises:
+        PackageError: A record is malformed or its keyword is not accepted (named).
+    """
     size = None
-    for record in data.split(b"\n"):
-        _, _, keyword_value = record.partition(b" ")
-        keyword, eq, value = keyword_value.partition(b"=")
-        if eq and keyword == b"size":
-            try:
-                size = int(value)
-            except ValueError:
-                return None
+    pos = 0
+    while pos < len(data):
+        digits, space, _ = data[pos : pos + 21].partition(b" ")
+        if not space or not digits.isdigit() or int(digits) <= len(digits) + 1:
+            raise PackageError(f"{path}: entry {name!r}: malformed PAX record at byte {pos}")
+        record = data[pos : pos + int(digits)]
+        if len(record) != int(digits) or not record.endswith(b"\n"):
+            raise PackageError(f"{path}: entry {name!r}: PAX record at byte {pos} does not end where it says")
+        keyword_b, eq, value = record[len(digits) + 1 : -1].partition(b"=")
+        keyword = keyword_b.decode("utf-8", "replace")
+        if not eq or b"\n" in value:
+            raise PackageError(
+                f"{path}: entry {name!r}: PAX record {keyword!r} is malformed or holds a newline"
+            )
+        if keyword not in _PAX_KEYWORDS and not keyword.startswith(_PAX_VENDOR_PREFIXES):
+            raise PackageError(
+                f"{path}: entry {name!r}: PAX keyword {keyword!r} is not accepted (sparse files, links and "
+                "charset changes unpack differently from what their headers state)"
+            )
+        if keyword == "size":
+            if not value.isdigit():
+                raise PackageError(f"{path}: entry {name!r}: PAX size {value!r} is not a decimal number")
+            size = int(value)
+        pos += len(record)
     return size
 
 
-def _extract(path: Path, dest: Path) -> dict[str, str]:
+def _extract(path: Path, dest: Path, plan: list[_Planned]) -> dict[str, str]:
+    """Extracts the entries the prescan measured, refusing any that `tarfile` reads otherwise."""
     digests: dict[str, str] = {}
     try:
         with tarfile.open(path, mode="r:gz") as tar:
-            for member in tar:
+            for index, member in enumerate(tar):
                 rel = _safe_member_name(path, member)
+                seen = ("dir", 0) if member.isdir() else ("file", member.size)
+                if index >= len(plan) or plan[index] != seen or member.issparse():
+                    raise PackageError(
+                        f"{path}: entry {rel!r} reads as {seen[0]} of {seen[1]} bytes, not as its headers were "
+                        "measured; refused"
+                    )
                 if member.isdir():
                     continue
                 if rel in digests:
@@ -450,10 +535,13 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -
     # O_EXCL: a name that maps onto an existing path (a dir/file clash) fails instead of overwriting.
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "wb") as out:
-        for chunk in iter(lambda: source.read(1 << 20), b""):
+        # Never past the measured size, whatever the reader yields.
+        while chunk := source.read(min(1 << 20, member.size + 1 - written)):
             digest.update(chunk)
             out.write(chunk)
             written += len(chunk)
+            if written > member.size:
+                raise PackageError(f"entry {member.name!r} holds more than its {member.size} bytes")
     if written != member.size:
         raise PackageError(f"entry {member.name!r} is truncated ({written} of {member.size} bytes)")
     return digest.hexdigest()

@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from expertserve.errors import ExpertserveError, PackageError
-from expertserve.packaging.archive import SUFFIX, PackageInfo, install_package, verify_package
+from expertserve.packaging.archive import (
+    DEFAULT_LIMITS,
+    SUFFIX,
+    Limits,
+    PackageInfo,
+    install_package,
+    verify_package,
+)
 from expertserve.packaging.trust import TrustPolicy
 from expertserve.settings import store_cache_dir
 
@@ -147,8 +154,13 @@ def upload(
     return where, info
 
 
-def sync(uri: str) -> SyncResult:
+def sync(uri: str, limits: Limits = DEFAULT_LIMITS, *, only: str | None = None) -> SyncResult:
     """Brings this node's mirror of the store up to date; see the module docstring.
+
+    Every package is isolated: whatever goes wrong with one (a failed check, a download, an unexpected error)
+    is reported with its name and costs that package only. A refused package is remembered by its size and
+    modification time and not downloaded again until it changes. `only` names one expert: just the packages under
+    `<uri>/<only>/` are brought up to date and nothing else is touched (an engine fetching the expert it loads).
 
     Raises:
         StoreError: The store cannot be listed (the mirror is left as it was).
@@ -161,31 +173,43 @@ def sync(uri: str) -> SyncResult:
     result = SyncResult(mirror)
     with _locked(mirror):
         try:
-            listing = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            where = f"{base}/{only}" if only else base
+            listing = fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
         except OSError as e:
             raise StoreError(f"{uri}: cannot list: {_first_line(e)}") from None
         packages = {
             _relative(info.path, base): info
             for info in listing
-            if info.type == pafs.FileType.File and info.path.endswith(SUFFIX)
+            if info.type == pafs.FileType.File
+            and info.path.endswith(SUFFIX)
+            and (only is None or _relative(info.path, base).startswith(f"{only}/"))
         }
         index = _read_index(mirror)
         for rel, entry in list(index.items()):
-            if rel not in packages:
-                _remove(mirror, entry["dir"])
+            if rel not in packages and (only is None or rel.startswith(f"{only}/")):
+                if "dir" in entry:
+                    _remove(mirror, entry["dir"])
                 del index[rel]
                 result.removed.append(rel)
         for rel, info in sorted(packages.items()):
             stamp = f"{info.size}:{info.mtime_ns}"
             known = index.get(rel)
-            if known is not None and known["stamp"] == stamp and (mirror / known["dir"]).is_dir():
-                continue
+            if known is not None and known["stamp"] == stamp:
+                if "problem" in known:  # refused before: not downloaded again until the object changes
+                    result.problems.append(f"{_shown(uri)}/{rel}: {known['problem']}")
+                    continue
+                if (mirror / known["dir"]).is_dir():
+                    continue
             try:
-                installed = _install(fs, info.path, rel, mirror)
-            except (PackageError, OSError) as e:
-                result.problems.append(f"{_shown(uri)}/{rel}: {_first_line(e)}")
+                installed = _install(fs, info.path, rel, mirror, info.size, limits)
+            except Exception as e:  # noqa: BLE001 - any failure costs this package only, never the sync
+                problem = _first_line(e) if isinstance(e, (PackageError, OSError)) else _unexpected(e)
+                result.problems.append(f"{_shown(uri)}/{rel}: {problem}")
+                if known is not None and "dir" in known:
+                    _remove(mirror, known["dir"])
+                index[rel] = {"stamp": stamp, "problem": problem}
                 continue
-            if known is not None and known["dir"] != installed:
+            if known is not None and known.get("dir") not in (None, installed):
                 _remove(mirror, known["dir"])
             index[rel] = {"stamp": stamp, "dir": installed}
             result.installed.append(rel)
@@ -208,6 +232,10 @@ def local_roots(roots: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
             problems += result.problems
         except StoreError as e:
             problems.append(f"{e} (serving this node's last mirror of it)")
+        except Exception as e:  # noqa: BLE001 - one store's failure never stops the other roots
+            problems.append(
+                f"{_shown(uri)}: cannot sync: {_unexpected(e)} (serving this node's last mirror of it)"
+            )
         paths.append(mirror_dir(uri))
     return paths, problems
 
@@ -219,14 +247,28 @@ def store_of(path: str | Path, mirrors: Mapping[str, Path]) -> str | None:
     return next((uri for uri, mirror in mirrors.items() if resolved.is_relative_to(mirror)), None)
 
 
-def _install(fs: Any, path: str, rel: str, mirror: Path) -> str:
-    """Downloads one package and installs it into the mirror; returns its directory relative to the mirror."""
+def _install(fs: Any, path: str, rel: str, mirror: Path, listed_size: int | None, limits: Limits) -> str:
+    """Downloads one package (at most `limits.package_bytes`, counted while it streams: the listing's size may
+    change under us) and installs it into the mirror; returns its directory relative to the mirror."""
+    if listed_size is not None and listed_size > limits.package_bytes:
+        raise PackageError(
+            f"the package is {listed_size} bytes, more than the limit of {limits.package_bytes}"
+        )
     with tempfile.TemporaryDirectory(prefix=".download-", dir=mirror) as scratch:
         local = Path(scratch) / Path(rel).name
         with fs.open_input_stream(path) as src, local.open("wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
-        target = install_package(local, mirror, layout=expert_dir_name, force=True)
+            size = 0
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                size += len(chunk)
+                if size > limits.package_bytes:
+                    raise PackageError(f"the package is more than the limit of {limits.package_bytes} bytes")
+                out.write(chunk)
+        target = install_package(local, mirror, layout=expert_dir_name, force=True, limits=limits)
     return str(target.relative_to(mirror))
+
+
+def _unexpected(e: Exception) -> str:
+    return f"refused: {type(e).__name__}: {_first_line(e)}"
 
 
 def _shown(uri: str) -> str:
@@ -252,11 +294,27 @@ def _remove(mirror: Path, rel: str) -> None:
 
 
 def _read_index(mirror: Path) -> dict[str, dict[str, str]]:
+    """The mirror's index, each entry checked: a `dir` is what sync deletes, so only `<name>/<version dir>` inside
+    the mirror is taken; anything else in the file is dropped (the package is fetched again)."""
     try:
         data = json.loads((mirror / INDEX).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {rel: entry for rel, entry in data.items() if _valid_entry(entry)}
+
+
+def _valid_entry(entry: Any) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("stamp"), str):
+        return False
+    if "problem" in entry:
+        return isinstance(entry["problem"], str) and "dir" not in entry
+    rel = entry.get("dir")
+    if not isinstance(rel, str):
+        return False
+    parts = rel.split("/")
+    return len(parts) == 2 and all(p and p not in (".", "..") and not p.startswith(".") for p in parts)
 
 
 def _write_index(mirror: Path, index: dict[str, dict[str, str]]) -> None:

@@ -178,10 +178,7 @@ class Ingress:
     async def route_engines_restart(self, request: Request) -> dict[str, Any]:
         """Restarts the engine replicas, one at a time, for the shape the experts need or the one asked for
         (control/plane.py); requests keep being served."""
-        empty = not (
-            await request.body()
-        ).strip()  # Starlette keeps the body: read_body reads it again for free
-        body = {} if empty else await read_body(request, self.config.max_body_bytes)
+        body = await read_body(request, self.config.max_body_bytes, empty_ok=True)
         return await self.control.restart_engines(parse_engine_restart(body))
 
     @app.get("/admin/engines")

@@ -253,7 +253,11 @@ def fetch_from_store(spec: ExpertSpec) -> ExpertSpec:
     if all(Path(p).exists() for p in files):
         return local
     try:
-        result = store.sync(spec.store)
+        # The expert's own packages first (a short hold of the node's mirror lock), the whole store only when the
+        # package lies elsewhere in it.
+        result = store.sync(spec.store, only=spec.name)
+        if not all(Path(p).exists() for p in files):
+            result = store.sync(spec.store)
     except store.StoreError as e:
         raise ExpertLoadError(spec.name, f"its files are not on this node and {e}") from None
     missing = [p for p in files if not Path(p).exists()]

@@ -50,3 +50,76 @@ def test_valid_bodies_pass_unchanged() -> None:
     import json
 
     assert parse_body(json.dumps(body).encode()) == body
+
+
+def test_a_wide_body_under_a_long_key_is_checked_in_linear_time_and_memory() -> None:
+    """Finding 1 of the security issue: a path string per value made this body ask for ~116 GiB."""
+    import time
+    import tracemalloc
+
+    key = "k" * 500_000
+    raw = ('{"' + key + '": [' + ",".join(["0"] * 250_000) + "]}").encode()
+    assert len(raw) > 1_000_000
+    tracemalloc.start()
+    began = time.perf_counter()
+    body = parse_body(raw)
+    elapsed = time.perf_counter() - began
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(body[key]) == 250_000
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    assert elapsed < 5  # generous on a loaded CI box; the quadratic walk did not finish at all
+
+
+def test_too_many_values_are_refused_naming_the_bound() -> None:
+    from expertserve.serve.http.body import MAX_VALUES
+
+    raw = ('{"prompt": [' + ",".join(["1"] * (MAX_VALUES + 1)) + "]}").encode()
+    with pytest.raises(RequestError) as info:
+        parse_body(raw)
+    assert info.value.status == 400 and f"more than {MAX_VALUES} JSON values" in info.value.message
+
+
+def test_a_refusal_under_a_long_key_names_a_shortened_path() -> None:
+    key = "k" * 10_000
+    raw = ('{"' + key + '": ["ok", "\\ud800"]}').encode()
+    with pytest.raises(RequestError) as info:
+        parse_body(raw)
+    assert info.value.param is not None and info.value.param.endswith("...[1]")
+    assert len(info.value.message) < 300
+
+
+class _StreamedRequest:
+    """A Starlette request's surface read_body uses: headers and an async byte stream."""
+
+    def __init__(self, chunks: list[bytes], headers: dict[str, str] | None = None) -> None:
+        self.headers = headers or {}
+        self.chunks = chunks
+        self.read = 0
+
+    async def stream(self):  # type: ignore[no-untyped-def]
+        for chunk in self.chunks:
+            self.read += 1
+            yield chunk
+
+
+def test_a_chunked_body_is_refused_while_it_streams() -> None:
+    import asyncio
+
+    from expertserve.serve.http.body import read_body
+
+    request = _StreamedRequest([b"x" * 1024] * 100)  # no content-length, as a chunked upload
+    with pytest.raises(RequestError) as info:
+        asyncio.run(read_body(request, 4096))
+    assert info.value.status == 413
+    assert request.read == 5  # stopped at the chunk that crossed the limit, not after buffering all 100
+
+
+def test_an_empty_admin_body_reads_as_no_fields() -> None:
+    import asyncio
+
+    from expertserve.serve.http.body import read_body
+
+    assert asyncio.run(read_body(_StreamedRequest([b"  "]), 4096, empty_ok=True)) == {}
+    with pytest.raises(RequestError):
+        asyncio.run(read_body(_StreamedRequest([b""]), 4096))

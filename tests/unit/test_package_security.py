@@ -205,3 +205,97 @@ def test_keygen_force_writes_0600_atomically_and_never_through_a_symlink(tmp_pat
         "linked.key.pub",
         "victim",
     ]
+
+
+def _sparse_gnu_header(name: str, real_size: int) -> bytes:
+    """An old GNU sparse member (type `S`): no data, one empty region, a real size the header alone states."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, 0
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    block[386:398] = b"%011o\0" % 0  # the one sparse region: offset 0 ...
+    block[398:410] = b"%011o\0" % 0  # ... of 0 bytes
+    block[482] = 0  # no extended sparse headers
+    block[483:495] = b"%011o\0" % real_size
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _gzip_tar(blocks: bytes) -> bytes:
+    return gzip.compress(blocks + bytes(1024))
+
+
+SPARSE_SIZE = 64 * 2**20
+SMALL = archive.Limits(member_bytes=2**20, total_bytes=2 * 2**20)
+
+
+def _sparse_packages(tmp_path: Path) -> dict[str, Path]:
+    pax01 = tarfile.TarInfo("manifest.json")
+    pax01.pax_headers = {"GNU.sparse.map": "0,0", "GNU.sparse.size": str(SPARSE_SIZE)}
+    crafted = {
+        "gnu-S": _gzip_tar(_sparse_gnu_header("manifest.json", SPARSE_SIZE)),
+        "pax-0.1": _raw_tar([(pax01, b"")]),
+    }
+    paths = {}
+    for label, data in crafted.items():
+        paths[label] = tmp_path / f"{label}.expert"
+        paths[label].write_bytes(data)
+    return paths
+
+
+@pytest.mark.parametrize("label", ["gnu-S", "pax-0.1"])
+def test_sparse_members_are_refused_before_anything_is_written(tmp_path: Path, label: str) -> None:
+    """Finding 2 of the security issue: a ~150-byte package wrote 64 MiB through tarfile's sparse support."""
+    path = _sparse_packages(tmp_path)[label]
+    assert path.stat().st_size < 300
+    with tarfile.open(path, "r:gz") as tar:  # the crafted input is real: tarfile reads a 64 MiB file from it
+        assert tar.getmembers()[0].size == SPARSE_SIZE
+    target = tmp_path / "installed"
+    with pytest.raises(PackageError, match=r"sparse|GNU\.sparse") as info:
+        archive.install_package(path, target, limits=SMALL)
+    assert "manifest.json" in str(info.value) or "GNU.sparse.map" in str(info.value)
+    written = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    assert written == 0
+
+
+def test_global_headers_and_newlines_in_pax_values_are_refused(tmp_path: Path) -> None:
+    """Readers disagree on `g` headers with a size and on PAX values holding a newline: both are refused."""
+    buf = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb") as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"size": "9999"}) as tar,
+    ):
+        info = tarfile.TarInfo("manifest.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    glob = tmp_path / "global.expert"
+    glob.write_bytes(buf.getvalue())
+    with pytest.raises(PackageError, match="global extended header"):
+        archive.verify_package(glob)
+
+    newline = tarfile.TarInfo("manifest.json")
+    newline.pax_headers = {"comment": "x\n30 size=999999999999\n"}
+    path = tmp_path / "newline.expert"
+    path.write_bytes(_raw_tar([(newline, b"{}")]))
+    with pytest.raises(PackageError, match="holds a newline"):
+        archive.verify_package(path)
+
+
+def test_packages_repacked_by_other_tar_formats_still_verify(expert: Path, tmp_path: Path) -> None:
+    """The strict prescan still reads what tar tools write: PAX records per member, the GNU format."""
+    package = archive.build_package(expert, tmp_path / "out")
+    members = members_of(package)
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        buf = io.BytesIO()
+        with (
+            gzip.GzipFile(fileobj=buf, mode="wb") as gz,
+            tarfile.open(fileobj=gz, mode="w", format=fmt) as tar,
+        ):
+            for rel, data in members.items():
+                info = tarfile.TarInfo(rel)
+                info.size = len(data)
+                info.pax_headers = {"comment": "é" * 10}  # forces a PAX header per member in PAX format
+                tar.addfile(info, io.BytesIO(data))
+        path = tmp_path / f"repacked-{fmt}.expert"
+        path.write_bytes(buf.getvalue())
+        assert archive.verify_package(path).name == "expert-demo"

@@ -178,3 +178,131 @@ def test_the_server_config_names_a_store_uri_it_cannot_open() -> None:
     ]
     with pytest.raises(ConfigError, match="experts_dirs.*expected a URI of"):
         ServeConfig.load(None, environ={}, overrides={"experts_dirs": ["ftp://host/x"]})
+
+
+def _poisoned_package(tmp_path: Path, manifest_bytes: bytes, name: str = "poison.expert") -> Path:
+    """A package whose checksums hold but whose manifest is hostile."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    members = {
+        "manifest.json": manifest_bytes,
+    }
+    members["CHECKSUMS.sha256"] = f"{hashlib.sha256(manifest_bytes).hexdigest()}  manifest.json\n".encode()
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for rel, data in members.items():
+            info = tarfile.TarInfo(rel)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / name
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_a_poisoned_object_costs_only_itself_and_is_not_fetched_again(
+    tmp_path: Path, node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Findings 3 and 5 of the security issue: a deeply nested manifest raised RecursionError out of the sync (no
+    node could start); an unexpected error in one package must cost that package only, reported by name."""
+    uri = f"file://{tmp_path}/store"
+    upload_(package(tmp_path), uri)
+    upload_(package(tmp_path, "expert-other"), uri)
+    deep = b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    poison_dir = tmp_path / "store" / "expert-poison"
+    poison_dir.mkdir()
+    _poisoned_package(tmp_path, deep).replace(poison_dir / "0.1.0.expert")
+
+    # ... and one whose install raises something no check anticipated.
+    real_install = store.install_package
+    calls: list[str] = []
+
+    def install(local: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(local.name)
+        if local.name == "other.expert":
+            raise ValueError("bad sparse map")
+        return real_install(local, *args, **kwargs)
+
+    monkeypatch.setattr(store, "install_package", install)
+    other = tmp_path / "store" / "expert-other" / "0.1.0.expert"
+    other.replace(tmp_path / "store" / "expert-other" / "other.expert")
+
+    roots, problems = store.local_roots([uri])
+    assert [r.name for r in Registry.scan(roots)] == ["expert-demo"]
+    assert any("expert-poison/0.1.0.expert" in p and "nested deeper than" in p for p in problems), problems
+    assert any("expert-other/other.expert" in p and "ValueError: bad sparse map" in p for p in problems), (
+        problems
+    )
+
+    calls.clear()
+    roots, again = store.local_roots([uri])
+    assert calls == []  # neither refused package is downloaded again while it is unchanged ...
+    assert sorted(again) == sorted(problems)  # ... and both are still reported
+    assert [r.name for r in Registry.scan(roots)] == ["expert-demo"]
+
+
+def test_downloads_are_capped(tmp_path: Path, node) -> None:
+    uri = f"file://{tmp_path}/store"
+    upload_(package(tmp_path), uri)
+    result = store.sync(uri, archive.Limits(package_bytes=100))
+    assert result.installed == []
+    assert "more than the limit of 100" in result.problems[0]
+    assert not list(result.root.glob("expert-demo*"))
+
+
+def test_index_entries_outside_the_mirror_are_never_deleted(tmp_path: Path, node) -> None:
+    """Finding 15: the index's `dir` is what a sync deletes when its package leaves the store."""
+    uri = f"file://{tmp_path}/store"
+    upload_(package(tmp_path), uri)
+    mirror = store.sync(uri).root
+    victim = tmp_path / "victim"
+    (victim / "x").mkdir(parents=True)
+    index = json.loads((mirror / store.INDEX).read_text())
+    index["gone/0.1.0.expert"] = {"stamp": "1:1", "dir": str(victim)}
+    index["gone2/0.1.0.expert"] = {"stamp": "1:1", "dir": "../../victim"}
+    (mirror / store.INDEX).write_text(json.dumps(index))
+    store.sync(uri)
+    assert (victim / "x").is_dir()
+
+
+def test_a_targeted_sync_touches_one_experts_packages(tmp_path: Path, node) -> None:
+    uri = f"file://{tmp_path}/store"
+    upload_(package(tmp_path), uri)
+    upload_(package(tmp_path, "expert-other"), uri)
+    result = store.sync(uri, only="expert-other")
+    assert result.installed == ["expert-other/0.1.0.expert"]
+    assert store.sync(uri).installed == ["expert-demo/0.1.0.expert"]
+    (tmp_path / "store" / "expert-demo" / "0.1.0.expert").unlink()
+    # Another expert's removal waits for a full sync.
+    assert store.sync(uri, only="expert-other").removed == []
+
+
+def test_an_unsigned_package_never_shadows_a_trusted_one(tmp_path: Path, node) -> None:
+    """Finding 4: the same name and version, unsigned, with a hash that sorts first, took the trusted one offline."""
+    from expertserve.packaging import signing
+    from expertserve.packaging.trust import TrustPolicy
+    from expertserve.serve.expert_checks import trust_problems
+
+    key = tmp_path / "keys" / "k"
+    public = signing.generate_key(key)
+    source = make_expert(tmp_path / "src" / "expert-demo", manifest(name="expert-demo"))
+    signed = archive.build_package(source, tmp_path / "signed", sign_key=key)
+    signed_sha = archive.verify_package(signed).sha256
+    for attempt in range(200):  # an unsigned twin whose mirror directory sorts first
+        (source / "README.md").write_text(f"twin {attempt}\n")
+        unsigned = archive.build_package(source, tmp_path / f"unsigned{attempt}")
+        if archive.verify_package(unsigned).sha256[:12] < signed_sha[:12]:
+            break
+    uri = f"file://{tmp_path}/store"
+    upload_(signed, uri)
+    (tmp_path / "store" / "aaa").mkdir()
+    unsigned.replace(tmp_path / "store" / "aaa" / "0.1.0.expert")
+    roots, problems = store.local_roots([uri])
+    assert problems == []
+    policy = TrustPolicy(frozenset({public}))
+    registry = Registry.scan(roots, check=lambda r: trust_problems(r, policy))
+    record = registry.get("expert-demo", "0.1.0")
+    assert record.broken is None and record.provenance["signer"] == public
+    assert any("name clash" in p and "unsigned" in p for p in registry.problems), registry.problems

@@ -14,6 +14,10 @@ from expertserve.serve.errors import RequestError
 
 # Far beyond any OpenAI body (a JSON schema in response_format is the deepest thing clients send).
 MAX_DEPTH = 64
+# A 1 MiB body holds at most ~500k values ("[0,0,...]"); 64 prompts of 4k token ids is 262k.
+MAX_VALUES = 300_000
+# Keys are client text: a refusal names at most this much of one.
+MAX_KEY_SHOWN = 64
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -40,28 +44,56 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _check(body: dict[str, Any]) -> None:
-    """Depth and string encodability, iteratively (a recursive walk is what deep nesting breaks)."""
-    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    """Depth, size and string encodability, iteratively and in time linear in the body.
+
+    A path string per value costs the path's length for every value under it (a 500 KB key over a 250k-item list
+    asks for 116 GiB), so each value carries only a link to its parent and the path is spelled on a refusal only.
+    """
+    stack: list[tuple[Any, _Link | None, int]] = [(body, None, 1)]
+    seen = 0
     while stack:
-        value, path, depth = stack.pop()
+        value, link, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise RequestError(
+                400, f"the body holds more than {MAX_VALUES} JSON values; send fewer or smaller items"
+            )
         if depth > MAX_DEPTH:
+            path = _spell(link)
             raise RequestError(
                 400, f"{path or 'the body'}: nested deeper than {MAX_DEPTH} levels", param=path or None
             )
         if isinstance(value, str):
-            _check_text(value, path)
+            _check_text(value, link)
         elif isinstance(value, dict):
             for key, item in value.items():
-                _check_text(key, path)
-                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+                _check_text(key, link)
+                stack.append((item, (link, key), depth + 1))
         elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+            stack.extend((item, (link, i), depth + 1) for i, item in enumerate(value))
 
 
-def _check_text(text: str, path: str) -> None:
+# (parent, key or index): a path shared by every value under it, spelled only when one is refused.
+_Link = tuple[Any, "str | int"]
+
+
+def _spell(link: _Link | None) -> str:
+    parts: list[str] = []
+    while link is not None:
+        link, key = link
+        if isinstance(key, int):
+            parts.append(f"[{key}]")
+        else:
+            shown = key if len(key) <= MAX_KEY_SHOWN else key[:MAX_KEY_SHOWN] + "..."
+            parts.append(f".{shown}" if link is not None else shown)
+    return "".join(reversed(parts))
+
+
+def _check_text(text: str, link: _Link | None) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
+        path = _spell(link)
         raise RequestError(
             400,
             f"{path or 'a key'}: text holds a lone UTF-16 surrogate ({text[e.start]!r} at "
@@ -70,8 +102,9 @@ def _check_text(text: str, path: str) -> None:
         ) from None
 
 
-async def read_body(request: Any, limit: int) -> dict[str, Any]:
-    """A request's body as a JSON object (`parse_body`), refused at `limit` bytes.
+async def read_body(request: Any, limit: int, *, empty_ok: bool = False) -> dict[str, Any]:
+    """A request's body as a JSON object (`parse_body`), refused at `limit` bytes; `{}` for an empty body where
+    `empty_ok` (admin calls whose every field is optional).
 
     Raises:
         RequestError: 413 beyond the limit (by the declared length before reading), 400 for a bad body.
@@ -79,7 +112,15 @@ async def read_body(request: Any, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise RequestError(413, f"request body is {len(raw)} bytes; the limit is {limit}")
+    # Counted while it streams: a chunked body declares no length, and buffering it whole first is the attack.
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if empty_ok and not raw.strip():
+        return {}
     return parse_body(raw)
