@@ -19,6 +19,9 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 # Serve's data plane over its gRPC channels (ServeConfig.grpc_data_plane): Ray's nodes read it when they start.
 export RAY_SERVE_USE_GRPC_BY_DEFAULT=${RAY_SERVE_USE_GRPC_BY_DEFAULT:-1}
+# Serve's proxy strips the client headers that lift the operator's timeout, and refuses bodies at the limit while
+# they stream (expertserve/serve/http/proxy_guard.py).
+export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=expertserve.serve.http.proxy_guard:middlewares
 # Jobs run `python ...` with the nodes' PATH: make it the environment that has expertserve.
 PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 export PATH

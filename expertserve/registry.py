@@ -103,8 +103,9 @@ class ExpertRecord:
 
     @cached_property
     def content_id(self) -> str:
-        """Identity of what an engine loads: the manifest's bytes, and the name, size and modification time of
-        every adapter and soft-prompt file (cheap enough per scan; a rewritten file changes it)."""
+        """Identity of what an engine loads: the manifest's bytes and the path and SHA-256 of every adapter and
+        soft-prompt file. Contents only (no modification times), so the same package mirrored on two nodes, or
+        installed again after a restart, keeps its engine cache key; digests are cached per file stat."""
         digest = hashlib.sha256(self.loaded.path.read_bytes() if self.loaded.path.is_file() else b"")
         files = [
             p
@@ -113,10 +114,7 @@ class ExpertRecord:
         ]
         files += [path for _, path in self.soft_prompts]
         for path in files:
-            stat = path.stat() if path.is_file() else None
-            digest.update(
-                f"{path.relative_to(self.root)}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}\n".encode()
-            )
+            digest.update(f"{path.relative_to(self.root)}:{file_digest(path)}\n".encode())
         return digest.hexdigest()
 
     @cached_property
@@ -334,6 +332,31 @@ class Registry:
         adapters = [r.manifest.adapter_for(base_model, aliases) for r in self.servable(base_model, aliases)]
         ranks = [(a.r or 0) if a else 0 for a in adapters]
         return max(ranks, default=0)
+
+
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str | None:
+    """A file's SHA-256 (None: not a file), cached by path, inode, size and modification time so that a rescan
+    reads only what changed."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    if not path.is_file():
+        return None
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    cached = _DIGESTS.get(key)
+    if cached is None:
+        sha = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        cached = _DIGESTS[key] = sha.hexdigest()
+        if len(_DIGESTS) > 4096:  # bounded: files of experts long gone leave
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+    return cached
 
 
 def _rank(record: ExpertRecord) -> tuple[bool, bool]:

@@ -66,10 +66,13 @@ def _start_ray(config: Any) -> tuple[bool, str | None]:
     if address:
         ray.init(address=address)
         return False, None
+    from expertserve.serve.http.proxy_guard import proxy_env
     from expertserve.serve.transport import ray_env
 
-    # Before Ray starts: its processes read Serve's data-plane switch from the environment they inherit.
+    # Before Ray starts: its processes read Serve's data-plane switch and the proxy's guard from the environment
+    # they inherit.
     os.environ.update(ray_env(config.grpc_data_plane))
+    os.environ.update(proxy_env(config.max_body_bytes, config.header_timeout_s))
     context = ray.init(
         address="local",
         include_dashboard=config.ray_dashboard,

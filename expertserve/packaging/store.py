@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -58,17 +59,56 @@ def is_store(root: str | Path) -> bool:
 
 
 def check_uri(uri: str) -> str:
-    """The URI, checked for a known scheme and a bucket or path.
+    """The URI, checked for a known scheme, a bucket or path, and no credentials.
+
+    Credentials in a URI end up in every message, listing and log line that names the store; they come from the
+    environment or the provider's chain instead (see the module docstring).
 
     Raises:
-        StoreError: Another scheme, or nothing after it.
+        StoreError: Another scheme, nothing after it, or a secret in it (the message never shows the secret).
     """
     scheme, _, rest = uri.partition("://")
     if scheme.lower() not in STORE_SCHEMES or not rest.split("?")[0].strip("/"):
         raise StoreError(
-            f"{uri!r}: expected a URI of {', '.join(s + '://' for s in STORE_SCHEMES)} with a bucket or path"
+            f"{redacted(uri)!r}: expected a URI of {', '.join(s + '://' for s in STORE_SCHEMES)} with a bucket "
+            "or path"
+        )
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    if ":" in authority.rpartition("@")[0]:
+        raise StoreError(
+            f"{redacted(uri)!r}: credentials in the URI (user:secret@) are refused; give them through the "
+            "environment or the provider's credential chain (AWS_ACCESS_KEY_ID, AZURE_STORAGE_ACCOUNT_KEY, ...)"
+        )
+    secret = [k for k in _query_keys(uri) if _SECRET_QUERY.search(k)]
+    if secret:
+        raise StoreError(
+            f"{redacted(uri)!r}: {', '.join(secret)} in the URI's query: credentials in a URI are refused; give "
+            "them through the environment or the provider's credential chain"
         )
     return uri
+
+
+# Query options that carry a secret (S3 keys and session tokens, Azure account keys and SAS signatures, OAuth).
+_SECRET_QUERY = re.compile(
+    r"secret|password|passwd|token|credential|access_key|account_key|^sig$|^sas|key$", re.I
+)
+
+
+def _query_keys(uri: str) -> list[str]:
+    query = uri.partition("?")[2]
+    return [part.partition("=")[0] for part in query.split("&") if part]
+
+
+def redacted(uri: str) -> str:
+    """The URI as messages may show it: no query values, no password."""
+    scheme, sep, rest = uri.partition("://")
+    authority, slash, path = rest.partition("/")
+    user, at, host = authority.rpartition("@")
+    if at and ":" in user:
+        authority = f"{user.split(':', 1)[0]}:***@{host}"
+    path, q, query = f"{slash}{path}".partition("?")
+    shown_query = "&".join(f"{part.partition('=')[0]}=***" for part in query.split("&") if part)
+    return f"{scheme}{sep}{authority}{path}{q}{shown_query}"
 
 
 def mirror_dir(uri: str) -> Path:
@@ -110,7 +150,7 @@ def open_store(uri: str) -> tuple[Any, str]:
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError, TypeError) as e:
-        raise StoreError(f"{uri}: cannot open: {_first_line(e)}") from None
+        raise StoreError(f"{_shown(uri)}: cannot open: {_first_line(e)}") from None
     return fs, path.rstrip("/")
 
 
@@ -176,7 +216,7 @@ def sync(uri: str, limits: Limits = DEFAULT_LIMITS, *, only: str | None = None) 
             where = f"{base}/{only}" if only else base
             listing = fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
         except OSError as e:
-            raise StoreError(f"{uri}: cannot list: {_first_line(e)}") from None
+            raise StoreError(f"{_shown(uri)}: cannot list: {_first_line(e)}") from None
         packages = {
             _relative(info.path, base): info
             for info in listing

@@ -110,7 +110,16 @@ class ServeConfig(StrictModel):
     )
     host: str = Field(default="127.0.0.1", description="HTTP host of Ray Serve's proxy.")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
-    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body (413 above).")
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        description="Largest request body (413 above; refused while it streams, in Serve's proxy and the ingress).",
+    )
+    header_timeout_s: float = Field(
+        default=10,
+        gt=0,
+        description="Deadline for a request's headers in Serve's proxy; a connection that misses it is closed.",
+    )
     api_keys: list[str] = Field(
         default_factory=list, description="Bearer keys for inference; empty: no auth."
     )
@@ -125,6 +134,11 @@ class ServeConfig(StrictModel):
     allow_untrusted: bool = Field(
         default=False,
         description="Serve experts installed from unsigned or untrusted packages anyway (reported in /v1/experts).",
+    )
+    allow_no_auth: bool = Field(
+        default=False,
+        description="Listen beyond loopback with no api_keys (anyone who reaches the port may call every expert); "
+        "without it such a config is refused.",
     )
     ray_dashboard: bool = Field(
         default=True,
@@ -142,6 +156,34 @@ class ServeConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Replicas and autoscaling.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Routing of `model: auto`.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, keys: list[str]) -> list[str]:
+        for i, key in enumerate(keys):
+            if not key.strip() or key.strip().lower() in _NOT_KEYS:
+                raise ValueError(
+                    f"api_keys[{i}]: an empty or null key (an empty Secret value?); unset api_keys to turn auth off"
+                )
+        return keys
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key(cls, key: str | None) -> str | None:
+        if key is not None and (not key.strip() or key.strip().lower() in _NOT_KEYS):
+            raise ValueError(
+                "an empty or null key (an empty Secret value?); unset admin_key for loopback-only admin"
+            )
+        return key
+
+    @model_validator(mode="after")
+    def _auth_beyond_loopback(self) -> ServeConfig:
+        if not self.api_keys and not self.allow_no_auth and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host} listens beyond loopback with no api_keys: set api_keys (EXPERTSERVE_API_KEYS), "
+                "or allow_no_auth: true to serve every expert to anyone who reaches the port"
+            )
+        return self
 
     @field_validator("experts_dirs")
     @classmethod
@@ -228,6 +270,14 @@ def config_problems(error: ValidationError) -> list[str]:
     return lines
 
 
+# Values an empty or templated Secret leaves behind; never a key.
+_NOT_KEYS = {"null", "none", "nil", "undefined"}
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host in ("::1", "[::1]")
+
+
 ENV_PREFIX = "EXPERTSERVE_"
 # Never echoed in messages or logs.
 SECRET_SETTINGS = {"api_keys", "admin_key"}
@@ -252,12 +302,17 @@ def env_values(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _env_value(key: str, raw: str) -> Any:
+    if key == "admin_key":  # a key is text: `null` from an empty Secret template must not mean "no key"
+        return raw
+    if key == "api_keys" and not raw.strip():
+        return [""]  # refused by the model: an empty Secret value must not turn auth off
     try:
         value = json.loads(raw)
     except ValueError:
         value = raw
     if key in _LIST_SETTINGS and isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        return items or ([""] if key == "api_keys" else items)
     return value
 
 

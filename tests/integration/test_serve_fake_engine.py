@@ -55,6 +55,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from expertserve.bench.servers import free_port
     from expertserve.serve.app import build_app_from_config
     from expertserve.serve.config import ServeConfig
+    from expertserve.serve.http.proxy_guard import proxy_env
     from expertserve.serve.transport import ray_env
 
     root = tmp_path_factory.mktemp("fake-serve")
@@ -97,6 +98,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             **S3_ENV,
             "EXPERTSERVE_STORE_CACHE": str(root / "store-cache"),
             **ray_env(config.grpc_data_plane),  # as `expertserve serve` starts Ray
+            **proxy_env(config.max_body_bytes, config.header_timeout_s),
         }
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
@@ -126,6 +128,9 @@ def test_health_and_models(url: str, client: openai.OpenAI) -> None:
     assert health["status"] == "ok" and health["experts"] == 6 and health["engine_replicas"] == 2
     assert httpx.get(f"{url}/readyz").json()["status"] == "ok"
     assert httpx.get(f"{url}/livez").json() == {"status": "ok"}
+    assert (
+        httpx.get(f"{url}/-/healthz").status_code == 200
+    )  # the Kubernetes liveness probe: Serve's proxy itself
     assert {m.id for m in client.models.list()} == {
         BASE,
         "auto",
@@ -318,6 +323,21 @@ def test_bodies_too_deep_or_not_numbers_and_prompts_that_cannot_be_encoded(url: 
     assert r.status_code == 400 and "NaN" in r.json()["error"]["message"]
     r = send(client, "/v1/completions", {"model": "expert-sql", "prompt": "a\ud800b"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_serves_proxy_guard_strips_client_policy_headers_and_caps_streamed_bodies(url: str) -> None:
+    """Finding 10 of the security issue, through Serve's real proxy: a client cannot lift the operator's timeout
+    (Serve honoured `x-request-timeout-seconds`: this request timed out at once), and a chunked body is refused
+    at the limit while it streams."""
+    r = httpx.get(f"{url}/v1/models", headers={"x-request-timeout-seconds": "0.000001"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+    def chunks():  # 2 MiB, chunked: no content-length to check up front
+        for _ in range(32):
+            yield b"x" * 65536
+
+    r = httpx.post(f"{url}/v1/chat/completions", content=chunks(), timeout=30)
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
 
 
 def test_response_headers_stay_small_whatever_the_request(url: str) -> None:

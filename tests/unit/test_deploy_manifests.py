@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from expertserve.serve.config import ServeConfig
+from expertserve.serve.config import ConfigError, ServeConfig
 from tests.helpers import REPO
 
 
@@ -275,7 +275,8 @@ def check_serve_config(data: dict[str, Any]) -> None:
     for app in schema.applications:
         module, name = app.import_path.split(":")
         assert callable(getattr(importlib.import_module(module), name)), app.import_path
-        ServeConfig.model_validate(app.args)
+        # As build_app loads it on a pod, whose env carries the keys from the Secret (not optional, see below).
+        ServeConfig.load(environ={"EXPERTSERVE_API_KEYS": "from-the-secret"}, overrides=app.args)
 
 
 def check_entrypoint(entrypoint: str) -> None:
@@ -342,7 +343,7 @@ def test_a_planted_typo_in_serve_config_fails() -> None:
     with pytest.raises(Exception, match="import_pth|import_path"):
         check_serve_config(yaml.safe_load(bad))
     worse = service["spec"]["serveConfigV2"].replace("max_loras: 8", "max_lora: 8")
-    with pytest.raises(ValidationError, match="max_lora"):
+    with pytest.raises((ValidationError, ConfigError), match="max_lora"):
         check_serve_config(yaml.safe_load(worse))
 
 
@@ -365,6 +366,10 @@ def test_the_readiness_probe_asks_the_ingress_readiness_route() -> None:
     spec = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
     head = spec["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in paths and "/livez" in paths
+    # Finding 9 of the security issue: liveness through the app restarted the Ray head (and the cluster) whenever
+    # the ingress was slow or could not start. Serve's proxy answers `/-/healthz` without the app
+    # (tests/integration/test_serve_fake_engine.py asks it).
+    assert head["livenessProbe"]["httpGet"]["path"] == "/-/healthz"
 
 
 def test_keys_come_from_a_secret_in_every_rayservice_container() -> None:
@@ -419,6 +424,7 @@ def test_deprecated_rayservice_fields_are_refused() -> None:
 def test_every_serving_node_starts_with_serves_grpc_data_plane() -> None:
     """`grpc_data_plane` (on by default) needs Serve's switch in the environment every serving node starts with:
     the proxy reads it there. The clusters that serve (not the training job's) and both cluster launchers set it."""
+    from expertserve.serve.http.proxy_guard import CALLBACK, CALLBACK_ENV
     from expertserve.serve.transport import GRPC_SWITCH, ray_env
 
     assert ServeConfig().grpc_data_plane and ray_env(True) == {GRPC_SWITCH: "1"}
@@ -429,13 +435,18 @@ def test_every_serving_node_starts_with_serves_grpc_data_plane() -> None:
             for container in group["template"]["spec"]["containers"]:
                 env = {e["name"]: e.get("value") for e in container.get("env", [])}
                 assert env.get(GRPC_SWITCH) == "1", f"{name}: {container['name']}"
+                assert env.get(CALLBACK_ENV) == CALLBACK, f"{name}: {container['name']}"
     launcher = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
     starts = [
         c
         for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
         if "ray start" in c
     ]
-    assert len(starts) == 2 and all(f"{GRPC_SWITCH}=1 " in c for c in starts)
+    assert len(starts) == 2 and all(
+        f"{GRPC_SWITCH}=1 " in c and f"{CALLBACK_ENV}={CALLBACK} " in c for c in starts
+    )
+    local = (REPO / "cluster" / "local-cluster.sh").read_text()
     assert (
-        f"export {GRPC_SWITCH}=${{{GRPC_SWITCH}:-1}}" in (REPO / "cluster" / "local-cluster.sh").read_text()
+        f"export {GRPC_SWITCH}=${{{GRPC_SWITCH}:-1}}" in local
+        and f"export {CALLBACK_ENV}={CALLBACK}\n" in local
     )

@@ -87,6 +87,20 @@ def test_a_rewritten_adapter_is_a_different_expert_to_the_engine(tmp_path: Path)
     assert Registry.scan([tmp_path]).get("expert-demo").content_id != before
 
 
+def test_the_same_files_elsewhere_or_touched_are_the_same_expert_to_the_engine(tmp_path: Path) -> None:
+    """Finding 13 of the security issue: modification times in the id made every node (and every restart) load
+    each mirrored expert again under a new key."""
+    import os
+    import shutil
+
+    expert = make_expert(tmp_path / "a" / "expert-demo", manifest())
+    shutil.copytree(expert, tmp_path / "b" / "expert-demo")  # another node's mirror: new inodes and times
+    for path in (tmp_path / "b").rglob("*"):
+        os.utime(path, ns=(1, 1))
+    ids = {Registry.scan([tmp_path / node]).get("expert-demo").content_id for node in ("a", "b")}
+    assert len(ids) == 1
+
+
 @pytest.mark.parametrize(
     ("error", "status", "param", "code"),
     [

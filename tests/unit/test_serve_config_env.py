@@ -26,7 +26,10 @@ def test_command_line_over_environment_over_file_over_defaults(tmp_path: Path) -
     assert (config.port, config.host) == (9200, "0.0.0.0")
     assert config.api_keys == ["k1", "k2"] and config.admin_key == "adm"
     assert (config.engine.dtype, config.engine.max_loras, config.replicas.num_replicas) == ("float32", 2, 3)
-    assert ServeConfig.load(file, environ={}).port == 9000 and ServeConfig.load(environ={}) == ServeConfig()
+    assert (
+        ServeConfig.load(file, environ={"EXPERTSERVE_API_KEYS": "k"}).port == 9000
+        and ServeConfig.load(environ={}) == ServeConfig()
+    )
 
 
 def test_json_values_in_the_environment() -> None:
@@ -57,7 +60,7 @@ def test_config_errors_are_one_line_per_problem_naming_key_and_source(tmp_path: 
 
 def test_secrets_are_not_in_the_error_lines() -> None:
     with pytest.raises(ConfigError) as info:
-        ServeConfig.load(environ={"EXPERTSERVE_ADMIN_KEY": "[1]", "EXPERTSERVE_PORT": "x"})
+        ServeConfig.load(environ={"EXPERTSERVE_ADMIN_KEY": " ", "EXPERTSERVE_PORT": "x"})
     assert "admin_key" in str(info.value)
 
 
@@ -82,3 +85,29 @@ def test_the_data_plane_switch_for_rays_processes_and_the_ingress_handles() -> N
     assert ray_env(True) == {GRPC_SWITCH: "1"} and ray_env(False) == {GRPC_SWITCH: "0"}
     assert by_reference(True) is False and by_reference(False) is True
     assert ServeConfig.load(None, environ={"EXPERTSERVE_GRPC_DATA_PLANE": "false"}).grpc_data_plane is False
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EXPERTSERVE_API_KEYS": ""}, "api_keys[0]: an empty or null key"),
+        ({"EXPERTSERVE_API_KEYS": " , "}, "api_keys[0]: an empty or null key"),
+        (
+            {"EXPERTSERVE_API_KEYS": "k1", "EXPERTSERVE_ADMIN_KEY": "null"},
+            "unset admin_key for loopback-only",
+        ),
+        ({"EXPERTSERVE_API_KEYS": "k1", "EXPERTSERVE_ADMIN_KEY": ""}, "unset admin_key for loopback-only"),
+        ({"EXPERTSERVE_HOST": "0.0.0.0"}, "listens beyond loopback with no api_keys"),
+    ],
+)
+def test_empty_key_settings_never_turn_auth_off(env: dict[str, str], message: str) -> None:
+    """Finding 11 of the security issue: an empty Secret value meant "no auth", `null` meant "no admin key"."""
+    with pytest.raises(ConfigError) as info:
+        ServeConfig.load(environ=env)
+    assert message in str(info.value)
+
+
+def test_no_auth_beyond_loopback_only_when_asked() -> None:
+    config = ServeConfig.load(environ={"EXPERTSERVE_HOST": "0.0.0.0", "EXPERTSERVE_ALLOW_NO_AUTH": "true"})
+    assert config.api_keys == [] and config.allow_no_auth
+    assert ServeConfig.load(environ={"EXPERTSERVE_HOST": "127.0.0.1"}).api_keys == []

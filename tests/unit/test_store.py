@@ -306,3 +306,34 @@ def test_an_unsigned_package_never_shadows_a_trusted_one(tmp_path: Path, node) -
     record = registry.get("expert-demo", "0.1.0")
     assert record.broken is None and record.provenance["signer"] == public
     assert any("name clash" in p and "unsigned" in p for p in registry.problems), registry.problems
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://AKIAEXAMPLE:wJalrSECRETKEY@bucket/experts",
+        "abfs://acct:SECRETKEY@container/experts",
+        "s3://bucket/experts?access_key=AKIAEXAMPLE&secret_key=SECRETKEY",
+        "abfs://container/experts?client_secret=SECRETKEY",
+        "gs://bucket/x?sig=SECRETKEY&sv=2020",
+        "s3://bucket/x?session_token=SECRETKEY",
+    ],
+)
+def test_credentials_in_store_uris_are_refused_and_never_echoed(uri: str) -> None:
+    """Finding 7 of the security issue: the URI was echoed in /v1/experts problems, reload answers and logs."""
+    from expertserve.serve.config import ConfigError, ServeConfig
+
+    with pytest.raises(store.StoreError) as info:
+        store.check_uri(uri)
+    assert "credential" in str(info.value) and "SECRETKEY" not in str(info.value)
+    with pytest.raises(ConfigError) as config_info:
+        ServeConfig.load(environ={"EXPERTSERVE_EXPERTS_DIRS": json.dumps([uri])})
+    assert "SECRETKEY" not in str(config_info.value) and "credential" in str(config_info.value)
+
+
+def test_endpoint_options_and_user_names_are_still_accepted() -> None:
+    for uri in (
+        "s3://bucket/experts?endpoint_override=host:9000&scheme=http",
+        "hdfs://alice@namenode/experts",
+    ):
+        assert store.check_uri(uri) == uri
