@@ -13,7 +13,6 @@ import random
 import re
 import secrets
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,6 +337,12 @@ write(input.nonce + stringify(out) + "\\n");
 """
 
 
+# tsc over a batch of answers: more time, memory, output and files than one program's run.
+TSC_LIMITS = sandbox.SandboxLimits(
+    cpu_seconds=600, wall_seconds=600, memory_bytes=8 * 2**30, file_bytes=64 * 2**20, open_files=1024
+)
+
+
 def score_many(
     predictions: list[str], metas: list[dict[str, Any]], data_dir: Any = None, *, timeout_s: float = 10
 ) -> list[bool]:
@@ -362,7 +367,8 @@ def score_many(
                 f"{extract_code(pred)}\n\nexport {{ {meta['name']} as __candidate }};\n"
             )
         files = [f"c{i}.ts" for i in range(len(predictions))]
-        proc = subprocess.run(
+        # The compiler reads model text too: the sandbox's limits and no network, with room for a big batch.
+        proc = sandbox.run(
             [
                 *tsc,
                 "--strict",
@@ -377,11 +383,8 @@ def score_many(
                 "--skipLibCheck",
                 *files,
             ],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=sandbox.scrubbed_env(root),
+            root,
+            limits=TSC_LIMITS,
         )
         failed = {int(m) for m in re.findall(r"^c(\d+)\.ts\(", proc.stdout, flags=re.M)}
         limits = sandbox.SandboxLimits(cpu_seconds=max(1, int(timeout_s)), wall_seconds=timeout_s + 5)

@@ -195,3 +195,37 @@ def test_the_sandbox_scrubs_the_environment_and_limits_resources(tmp_path: Path)
         [sys.executable, "-c", "while True: pass"], tmp_path, limits=sandbox.SandboxLimits(1, 5)
     )
     assert slow.returncode != 0 and not slow.timed_out  # stopped by the CPU limit
+
+
+def test_the_sandbox_has_no_network_and_bounded_output(tmp_path: Path) -> None:
+    """Finding 8 of the security issue: the sandbox reached loopback admin endpoints, Ray's Jobs API and cloud
+    metadata; 300 MiB printed cost the caller 914 MiB."""
+    import socket
+    import sys
+
+    from expertserve.eval import sandbox
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    probe = (
+        "import socket\n"
+        "for host in ('127.0.0.1', '169.254.169.254', '8.8.8.8'):\n"
+        "    s = socket.socket(); s.settimeout(2)\n"
+        f"    print(host, s.connect_ex((host, {port} if host == '127.0.0.1' else 80)))\n"
+    )
+    out = sandbox.run([sys.executable, "-c", probe], tmp_path)
+    listener.close()
+    assert out.returncode == 0, out.stderr
+    codes = dict(line.split() for line in out.stdout.splitlines())
+    assert codes["127.0.0.1"] != "0" and codes["169.254.169.254"] != "0" and codes["8.8.8.8"] != "0", codes
+
+    flood = sandbox.run(
+        [sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('x' * 65536)"],
+        tmp_path,
+        limits=sandbox.SandboxLimits(file_bytes=2**20),
+    )
+    assert (
+        flood.returncode != 0 and len(flood.stdout) <= 2**20
+    )  # killed at the limit; the caller read no more
