@@ -8,6 +8,7 @@ installed versions (`<root>/<name>/<version>/manifest.json`).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -84,6 +85,24 @@ class ExpertRecord:
         """The adapter trained for `base_model` (matched by name or any alias) and its directory."""
         adapter = self.manifest.adapter_for(base_model, aliases)
         return None if adapter is None else (adapter, self.root / adapter.path)
+
+    def adapter_rank(self, base_model: str, aliases: Iterable[str] = ()) -> int:
+        """The LoRA rank of the adapter for `base_model`: the largest of `r` and `rank_pattern` in its
+        `adapter_config.json`, else the manifest's `r` (0: no adapter, or no rank)."""
+        found = self.adapter_for(base_model, aliases)
+        if found is None:
+            return 0
+        adapter, directory = found
+        try:
+            config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            return adapter.r or 0
+        if not isinstance(config, dict):
+            return adapter.r or 0
+        pattern = config.get("rank_pattern")
+        ranks = [config.get("r"), *(pattern.values() if isinstance(pattern, dict) else [])]
+        valid = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and r > 0]
+        return max(valid, default=adapter.r or 0)
 
     def unservable_reason(self, base_model: str, aliases: Iterable[str] = ()) -> str | None:
         """Why a vLLM server running `base_model` cannot serve this expert, or None when it can."""
@@ -327,11 +346,13 @@ class Registry:
         return warnings
 
     def max_lora_rank(self, base_model: str, aliases: Iterable[str] = ()) -> int:
-        """The largest LoRA rank among servable experts (what the engine must be sized for); 0 if none."""
+        """The largest LoRA rank among servable experts (what the engine must be sized for); 0 if none. Servable
+        excludes broken records, so where the scan checks trust an untrusted package never sizes the engines; the
+        rank is the adapter's own (`adapter_config.json`, what the engine loads), not the manifest's claim."""
         aliases = tuple(aliases)
-        adapters = [r.manifest.adapter_for(base_model, aliases) for r in self.servable(base_model, aliases)]
-        ranks = [(a.r or 0) if a else 0 for a in adapters]
-        return max(ranks, default=0)
+        return max(
+            (r.adapter_rank(base_model, aliases) for r in self.servable(base_model, aliases)), default=0
+        )
 
 
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}

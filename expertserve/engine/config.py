@@ -26,6 +26,13 @@ class EngineConfig(StrictModel):
     max_lora_rank: int | None = Field(
         default=None, ge=1, description="Largest LoRA rank; default: derived from the registry's experts."
     )
+    lora_rank_limit: int = Field(
+        default=64,
+        ge=8,
+        le=512,
+        description="Largest LoRA rank the experts may make the engines hold (at start and by a restart); an "
+        "expert above it is not served. An explicit max_lora_rank is the operator's and may exceed it.",
+    )
     max_num_seqs: int = Field(default=32, ge=1, description="Sequences per engine step.")
     kv_cache_gib: int = Field(
         default=1, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE, whole GiB)."

@@ -12,6 +12,7 @@ Every client mistake becomes an OpenAI error body with a 4xx status.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,7 @@ class Ingress:
             replica=replica_id(),
             resources=config.replicas.ingress_resources,
             expert_min_replicas=config.replicas.expert_min_replicas,
+            config_digest=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:32],
         )
         self.control.start()
 

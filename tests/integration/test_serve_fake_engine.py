@@ -340,6 +340,22 @@ def test_serves_proxy_guard_strips_client_policy_headers_and_caps_streamed_bodie
     assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
 
 
+def test_a_killed_state_actor_is_replaced_and_reloads_work_again(url: str) -> None:
+    """Finding 12 of the security issue: the ingress held the state actor's handle forever, so once the actor was
+    gone every reload answered 500 until the ingress replicas were replaced."""
+    import ray
+
+    from expertserve.serve.control.state import actor_name
+
+    before = httpx.post(f"{url}/admin/experts/reload", timeout=60)
+    assert before.status_code == 200, before.text
+    ray.kill(ray.get_actor(actor_name("expertserve"), namespace="expertserve"), no_restart=True)
+    after = httpx.post(f"{url}/admin/experts/reload", timeout=60)
+    assert after.status_code == 200, after.text
+    assert after.json()["generation"] > before.json()["generation"]  # the new actor rose to what replicas serve
+    assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
+
+
 def test_response_headers_stay_small_whatever_the_request(url: str) -> None:
     r = _chat(url, model="expert-sql", max_tokens=2, stop=["x" * 20000] * 16)
     assert r.status_code == 200, r.text

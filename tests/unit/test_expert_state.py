@@ -111,6 +111,7 @@ def test_engine_restarts_go_one_replica_at_a_time_and_count_the_restarting_one_a
     assert state.claim_restart("e1")
     monkeypatch.setattr(expert_state, "CLAIM_S", 0.05)
     time.sleep(0.1)
+    state.engine_ack("e2", 1)
     assert state.claim_restart("e2")
     state.engine_leave("e2")
     assert state.restarting is None and "e2" not in state.engine_status()["engine_replicas"]
@@ -129,10 +130,62 @@ def test_an_older_version_does_not_become_the_applied_shape() -> None:
 def test_a_restart_claim_holds_while_its_replica_is_heard_from(monkeypatch: pytest.MonkeyPatch) -> None:
     state = ExpertState()
     monkeypatch.setattr(expert_state, "CLAIM_S", 0.2)
+    state.engine_ack("e1", 0)
     assert state.claim_restart("e1")
     for _ in range(4):  # draining for longer than CLAIM_S, acknowledging all along
         time.sleep(0.1)
         state.engine_ack("e1", 0)
+        state.engine_ack("e2", 0)
         assert not state.claim_restart("e2")
     time.sleep(0.3)  # silent (died mid-restart): the claim lapses
+    state.engine_ack("e2", 0)
     assert state.claim_restart("e2")
+
+
+def test_the_state_actor_checks_its_inputs_and_recovers_from_the_replicas() -> None:
+    """Finding 12 of the security issue: any Ray job could set a malformed shape (every new engine replica then
+    failed to start), hold the restart claim, or feed the actor anything; a replaced actor started from zero."""
+    state = ExpertState()
+    for bad in (
+        {"max_lora_rank": 7, "prefix_caching": False},
+        {"max_lora_rank": "16", "prefix_caching": False},
+        {"max_lora_rank": 16, "prefix_caching": "yes"},
+        {"max_lora_rank": 16, "prefix_caching": False, "extra": 1},
+        None,
+    ):
+        with pytest.raises(ValueError, match="an engine shape is"):
+            state.set_shape(bad)  # type: ignore[arg-type]
+    assert state.target_shape() == (0, None)
+    for replica, number in (("", 1), ("x" * 300, 1), ("r\n", 1), ("r", -1), ("r", True), ("r", 2**60)):
+        with pytest.raises(ValueError):
+            state.ack(replica, number)  # type: ignore[arg-type]
+    assert not state.claim_restart("not-an-engine-replica")  # never heard from: no claim
+    # A replaced actor (empty) rises to what the replicas report, so the next reload and shape are newer.
+    assert state.ack("ingress-1", 7) == 7 and state.bump(at_least=7) == 8
+    assert state.engine_ack("engine-1", 4) == (4, None)
+    assert state.set_shape({"max_lora_rank": 32, "prefix_caching": False}) == 5
+
+
+def test_a_shape_that_cannot_start_is_reverted_for_every_replica() -> None:
+    state = ExpertState()
+    small = {"max_lora_rank": 16, "prefix_caching": False}
+    state.set_shape(small)
+    state.shape_applied(1)
+    state.set_shape({"max_lora_rank": 512, "prefix_caching": True})
+    state.engine_ack("e1", 1)
+    state.shape_failed("e1", 2, "OutOfMemoryError: no room")
+    version, target = state.target_shape()
+    assert version == 3 and target == small
+    assert state.engine_status()["failed"]["reason"] == "OutOfMemoryError: no room"
+    state.shape_failed("e1", 2, "late report of the same failure")  # an older version changes nothing
+    assert state.target_shape() == (3, small)
+
+
+def test_a_redeploy_with_another_config_drops_the_raised_shape() -> None:
+    state = ExpertState()
+    assert not state.adopt("config-a")
+    state.set_shape({"max_lora_rank": 256, "prefix_caching": True})
+    assert not state.adopt("config-a")  # another replica of the same deployment keeps it
+    assert state.target_shape()[1] is not None
+    assert state.adopt("config-b")
+    assert state.target_shape() == (2, None)

@@ -16,7 +16,7 @@ from typing import Any
 
 from expertserve.serve.control.engine_slot import EngineSlot
 from expertserve.serve.control.shape import EngineShape
-from expertserve.serve.control.state import find_state_actor
+from expertserve.serve.control.state import checked_shape, find_state_actor
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,8 +28,22 @@ async def initial_target(state: Any) -> tuple[int, EngineShape | None]:
     """(version, shape) a replica starting now must run; (0, None) outside Serve or before any restart."""
     if state is None:
         return 0, None
-    version, shape = await state.target_shape.remote()
-    return version, EngineShape.from_dict(shape)
+    try:
+        version, shape = await state.target_shape.remote()
+        return version, EngineShape.from_dict(checked_shape(shape) if shape is not None else None)
+    except Exception as e:  # an unreachable actor or a malformed shape must not keep every new replica down
+        logger.error(
+            "engine shape: ignoring the target (%s: %s); starting with the configured shape",
+            type(e).__name__,
+            e,
+        )
+        return 0, None
+
+
+def _actor_gone(error: Exception) -> bool:
+    import ray
+
+    return isinstance(error, ray.exceptions.RayActorError)
 
 
 class ShapeFollower:
@@ -72,8 +86,10 @@ class ShapeFollower:
                 self._target_seen.set()
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the actor restarting: try again next tick
+            except Exception as e:  # the actor restarting, or gone for good: look it up again next tick
                 logger.warning("engine shape: %s: %s", type(e).__name__, e)
+                if _actor_gone(e):
+                    self.state = None
 
     async def _follow(self) -> None:
         while True:
@@ -90,8 +106,11 @@ class ShapeFollower:
                 await self._restart_claimed(version, target)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # an engine that would not start: this replica keeps its shape for now
+            except Exception as e:  # an engine that would not start: this replica keeps its shape, and the
+                # target goes back for every replica (a shape that cannot start is not retried forever)
                 logger.error("engine restart for %s failed: %s: %s", target, type(e).__name__, e)
+                with contextlib.suppress(Exception):
+                    await self.state.shape_failed.remote(self.replica, version, f"{type(e).__name__}: {e}")
                 await asyncio.sleep(RESTART_BACKOFF_S)
 
     async def _restart_claimed(self, version: int, target: EngineShape) -> None:

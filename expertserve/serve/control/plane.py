@@ -17,9 +17,10 @@ from expertserve.packaging.store import local_roots
 from expertserve.registry import Registry
 from expertserve.serve.catalog import ExpertCatalog
 from expertserve.serve.control.shape import EngineShape, experts_need
-from expertserve.serve.control.state import StateFollower, state_actor
+from expertserve.serve.control.state import StateFollower, StateHandle, state_actor
 from expertserve.serve.control.warm import Warmer, warm_targets
 from expertserve.serve.errors import RequestError
+from expertserve.serve.expert_checks import trust_problems
 from expertserve.serve.http.headers import serve_generation
 from expertserve.serve.protocol import EngineRestartRequest
 
@@ -42,6 +43,8 @@ class ControlPlane:
         replica: This replica's id.
         resources: The ingress's custom resources (the state actor is placed with them).
         expert_min_replicas: Per-expert replica minimums from the server config.
+        config_digest: Identifies the server config: a redeploy with another one drops the engine shape a restart
+            raised for the old one (control/state.py `adopt`).
     """
 
     def __init__(
@@ -53,29 +56,31 @@ class ControlPlane:
         replica: str,
         resources: dict[str, float] | None = None,
         expert_min_replicas: dict[str, int] | None = None,
+        config_digest: str | None = None,
     ) -> None:
         self.catalog = catalog
         self.engine = engine
         self.app_name = app_name
         self.replica = replica
         self.expert_min_replicas = dict(expert_min_replicas or {})
+        self.config_digest = config_digest
         # Before the first scan: the actor holds the engines' shape the scan checks experts against.
-        self.state = state_actor(app_name, resources) if app_name else None
+        self.state = StateHandle(lambda: state_actor(app_name, resources)) if app_name else None
         self.follower: StateFollower | None = None
         self.warmer: Warmer | None = None
         catalog.applied_shape = self.applied_shape
 
     def start(self) -> None:
         """The first scan, then the follower and the warmer."""
+        if self.state is not None and self.config_digest:
+            self.state.get("adopt", self.config_digest)
         generation = self._current_generation()
         self.reload()
         if self.state is None:
             return
-        import ray
-
         follower = StateFollower(self.state, self.replica, self.reload, generation, on_serve=serve_generation)
         serve_generation(generation)
-        ray.get(self.state.ack.remote(follower.replica, generation))
+        self.state.get("ack", follower.replica, generation)
         follower.start()
         self.follower = follower
         self.warmer = Warmer(
@@ -99,17 +104,13 @@ class ControlPlane:
     def _current_generation(self) -> int:
         if self.state is None:
             return 0
-        import ray
-
-        return int(ray.get(self.state.current.remote()))
+        return int(self.state.get("current"))
 
     def applied_shape(self) -> EngineShape | None:
         """The shape every engine replica runs once a restart applied one (None before, and outside Serve)."""
         if self.state is None:
             return None
-        import ray
-
-        return EngineShape.from_dict(ray.get(self.state.applied_shape.remote(), timeout=30))
+        return EngineShape.from_dict(self.state.get("applied_shape", timeout=30))
 
     async def reload_everywhere(self) -> dict[str, Any]:
         """Rescans here, then makes every ingress replica serve the new generation; answers with it once they all
@@ -117,12 +118,12 @@ class ControlPlane:
         follower = self.follower
         if follower is None:  # outside Serve (unit tests): one replica, nothing to agree with
             return await asyncio.to_thread(self.reload)
-        generation = await follower.actor.bump.remote()
+        generation = await follower.actor.call("bump", follower.generation)
         # Off the event loop: scanning reads files and the router embeds every expert's examples.
         answer: dict[str, Any] = await asyncio.to_thread(follower.reload_to, generation)
-        await follower.actor.ack.remote(follower.replica, generation)
+        await follower.actor.call("ack", follower.replica, generation)
         deadline = time.monotonic() + RELOAD_WAIT_S
-        while lagging := await follower.actor.lagging.remote(generation):
+        while lagging := await follower.actor.call("lagging", generation):
             if time.monotonic() > deadline:
                 raise RequestError(
                     503,
@@ -132,13 +133,13 @@ class ControlPlane:
                     code="reload_pending",
                 )
             await asyncio.sleep(0.1)
-        replicas = await follower.actor.replicas.remote()
+        replicas = await follower.actor.call("replicas")
         return {**answer, "generation": generation, "ingress_replicas": len(replicas)}
 
     async def engines(self) -> dict[str, Any]:
         """The shape experts are checked against here, the target and applied shapes, and each live engine
         replica's shape version."""
-        status = await self.state.engine_status.remote() if self.state is not None else {}
+        status = await self.state.call("engine_status") if self.state is not None else {}
         return {"serving": self.catalog.engine_shape().to_dict(), **status}
 
     async def restart_engines(self, asked: EngineRestartRequest) -> dict[str, Any]:
@@ -153,19 +154,19 @@ class ControlPlane:
         started = time.monotonic()
         running = self.catalog.engine_shape()
         target = await self._target_shape(running, asked)
-        version, current = await self.state.target_shape.remote()
+        version, current = await self.state.call("target_shape")
         if target == running and (current is None or EngineShape.from_dict(current) == running):
-            status = await self.state.engine_status.remote()
+            status = await self.state.call("engine_status")
             return {
                 "restarted": False,
                 "shape": running.to_dict(),
                 "engine_replicas": status["engine_replicas"],
             }
         if current is None or EngineShape.from_dict(current) != target:
-            version = await self.state.set_shape.remote(target.to_dict())
+            version = await self.state.call("set_shape", target.to_dict())
         logger.info("engine restart asked: %s (running %s), shape version %d", target, running, version)
         status = await self._wait_for_engines(version, target)
-        await self.state.shape_applied.remote(version)
+        await self.state.call("shape_applied", version)
         reloaded = await self.reload_everywhere()
         return {
             "restarted": True,
@@ -177,9 +178,19 @@ class ControlPlane:
 
     async def _target_shape(self, running: EngineShape, asked: EngineRestartRequest) -> EngineShape:
         """What the experts in the roots need now, and what was asked for, never below `running`."""
-        roots = self.catalog.roots
-        registry = await asyncio.to_thread(lambda: Registry.scan(local_roots(roots)[0]))
-        target = running.grown(experts_need(registry, self.catalog.model_id))
+        roots, trust = self.catalog.roots, self.catalog.trust
+        limit = self.catalog.config.engine.lora_rank_limit
+        if asked.max_lora_rank is not None and asked.max_lora_rank > max(limit, running.max_lora_rank):
+            raise RequestError(
+                400,
+                f"max_lora_rank: {asked.max_lora_rank} is above engine.lora_rank_limit {limit} (raise it in the server "
+                "config to let the engines hold bigger adapters)",
+                param="max_lora_rank",
+            )
+        registry = await asyncio.to_thread(
+            lambda: Registry.scan(local_roots(roots)[0], check=lambda r: trust_problems(r, trust))
+        )
+        target = running.grown(experts_need(registry, self.catalog.model_id, limit))
         return target.grown(
             EngineShape(asked.max_lora_rank or target.max_lora_rank, bool(asked.prefix_caching))
         )
@@ -190,8 +201,17 @@ class ControlPlane:
         state: Any = self.state
         deadline = time.monotonic() + ENGINE_RESTART_WAIT_S
         while True:
-            behind = await state.engines_behind.remote(version)
-            status: dict[str, Any] = await state.engine_status.remote()
+            behind = await state.call("engines_behind", version)
+            status: dict[str, Any] = await state.call("engine_status")
+            failed = status.get("failed")
+            if failed and failed["version"] == version:
+                raise RequestError(
+                    503,
+                    f"an engine could not start with {failed['shape']} ({failed['reason']}); the engines went back "
+                    f"to {status['target']}",
+                    retry_after=30,
+                    code="restart_failed",
+                )
             if not behind and status["engine_replicas"]:
                 return status
             if time.monotonic() > deadline:

@@ -51,21 +51,24 @@ class EngineShape:
         return None if data is None else cls(int(data["max_lora_rank"]), bool(data["prefix_caching"]))
 
 
-def experts_need(registry: Registry, base_model: str) -> EngineShape:
-    """The shape the registry's experts need: the largest adapter rank's slot, and prefix caching when an expert
-    asks for `runtime.requires_kv_cache_persistence` or has a soft prompt (its positions, the same in every request
-    of the expert, are then computed once and reused; see `engine.block_size`)."""
+def experts_need(registry: Registry, base_model: str, rank_limit: int = 512) -> EngineShape:
+    """The shape the registry's servable experts need (scan it with the trust check: an untrusted package must not
+    size the engines): the largest adapter rank's slot, at most `rank_limit` (`engine.lora_rank_limit`), and prefix
+    caching when an expert asks for `runtime.requires_kv_cache_persistence` or has a soft prompt (its positions,
+    the same in every request of the expert, are then computed once and reused; see `engine.block_size`)."""
+    servable = registry.servable(base_model)
     wants_cache = any(
         (r.manifest.runtime and r.manifest.runtime.requires_kv_cache_persistence) or r.soft_prompts
-        for r in registry
+        for r in servable
     )
-    return EngineShape(lora_rank_slot(registry.max_lora_rank(base_model)), bool(wants_cache))
+    rank = min(registry.max_lora_rank(base_model), rank_limit)
+    return EngineShape(lora_rank_slot(rank), bool(wants_cache))
 
 
 def start_shape(registry: Registry, base_model: str, engine: EngineConfig) -> EngineShape:
     """The shape engines start with: the config's `max_lora_rank` and `prefix_caching` where set (a user may cap
     the adapter memory), else what the experts need."""
-    need = experts_need(registry, base_model)
+    need = experts_need(registry, base_model, engine.lora_rank_limit)
     rank = engine.max_lora_rank or need.max_lora_rank
     prefix = engine.prefix_caching if engine.prefix_caching is not None else need.prefix_caching
     return EngineShape(lora_rank_slot(rank), bool(prefix))
