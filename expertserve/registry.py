@@ -21,6 +21,7 @@ from expertserve.manifest.files import check_files
 from expertserve.manifest.load import MANIFEST_FILE, LoadedManifest, load_manifest
 from expertserve.manifest.model import Adapter, Decoding, ExpertManifest, Routing, SoftPrompt
 from expertserve.packaging.archive import read_provenance
+from expertserve.packaging.digests import file_digest
 
 SERVABLE_ADAPTERS = frozenset({"lora"})
 
@@ -353,31 +354,6 @@ class Registry:
         return max(
             (r.adapter_rank(base_model, aliases) for r in self.servable(base_model, aliases)), default=0
         )
-
-
-_DIGESTS: dict[tuple[str, int, int, int], str] = {}
-
-
-def file_digest(path: Path) -> str | None:
-    """A file's SHA-256 (None: not a file), cached by path, inode, size and modification time so that a rescan
-    reads only what changed."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    if not path.is_file():
-        return None
-    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    cached = _DIGESTS.get(key)
-    if cached is None:
-        sha = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                sha.update(chunk)
-        cached = _DIGESTS[key] = sha.hexdigest()
-        if len(_DIGESTS) > 4096:  # bounded: files of experts long gone leave
-            _DIGESTS.pop(next(iter(_DIGESTS)))
-    return cached
 
 
 def _rank(record: ExpertRecord) -> tuple[bool, bool]:

@@ -60,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS or a local one)"
     )
     parser.add_argument(
+        "--sign-key", metavar="KEY", help="sign the package with this private key (expertserve keygen)"
+    )
+    parser.add_argument(
+        "--publish",
+        metavar="DIR|URI",
+        help="install the package, once trained, into this directory or expert store (as expertserve install)",
+    )
+    parser.add_argument(
         "--placement-strategy",
         choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
         help="where Ray puts the workers (STRICT_SPREAD: one per node; default PACK)",
@@ -76,6 +84,8 @@ def run(args: Any) -> int:
         raise UsageError(f"{expert_dir}: not a directory (expected an expert directory with manifest.json)")
     if args.config and not Path(args.config).is_file():
         raise UsageError(f"{args.config}: config file not found")
+    if args.sign_key and not Path(args.sign_key).is_file():
+        raise UsageError(f"--sign-key {args.sign_key}: key file not found")
     cli = {name: getattr(args, name) for name in TrainSettings.model_fields}
     try:
         s = TrainSettings.resolve(cli, args.config)
@@ -91,4 +101,16 @@ def run(args: Any) -> int:
     print(f"expert: {result.expert_dir}\npackage: {result.package}")
     if result.loss_plot:
         print(f"loss curve: {result.loss_plot}")
+    if s.publish:
+        print(f"published: {_publish(result.package, s.publish)}")
     return EXIT_OK
+
+
+def _publish(package: Path, where: str) -> str:
+    """Installs the trained package into a directory or uploads it to a store (no trust policy here: the server
+    that serves it checks the signer)."""
+    from expertserve.packaging import archive, store
+
+    if store.is_store(where):
+        return store.upload(package, where, force=True)[0]
+    return str(archive.install_package(package, Path(where), force=True))

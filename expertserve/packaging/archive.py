@@ -244,6 +244,58 @@ def read_provenance(expert_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def verify_installed(expert_dir: Path, name: str, version: str) -> tuple[str | None, str | None]:
+    """Checks an installed expert against its own package's signed checksums, as it is on disk now: every file
+    listed in `CHECKSUMS.sha256` has its SHA-256 (digests cached per file stat), nothing else is there, and the
+    signature (if any) covers that list, the name and the version. The signer comes from the signature, never from
+    `.provenance.json` (a file anyone who can write the directory can write).
+
+    Returns:
+        (signer or None for unsigned, None) when the files are the package's; (None, the first problem) otherwise.
+    """
+    from expertserve.packaging.digests import file_digest
+
+    listed: dict[str, str] = {}
+    try:
+        text = (expert_dir / CHECKSUMS).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None, f"{CHECKSUMS} is missing or unreadable: not the files of a verified package"
+    for line in text.splitlines():
+        want, _, rel = line.partition("  ")
+        listed[rel] = want
+    present = {
+        p.relative_to(expert_dir).as_posix() for p in expert_dir.rglob("*") if p.is_file() or p.is_symlink()
+    } - {CHECKSUMS, SIGNATURE, PROVENANCE}
+    for rel in sorted(present | set(listed)):
+        path = expert_dir / rel
+        if rel not in listed:
+            return None, f"{rel} was added after the package was installed (not in its {CHECKSUMS})"
+        if path.is_symlink() or file_digest(path) != listed[rel]:
+            return (
+                None,
+                f"{rel} does not match its SHA-256 in {CHECKSUMS} (changed since the package was installed)",
+            )
+    if not (expert_dir / SIGNATURE).is_file():
+        return None, None
+    try:
+        envelope = json.loads((expert_dir / SIGNATURE).read_text(encoding="utf-8"))
+        statement, signer = signing.open_envelope(envelope)
+    except (OSError, UnicodeDecodeError, ValueError, SignatureError) as e:
+        return None, f"{SIGNATURE}: {e}"
+    expected: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "checksums_sha256": file_digest(expert_dir / CHECKSUMS),
+    }
+    for key, want in expected.items():
+        if statement.get(key) != want:
+            return (
+                None,
+                f"{SIGNATURE}: the signed {key} is not this expert's (changed since it was installed)",
+            )
+    return signer, None
+
+
 def extract_verified(
     path: Path, dest: Path, public_key: str | None = None, *, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[PackageInfo, Path]:

@@ -21,14 +21,16 @@ def resolve_settings(config: ServeConfig) -> tuple[EngineSettings, list[str]]:
     from expertserve.packaging.trust import TrustPolicy
     from expertserve.registry import Registry
     from expertserve.serve.expert_checks import trust_problems
-    from expertserve.settings import default_expert_roots
+    from expertserve.settings import default_expert_roots, install_dir
 
     model_dir = Path(config.model_dir).resolve() if config.model_dir else offline.prepared_model_dir()
     dirs = config.experts_dirs if config.experts_dirs is not None else default_expert_roots()
     roots = [str(d) if is_store(str(d)) else str(Path(d).resolve()) for d in dirs]
     # Only experts this server would serve size its engines: an untrusted package must not (security.md).
     policy = TrustPolicy(frozenset(config.trusted_keys), config.allow_untrusted)
-    registry = Registry.scan(local_roots(roots)[0], check=lambda record: trust_problems(record, policy))
+    registry = Registry.scan(
+        local_roots(roots)[0], check=lambda record: trust_problems(record, policy, install_dir())
+    )
     shape = start_shape(registry, config.model_id, config.engine)
     settings = EngineSettings(
         model_dir=str(model_dir),

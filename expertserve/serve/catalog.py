@@ -25,6 +25,7 @@ from expertserve.serve.control.shape import EngineShape
 from expertserve.serve.expert_checks import ServingContext, expert_problems, trust_problems, xgrammar_compiler
 from expertserve.serve.lifecycle import log_changes
 from expertserve.serve.metrics import Metrics
+from expertserve.settings import install_dir
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,6 +71,7 @@ class ExpertCatalog:
         self.compile_grammars = compile_grammars
         # The config's keys are checked hex already and hold EXPERTSERVE_TRUSTED_KEYS (ServeConfig.load).
         self.trust = TrustPolicy(frozenset(config.trusted_keys), config.allow_untrusted)
+        self.install_root = install_dir()  # only packages are served from here (expert_checks.trust_problems)
         self.defaults = load_defaults(Path(config.decoding_defaults) if config.decoding_defaults else None)
         self.experts = Experts(Registry(), None)
         # The shape every engine runs once a restart applied one (the control plane sets it); read before a scan.
@@ -139,7 +141,7 @@ class ExpertCatalog:
     def _check(self, record: ExpertRecord) -> list[str]:
         """This server's checks of an expert's files (engine limits, grammars); see serve/expert_checks.py."""
         return [
-            *trust_problems(record, self.trust),
+            *trust_problems(record, self.trust, self.install_root),
             *expert_problems(record, self.serving, xgrammar_compiler if self.compile_grammars else None),
         ]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from expertserve.engine.args import lora_rank_slot
 from expertserve.manifest.files import ADAPTER_CONFIG, read_safetensors_header, soft_prompt_shape
+from expertserve.packaging.archive import verify_installed
 from expertserve.packaging.trust import TrustPolicy
 from expertserve.registry import ExpertRecord
 
@@ -114,13 +115,25 @@ def expert_problems(
     return problems
 
 
-def trust_problems(record: ExpertRecord, policy: TrustPolicy) -> list[str]:
+def trust_problems(record: ExpertRecord, policy: TrustPolicy, install_root: Path | None = None) -> list[str]:
     """An expert installed from a package is served only when a trusted key signed it (or untrusted packages are
-    allowed); an expert directory the server config names directly is the operator's own and needs no signer."""
+    allowed), checked again at every scan against the package's signed checksums (the files as they are now, the
+    signer from the signature); an expert directory the server config names directly is the operator's own and
+    needs no signer, except inside `install_root` (the install directory: only packages are put there, so a
+    directory without a package's record, a training output say, is not served)."""
     if record.provenance is None:
+        if install_root is not None and record.root.resolve().is_relative_to(install_root.resolve()):
+            return [
+                f"{record.root} is in the install directory {install_root} but was not installed from a package "
+                "(package and sign it, then `expertserve install` it)"
+            ]
         return []
-    refusal = policy.refusal(record.provenance.get("signer"))
-    return [f"installed from package {record.provenance.get('package')}: {refusal}"] if refusal else []
+    package = record.provenance.get("package")
+    signer, problem = verify_installed(record.root, record.name, record.version)
+    if problem is not None:
+        return [f"installed from package {package}: {problem}"]
+    refusal = policy.refusal(signer)
+    return [f"installed from package {package}: {refusal}"] if refusal else []
 
 
 def _adapter_problems(adapter_dir: Path, ctx: ServingContext) -> list[str]:

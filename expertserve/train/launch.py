@@ -91,7 +91,9 @@ def train_expert(
         raise TrainingError(f"training {prepared.plan.expert_name} produced no checkpoint")
     with checkpoint.as_directory() as d:
         _write_expert(prepared.expert_dir, prepared.out, Path(d), prepared.plan, prepared.version)
-    package = build_package(prepared.out, prepared.out)
+    package = build_package(
+        prepared.out, prepared.out, sign_key=Path(settings.sign_key) if settings.sign_key else None
+    )
     history = _read_progress(prepared.progress_file)
     losses = [h["loss"] for h in history if "loss" in h]
     plot = plot_loss(history, prepared.progress_file.with_name("loss.png"), _plot_title(prepared.plan))

@@ -51,6 +51,15 @@ class TrainSettings(StrictModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         default="PACK", description="Where Ray puts the workers (STRICT_SPREAD: one per node)."
     )
+    sign_key: str | None = Field(
+        default=None,
+        description="Ed25519 private key file (`expertserve keygen`): the package is signed with it.",
+    )
+    publish: str | None = Field(
+        default=None,
+        description="Install the package, once trained, into this directory or expert store URI (as `expertserve "
+        "install`): servers serve packages, never a training output in place.",
+    )
 
     @classmethod
     def resolve(cls, cli: dict[str, Any], file: str | Path | None) -> TrainSettings:

@@ -352,7 +352,9 @@ def test_a_killed_state_actor_is_replaced_and_reloads_work_again(url: str) -> No
     ray.kill(ray.get_actor(actor_name("expertserve"), namespace="expertserve"), no_restart=True)
     after = httpx.post(f"{url}/admin/experts/reload", timeout=60)
     assert after.status_code == 200, after.text
-    assert after.json()["generation"] > before.json()["generation"]  # the new actor rose to what replicas serve
+    assert (
+        after.json()["generation"] > before.json()["generation"]
+    )  # the new actor rose to what replicas serve
     assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
 
 

@@ -223,3 +223,19 @@ def test_serve_config_errors_are_one_line_per_problem(tmp_path: Path) -> None:
     assert "port: input should be less than or equal to 65535" in lines[0]
     assert "engine.dtpye: unknown setting" in lines[1] and "secret-value" not in result.stderr
     assert "configs/expertserve.yaml" in run("serve", "--help").stdout
+
+
+def test_a_trained_package_is_published_to_a_directory_or_a_store(tmp_path: Path) -> None:
+    """`train --publish`: the package goes where servers read packages (finding 14 of the security issue)."""
+    from expertserve.cli.train import _publish
+    from expertserve.packaging import archive
+    from tests.helpers import make_expert
+
+    package = archive.build_package(make_expert(tmp_path / "expert-demo"), tmp_path / "pkg")
+    installed = Path(_publish(package, str(tmp_path / "installed")))
+    assert archive.read_provenance(installed) is not None
+    where = _publish(package, f"file://{tmp_path}/store")
+    assert (
+        where.endswith("/expert-demo/0.1.0.expert")
+        and (tmp_path / "store" / "expert-demo" / "0.1.0.expert").is_file()
+    )

@@ -69,6 +69,7 @@ class Resources(_K):
 class VolumeMount(_K):
     name: str
     mountPath: str
+    readOnly: bool | None = None
 
 
 class Container(_K):
@@ -92,15 +93,23 @@ class EmptyDirSource(_K):
     medium: str | None = None
 
 
+class SecretSource(_K):
+    secretName: str
+    defaultMode: int | None = None
+    optional: bool | None = None
+
+
 class Volume(_K):
     name: str
     persistentVolumeClaim: PVCSource | None = None
     emptyDir: EmptyDirSource | None = None
+    secret: SecretSource | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> Volume:
-        if (self.persistentVolumeClaim is None) == (self.emptyDir is None):
-            raise ValueError("a volume needs exactly one source: persistentVolumeClaim or emptyDir")
+        sources = [self.persistentVolumeClaim, self.emptyDir, self.secret]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("a volume needs exactly one source: persistentVolumeClaim, emptyDir or secret")
         return self
 
 
@@ -450,3 +459,21 @@ def test_every_serving_node_starts_with_serves_grpc_data_plane() -> None:
         f"export {GRPC_SWITCH}=${{{GRPC_SWITCH}:-1}}" in local
         and f"export {CALLBACK_ENV}={CALLBACK}\n" in local
     )
+
+
+def test_training_publishes_a_signed_package_and_never_writes_where_the_server_reads_plain_directories() -> (
+    None
+):
+    """Finding 14 of the security issue: the training job wrote its output into /experts/installed, which the
+    RayService served without any signature."""
+    job = yaml.safe_load((REPO / "k8s" / "rayjob-train.yaml").read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert "/experts/installed" not in job["spec"]["entrypoint"]
+    assert argv[argv.index("--publish") + 1] == "file:///experts/store"
+    key = argv[argv.index("--sign-key") + 1]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+    secret = next(v for v in head["volumes"] if v["name"] == mounts[str(Path(key).parent)])
+    assert secret["secret"]["secretName"] == "expertserve-signing"
+    service = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+    assert "file:///experts/store" in service["spec"]["serveConfigV2"]

@@ -57,7 +57,9 @@ def test_a_shape_only_grows() -> None:
     assert EngineShape.from_dict(big.to_dict()) == big and EngineShape.from_dict(None) is None
 
 
-def test_only_trusted_servable_experts_size_the_engines_by_their_real_rank_within_the_limit(tmp_path: Path) -> None:
+def test_only_trusted_servable_experts_size_the_engines_by_their_real_rank_within_the_limit(
+    tmp_path: Path,
+) -> None:
     """Finding 6 of the security issue: an untrusted store package (never served) raised the engines to rank 256
     and turned prefix caching on; the manifest's `r`, not the adapter's, was read."""
     import json
@@ -66,22 +68,29 @@ def test_only_trusted_servable_experts_size_the_engines_by_their_real_rank_withi
     from expertserve.serve.expert_checks import trust_problems
 
     base = manifest()["base_models"][0]["name"]
-    _registry(tmp_path, ("expert-a", 8, False))
-    config = tmp_path / "expert-a" / "adapter" / "adapter_config.json"
+    local = tmp_path / "local"
+    _registry(local, ("expert-a", 8, False))
+    config = local / "expert-a" / "adapter" / "adapter_config.json"
     data = json.loads(config.read_text()) if config.exists() else {}
     config.write_text(json.dumps({**data, "r": 8, "rank_pattern": {"q_proj": 32}}))  # the manifest says 8
-    assert experts_need(Registry.scan([tmp_path]), base).max_lora_rank == 32
+    assert experts_need(Registry.scan([local]), base).max_lora_rank == 32
 
-    _registry(tmp_path, ("expert-untrusted", 8, True))
-    untrusted = tmp_path / "expert-untrusted"
-    (untrusted / "adapter" / "adapter_config.json").write_text(json.dumps({**data, "r": 256}))
-    (untrusted / ".provenance.json").write_text(json.dumps({"package": "x.expert", "signer": None}))
+    # An unsigned package of a rank-256 expert, installed where the server reads packages.
+    from expertserve.packaging import archive
+
+    _registry(tmp_path / "src", ("expert-untrusted", 8, True))
+    source = tmp_path / "src" / "expert-untrusted"
+    (source / "adapter" / "adapter_config.json").write_text(json.dumps({**data, "r": 256}))
+    package = archive.build_package(source, tmp_path / "packages")
+    archive.install_package(package, tmp_path / "installed")
+    roots = [local, tmp_path / "installed"]
     policy = TrustPolicy(frozenset())
-    checked = Registry.scan([tmp_path], check=lambda r: trust_problems(r, policy))
-    assert checked.get("expert-untrusted").broken is not None
+    checked = Registry.scan(roots, check=lambda r: trust_problems(r, policy))
+    assert "unsigned" in (checked.get("expert-untrusted").broken or "")
     assert experts_need(checked, base) == EngineShape(32, False)
     assert start_shape(checked, base, EngineConfig()) == EngineShape(32, False)
     # Allowed explicitly, it counts, within engine.lora_rank_limit (64 by default).
-    allowed = Registry.scan([tmp_path], check=lambda r: trust_problems(r, TrustPolicy(frozenset(), True)))
+    allowed = Registry.scan(roots, check=lambda r: trust_problems(r, TrustPolicy(frozenset(), True)))
+    assert allowed.get("expert-untrusted").broken is None
     assert start_shape(allowed, base, EngineConfig()) == EngineShape(64, True)
     assert start_shape(allowed, base, EngineConfig(lora_rank_limit=256)).max_lora_rank == 256

@@ -299,3 +299,50 @@ def test_packages_repacked_by_other_tar_formats_still_verify(expert: Path, tmp_p
         path = tmp_path / f"repacked-{fmt}.expert"
         path.write_bytes(buf.getvalue())
         assert archive.verify_package(path).name == "expert-demo"
+
+
+def test_trust_is_checked_again_at_every_scan_from_the_packages_signed_checksums(
+    expert: Path, tmp_path: Path, key
+) -> None:
+    """Finding 14 of the security issue: the signer was read from `.provenance.json` and files were not hashed
+    again, so an edited adapter or a forged record was served as signed; a training output put in the install
+    directory was served without any signature."""
+    from expertserve.registry import Registry
+    from expertserve.serve.expert_checks import trust_problems
+
+    policy = TrustPolicy(frozenset({key[1]}))
+    root = tmp_path / "installed"
+    signed = archive.install_package(archive.build_package(expert, tmp_path / "s", sign_key=key[0]), root)
+
+    def broken() -> str | None:
+        return (
+            Registry.scan([root], check=lambda r: trust_problems(r, policy, root)).get("expert-demo").broken
+        )
+
+    assert broken() is None
+    weights = next((signed / "adapter").glob("*.safetensors"))
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    assert "does not match its SHA-256" in (broken() or "")
+    weights.write_bytes(original)
+    (signed / "adapter" / "extra.bin").write_bytes(b"x")
+    assert "was added after the package was installed" in (broken() or "")
+    (signed / "adapter" / "extra.bin").unlink()
+    assert broken() is None
+
+    # An unsigned package whose record claims the trusted signer.
+    other = tmp_path / "other-root"
+    unsigned = archive.install_package(archive.build_package(expert, tmp_path / "u"), other)
+    record = json.loads((unsigned / archive.PROVENANCE).read_text())
+    (unsigned / archive.PROVENANCE).write_text(json.dumps({**record, "signer": key[1]}))
+    scanned = Registry.scan([other], check=lambda r: trust_problems(r, policy))
+    assert "unsigned" in (scanned.get("expert-demo").broken or "")
+
+    # A plain expert directory (a training output) in the install directory.
+    import shutil
+
+    shutil.copytree(expert, root / "expert-trained" / "0.1.0")
+    manifest_file = root / "expert-trained" / "0.1.0" / "manifest.json"
+    manifest_file.write_text(manifest_file.read_text().replace('"expert-demo"', '"expert-trained"'))
+    trained = Registry.scan([root], check=lambda r: trust_problems(r, policy, root)).get("expert-trained")
+    assert "not installed from a package" in (trained.broken or "")

@@ -188,7 +188,9 @@ class ControlPlane:
                 param="max_lora_rank",
             )
         registry = await asyncio.to_thread(
-            lambda: Registry.scan(local_roots(roots)[0], check=lambda r: trust_problems(r, trust))
+            lambda: Registry.scan(
+                local_roots(roots)[0], check=lambda r: trust_problems(r, trust, self.catalog.install_root)
+            )
         )
         target = running.grown(experts_need(registry, self.catalog.model_id, limit))
         return target.grown(
