@@ -17,6 +17,13 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 # ports take only clients holding the token (RAY_AUTH_MODE=disabled opts out). The token: RAY_AUTH_TOKEN, or the file
 # RAY_AUTH_TOKEN_PATH names, else $DIR/auth_token; made (0600) when that file does not exist yet.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+# Without it Serve's replicas still open their gRPC servers on every interface ([::]), unauthenticated: anyone who
+# reaches this machine could call an engine replica directly, past the ingress's keys. Only on explicit request.
+if [ "$RAY_AUTH_MODE" = disabled ] && [ "${EXPERTSERVE_ALLOW_NO_RAY_AUTH:-0}" != 1 ]; then
+    echo "error: RAY_AUTH_MODE=disabled leaves Serve's replica gRPC ports open on every interface without auth;" \
+        "set EXPERTSERVE_ALLOW_NO_RAY_AUTH=1 to run so anyway (a machine no one else reaches)" >&2
+    exit 2
+fi
 # Serve's data plane over its gRPC channels (ServeConfig.grpc_data_plane): Ray's nodes read it when they start.
 export RAY_SERVE_USE_GRPC_BY_DEFAULT=${RAY_SERVE_USE_GRPC_BY_DEFAULT:-1}
 # Serve's proxy strips the client headers that lift the operator's timeout, and refuses bodies at the limit while

@@ -249,8 +249,10 @@ class Runtime(StrictModel):
     min_replicas: Int | None = Field(
         default=None,
         ge=1,
+        le=64,
         description="Engine replicas that keep this expert loaded (warm), so its traffic is never pinned to one "
-        "replica (expertserve extension; the server config's replicas.expert_min_replicas overrides it).",
+        "replica (expertserve extension; the server config's replicas.expert_min_replicas overrides it). At most "
+        "64: every replica it asks for is a load the warmer keeps asking the engines for.",
     )
 
 

@@ -365,9 +365,22 @@ def _training_prompts(record: ExpertRecord, count: int) -> list[str]:
     prompts = []
     for line in lines[::step][:count]:
         try:
-            users = [m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if users:
+            users = [_text(m["content"]) for m in json.loads(line)["messages"] if m["role"] == "user"]
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            continue  # a row the router cannot read costs that row only, never the reload
+        if users and users[-1]:
             prompts.append(users[-1])
     return prompts
+
+
+def _text(content: object) -> str:
+    """A message's text: a string, or the text parts of an OpenAI content list (other parts carry no text)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part if isinstance(part, str) else str(part.get("text", ""))
+            for part in content
+            if isinstance(part, str) or (isinstance(part, dict) and part.get("type", "text") == "text")
+        )
+    return ""

@@ -56,7 +56,7 @@ class ReplicaConfig(StrictModel):
         "ingress on the nodes that run Serve's HTTP proxy: the proxy answers 500 for requests in flight on an ingress "
         "replica whose node dies, while requests on a dead engine replica are re-sent by the ingress.",
     )
-    expert_min_replicas: dict[str, Annotated[int, Field(ge=1)]] = Field(
+    expert_min_replicas: dict[str, Annotated[int, Field(ge=1, le=64)]] = Field(
         default_factory=dict,
         description="Per expert name, the engine replicas that keep it loaded (over the manifest's "
         "runtime.min_replicas; default 1: loaded where its requests go).",

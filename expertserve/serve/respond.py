@@ -6,6 +6,8 @@ into the stream."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from expertserve.engine.request import Chunk, EngineRequest
 from expertserve.serve.config import ServeConfig
-from expertserve.serve.errors import client_error
+from expertserve.serve.errors import RequestError, client_error
 from expertserve.serve.metrics import Metrics, RequestTracker
 from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest
 from expertserve.serve.responses import (
@@ -35,6 +37,58 @@ logger = logging.getLogger("ray.serve")
 AnyRequest = ChatCompletionRequest | CompletionRequest
 
 
+# Engine cores (vLLM's EngineDeadError: the engine died while the replica ran this request) a request may be running
+# on when they die before it is refused; and replicas lost under it (a process or node gone: an operator's kill, a
+# scale-down, a stale route to a dead replica), which are rarely the request's doing and get more tries.
+MAX_ENGINE_LOSSES = 2
+MAX_REPLICA_LOSSES = 6
+SUSPECT_S = 600.0  # how long a request that failed engines twice is refused when sent again
+MAX_SUSPECTS = 1024
+
+
+def _engine_core_died(error: BaseException) -> bool:
+    cause: BaseException | None = error
+    seen: list[BaseException] = []
+    while cause is not None and all(cause is not s for s in seen):
+        seen.append(cause)
+        if any(
+            c.__name__ == "EngineDeadError" and c.__module__.startswith("vllm.") for c in type(cause).__mro__
+        ):
+            return True
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return False
+
+
+class SuspectRequests:
+    """Requests that took down engines, by a digest of everything the engine sees (not the request id)."""
+
+    def __init__(self) -> None:
+        self.until: dict[str, float] = {}
+
+    def check(self, request: EngineRequest) -> str:
+        """The request's fingerprint.
+
+        Raises:
+            RequestError: 503 while the same request is a suspect.
+        """
+        fingerprint = hashlib.sha256(repr(dataclasses.replace(request, request_id="")).encode()).hexdigest()
+        until = self.until.get(fingerprint)
+        if until is not None and until > time.monotonic():
+            raise RequestError(
+                503,
+                "this request took down the engine twice; it is refused for a while (report it: it is a bug of "
+                "the engine or of expertserve)",
+                code="engine_failed_on_request",
+            )
+        return fingerprint
+
+    def add(self, fingerprint: str) -> None:
+        now = time.monotonic()
+        self.until = {f: t for f, t in self.until.items() if t > now}
+        if len(self.until) < MAX_SUSPECTS:
+            self.until[fingerprint] = now + SUSPECT_S
+
+
 class Responder:
     """Answers with the engine deployment's output.
 
@@ -48,6 +102,7 @@ class Responder:
         self.engine = engine
         self.config = config
         self.metrics = metrics
+        self.suspects = SuspectRequests()
 
     async def respond(
         self,
@@ -91,6 +146,8 @@ class Responder:
         handle = self.engine.options(stream=True, multiplexed_model_id=expert.key if expert else "")
         deadline = time.monotonic() + self.config.replicas.engine_retry_s
         delay = 0.25
+        fingerprint = self.suspects.check(engine_request)
+        losses = replica_losses = 0
         while True:
             stream = handle.generate.remote(engine_request)
             try:
@@ -103,7 +160,20 @@ class Responder:
                     or time.monotonic() + delay > deadline
                 ):
                     raise
+                core = _engine_core_died(e)
+                losses += 1 if core else 0
+                replica_losses += 0 if core else 1
                 self.metrics.engine_lost.inc()
+                if losses >= MAX_ENGINE_LOSSES or replica_losses >= MAX_REPLICA_LOSSES:
+                    # The same request took down engines twice: it is the likely cause, so it goes to no
+                    # other replica (a poison request retried for engine_retry_s took down every replica).
+                    self.suspects.add(fingerprint)
+                    raise RequestError(
+                        503,
+                        f"the engine failed {losses + replica_losses} times while running this request; it is not sent to another "
+                        f"replica, and the same request is refused for {SUSPECT_S:.0f} s",
+                        code="engine_failed_on_request",
+                    ) from None
                 logger.warning(
                     "request %s: engine replica lost before any output (%s); sending it again in %.2f s",
                     engine_request.request_id,

@@ -72,6 +72,26 @@ class VolumeMount(_K):
     readOnly: bool | None = None
 
 
+class Capabilities(_K):
+    drop: list[str]
+
+
+class ContainerSecurity(_K):
+    allowPrivilegeEscalation: Literal[False]
+    capabilities: Capabilities
+
+
+class Seccomp(_K):
+    type: Literal["RuntimeDefault", "Localhost"]
+
+
+class PodSecurity(_K):
+    runAsNonRoot: Literal[True]
+    runAsUser: int
+    fsGroup: int | None = None
+    seccompProfile: Seccomp
+
+
 class Container(_K):
     name: str
     image: str
@@ -82,6 +102,7 @@ class Container(_K):
     readinessProbe: Probe | None = None
     livenessProbe: Probe | None = None
     volumeMounts: list[VolumeMount] | None = None
+    securityContext: ContainerSecurity
 
 
 class PVCSource(_K):
@@ -114,8 +135,13 @@ class Volume(_K):
 
 
 class PodSpec(_K):
+    """Finding 15 of the security issue: every pod non-root, no privilege escalation, no capabilities, the
+    runtime's seccomp profile, and no service-account token (Ray needs no Kubernetes API access)."""
+
     containers: list[Container] = Field(min_length=1)
     volumes: list[Volume] | None = None
+    automountServiceAccountToken: Literal[False]
+    securityContext: PodSecurity
 
 
 class PodMetadata(_K):
@@ -477,3 +503,29 @@ def test_training_publishes_a_signed_package_and_never_writes_where_the_server_r
     assert secret["secret"]["secretName"] == "expertserve-signing"
     service = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
     assert "file:///experts/store" in service["spec"]["serveConfigV2"]
+
+
+def test_the_operator_is_admitted_only_from_its_labelled_namespace() -> None:
+    policy = yaml.safe_load((REPO / "k8s" / "networkpolicy.yaml").read_text())
+    for rule in policy["spec"]["ingress"]:
+        for source in rule.get("from", []):
+            if "namespaceSelector" in source:
+                assert source["namespaceSelector"].get("matchLabels"), (
+                    "an empty namespaceSelector admits every namespace"
+                )
+
+
+def test_the_local_cluster_refuses_to_run_without_ray_auth_unless_asked() -> None:
+    """Finding 15 of the security issue: Serve's replica gRPC servers listen on every interface; without Ray's
+    token auth they take anyone's calls."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "EXPERTSERVE_ALLOW_NO_RAY_AUTH": "0"}
+    run = subprocess.run(
+        ["bash", str(REPO / "cluster" / "local-cluster.sh"), "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "EXPERTSERVE_ALLOW_NO_RAY_AUTH=1" in run.stderr

@@ -159,3 +159,60 @@ def test_coalesce_joins_chunks_per_choice() -> None:
     )
     assert first.load_seconds == 0.2 and len(first.logprobs) == 3 and first.prompt_logprobs == (lp,)
     assert joined[1] == chunks[1] and coalesce([]) == []
+
+
+class _EngineDeadError(Exception):
+    """Stands for vLLM's EngineDeadError (the table maps it by module and name)."""
+
+
+_EngineDeadError.__module__ = "vllm.v1.engine.exceptions"
+_EngineDeadError.__name__ = "EngineDeadError"
+
+
+class _DyingEngines:
+    """A deployment handle whose every replica dies under the request."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def options(self, **_: object) -> _DyingEngines:
+        return self
+
+    @property
+    def generate(self) -> _DyingEngines:
+        return self
+
+    def remote(self, request: EngineRequest) -> object:
+        self.calls += 1
+
+        async def stream():  # type: ignore[no-untyped-def]
+            raise _EngineDeadError("engine core died")
+            yield  # pragma: no cover
+
+        return stream()
+
+
+def test_a_request_that_takes_down_engines_twice_is_not_sent_to_a_third() -> None:
+    """Finding 15 of the security issue: a request that killed an engine core was sent again to the other
+    replicas for `engine_retry_s` (120 s), taking every one of them down."""
+    import asyncio
+
+    from expertserve.serve.config import ServeConfig
+    from expertserve.serve.metrics import Metrics
+    from expertserve.serve.respond import MAX_ENGINE_LOSSES, Responder
+
+    engines = _DyingEngines()
+    responder = Responder(engine=engines, config=ServeConfig(), metrics=Metrics())
+    poison = EngineRequest("chat", "r1", Sampling(), NONE, messages=(Message("user", "poison"),))
+    with pytest.raises(RequestError) as info:
+        asyncio.run(responder._start(poison))
+    assert engines.calls == MAX_ENGINE_LOSSES == 2
+    assert info.value.status == 503 and info.value.code == "engine_failed_on_request"
+    again = dataclasses.replace(poison, request_id="r2")  # the client sends it again
+    with pytest.raises(RequestError, match="took down the engine twice"):
+        asyncio.run(responder._start(again))
+    assert engines.calls == 2  # refused without reaching an engine
+    other = dataclasses.replace(poison, messages=(Message("user", "fine"),))
+    with pytest.raises(RequestError):
+        asyncio.run(responder._start(other))
+    assert engines.calls == 4  # another request still gets its one retry

@@ -418,3 +418,21 @@ def test_shipped_experts_validate() -> None:
     for d in sorted((REPO / "experts").iterdir()):
         loaded = load_manifest(d)
         assert loaded.manifest.name == d.name
+
+
+def test_replica_minimums_are_bounded() -> None:
+    """Finding 15 of the security issue: an unbounded `runtime.min_replicas` set the warmer asking the engines for
+    loads without end."""
+    problems = problems_of(manifest(runtime={"min_replicas": 10**9}))
+    assert any("runtime.min_replicas" in p and "64" in p for p in problems), problems
+    assert problems_of(manifest(runtime={"min_replicas": 2})) == []
+
+
+def test_manifests_nested_too_deep_are_refused_naming_the_bound(tmp_path) -> None:
+    """Finding 3: a nested manifest raised RecursionError out of every scan."""
+    (tmp_path / "manifest.json").write_text('{"name": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ManifestError, match="nested deeper than 64 levels"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"name": ' + "[" * 80 + "]" * 80 + "}")
+    with pytest.raises(ManifestError, match="nested deeper than 64 levels"):
+        load_manifest(tmp_path)

@@ -363,3 +363,25 @@ def test_the_phrase_index_matches_as_each_list_alone() -> None:
         text = normalise(text)
         assert index.matches(text) == [whole_words(text, phrases) for phrases in lists]
     assert index.matches(normalise("write a SQL query to select rows"))[1] == ["sql query", "Select"]
+
+
+def test_training_rows_with_content_lists_or_odd_shapes_never_break_the_router(tmp_path: Path) -> None:
+    """Finding 15 of the security issue: a training row whose user `content` was a list broke the router (the
+    reload and the server's start failed)."""
+    import json
+
+    from expertserve.routing.router import _training_prompts
+
+    data = manifest(name="expert-sql", description="sql queries")
+    make_expert(tmp_path / "expert-sql", data)
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "count orders per day"}]}]},
+        {"messages": [{"role": "user", "content": {"not": "text"}}]},
+        {"messages": ["not a message"]},
+        {"messages": [{"role": "user", "content": "list the customers"}]},
+    ]
+    dataset = tmp_path / "expert-sql" / data["training"]["dataset"]["path"]
+    dataset.write_text("\n".join(json.dumps(r) for r in rows) + "\n[[[\n")
+    record = Registry.scan([tmp_path]).get("expert-sql")
+    assert _training_prompts(record, 10) == ["count orders per day", "list the customers"]
+    assert router(tmp_path).route("count the orders per day in sql").expert in ("expert-sql", "base")
