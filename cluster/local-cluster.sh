@@ -29,6 +29,8 @@ export RAY_SERVE_USE_GRPC_BY_DEFAULT=${RAY_SERVE_USE_GRPC_BY_DEFAULT:-1}
 # Serve's proxy strips the client headers that lift the operator's timeout, and refuses bodies at the limit while
 # they stream (expertserve/serve/http/proxy_guard.py).
 export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=expertserve.serve.http.proxy_guard:middlewares
+# Serve's gRPC messages up to 64 MiB (4 MiB by default: whole answers with many logprobs failed after their compute).
+export RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=67108864
 # Jobs run `python ...` with the nodes' PATH: make it the environment that has expertserve.
 PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 export PATH

@@ -94,6 +94,11 @@ class InvalidSampling(EngineError):
         self.param = param
 
 
+class EngineRestarting(EngineError):
+    """This replica's engine is being replaced (a drain-then-start restart): the request belongs on another replica,
+    or on this one once it is back."""
+
+
 class ExpertLoadError(EngineError):
     """An expert's adapter or soft prompt could not be loaded on an engine replica."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from expertserve.errors import (
+    EngineRestarting,
     ExpertLoadError,
     ExpertNotFound,
     ExpertNotServable,
@@ -82,6 +83,10 @@ def _mapped(error: BaseException) -> RequestError | None:
         return RequestError(404, str(error), param="model", code="model_not_found")
     if isinstance(error, ExpertNotServable):
         return RequestError(400, str(error), param="model", code="expert_not_servable")
+    if isinstance(error, EngineRestarting):
+        return RequestError(
+            503, "the engine is restarting; retry shortly", retry_after=5, code="engine_restarting"
+        )
     if isinstance(error, ExpertLoadError):
         return RequestError(500, str(error), param="model", code="expert_load_failed")
     names = {cls.__name__ for cls in type(error).__mro__ if cls.__module__.startswith("ray.")}

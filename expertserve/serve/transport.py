@@ -10,11 +10,15 @@ so that hop follows the config even on a cluster started without the variable.
 from __future__ import annotations
 
 GRPC_SWITCH = "RAY_SERVE_USE_GRPC_BY_DEFAULT"
+# Serve's gRPC channels take messages of 4 MiB by default: a whole (not streamed) answer with logprobs for many
+# tokens is bigger, and failed after its compute. 64 MiB on every node (the server and the channels read it).
+GRPC_MESSAGE_LIMIT = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+GRPC_MESSAGE_BYTES = 64 * 2**20
 
 
 def ray_env(grpc_data_plane: bool) -> dict[str, str]:
     """The environment Ray's processes need for `ServeConfig.grpc_data_plane`."""
-    return {GRPC_SWITCH: "1" if grpc_data_plane else "0"}
+    return {GRPC_SWITCH: "1" if grpc_data_plane else "0", GRPC_MESSAGE_LIMIT: str(GRPC_MESSAGE_BYTES)}
 
 
 def by_reference(grpc_data_plane: bool) -> bool:

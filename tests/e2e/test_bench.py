@@ -44,15 +44,16 @@ def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path)
         # vLLM's own benchmark client did the same work on both servers.
         client = results["vllm_client"][server]
         assert client["completed"] == shape["requests"] and client["failed"] == 0, (server, client)
-    # Compared workloads ran repeatedly: base-only several times on each server (on vLLM's before and after
-    # expertserve's), the soft prompt interleaved.
+    # Compared workloads ran repeatedly: base-only several times on each server (at measured sizes on vLLM's
+    # before and after expertserve's; the smoke size starts vLLM's server once), the soft prompt interleaved.
     shapes = results["shapes"]
     mixed = shapes["mixed"]
-    for server, rounds in (("vllm", 2), ("expertserve", 1)):
+    for server, rounds in (("vllm", 1), ("expertserve", 1)):
         base = results["base_only"][server]
         runs = rounds * shapes["base_runs"]
         assert base["output_tokens"] == runs * mixed["requests"] * mixed["max_tokens"], server
-    assert all(tps > 0 for tps in results["base_only"]["vllm_tokens_per_s_before_after"])
+    before, after = results["base_only"]["vllm_tokens_per_s_before_after"]
+    assert before > 0 and after is None
     soft = results["softprompt"]
     assert (
         soft["runs_each"] == 2 * shapes["soft_rounds"]

@@ -530,6 +530,19 @@ def test_completion_logprobs_echo_scoring_and_prompt_lists(client: openai.OpenAI
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
+def test_a_whole_answer_over_four_mib_reaches_the_client(url: str) -> None:
+    """Finding 15 of the security issue: Serve's gRPC channels took messages of 4 MiB, so a whole (not streamed)
+    answer with many logprobs failed after its compute; the channels now take 64 MiB."""
+    prompts = [" ".join(f"w{p}x{i}" for i in range(240)) for p in range(64)]
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": BASE, "prompt": prompts, "n": 4, "echo": True, "logprobs": 5, "max_tokens": 1},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text[:500]
+    assert len(r.content) > 4 * 2**20 and len(r.json()["choices"]) == 256
+
+
 def test_author_names_are_refused_where_the_template_has_none(url: str) -> None:
     r = _chat(url, model="expert-sql", messages=[{"role": "user", "content": "hi", "name": "ana"}])
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].name"

@@ -460,9 +460,9 @@ def test_every_serving_node_starts_with_serves_grpc_data_plane() -> None:
     """`grpc_data_plane` (on by default) needs Serve's switch in the environment every serving node starts with:
     the proxy reads it there. The clusters that serve (not the training job's) and both cluster launchers set it."""
     from expertserve.serve.http.proxy_guard import CALLBACK, CALLBACK_ENV
-    from expertserve.serve.transport import GRPC_SWITCH, ray_env
+    from expertserve.serve.transport import GRPC_MESSAGE_BYTES, GRPC_MESSAGE_LIMIT, GRPC_SWITCH, ray_env
 
-    assert ServeConfig().grpc_data_plane and ray_env(True) == {GRPC_SWITCH: "1"}
+    assert ServeConfig().grpc_data_plane and ray_env(True)[GRPC_SWITCH] == "1"
     serving = [(name, c) for name, c in _ray_clusters() if name != "rayjob-train.yaml"]
     assert {name for name, _ in serving} == {"rayservice.yaml", "raycluster-dev.yaml"}
     for name, cluster in serving:
@@ -471,6 +471,7 @@ def test_every_serving_node_starts_with_serves_grpc_data_plane() -> None:
                 env = {e["name"]: e.get("value") for e in container.get("env", [])}
                 assert env.get(GRPC_SWITCH) == "1", f"{name}: {container['name']}"
                 assert env.get(CALLBACK_ENV) == CALLBACK, f"{name}: {container['name']}"
+                assert env.get(GRPC_MESSAGE_LIMIT) == str(GRPC_MESSAGE_BYTES), f"{name}: {container['name']}"
     launcher = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
     starts = [
         c

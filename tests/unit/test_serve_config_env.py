@@ -82,7 +82,7 @@ def test_other_tools_variables_are_not_server_settings() -> None:
 def test_the_data_plane_switch_for_rays_processes_and_the_ingress_handles() -> None:
     from expertserve.serve.transport import GRPC_SWITCH, by_reference, ray_env
 
-    assert ray_env(True) == {GRPC_SWITCH: "1"} and ray_env(False) == {GRPC_SWITCH: "0"}
+    assert ray_env(True)[GRPC_SWITCH] == "1" and ray_env(False)[GRPC_SWITCH] == "0"
     assert by_reference(True) is False and by_reference(False) is True
     assert ServeConfig.load(None, environ={"EXPERTSERVE_GRPC_DATA_PLANE": "false"}).grpc_data_plane is False
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from expertserve.engine.config import EngineSettings
 from expertserve.engine.protocol import ExpertEngine
+from expertserve.errors import EngineRestarting
 from expertserve.serve.control.shape import EngineShape
 
 logger = logging.getLogger("ray.serve")
@@ -64,8 +65,15 @@ class EngineSlot:
     @contextlib.asynccontextmanager
     async def using(self) -> AsyncIterator[ExpertEngine]:
         """The current engine, counted busy until the block ends (a restart may replace `self.engine` meanwhile:
-        this request finishes on the engine it started on)."""
-        await self._ready.wait()
+        this request finishes on the engine it started on).
+
+        Raises:
+            EngineRestarting: A drain-then-start restart has no engine in the slot: the request is refused at once
+                (the ingress sends it to another replica, or here again later) rather than held until this
+                replica's longest stream ended and the new engine started.
+        """
+        if not self._ready.is_set():
+            raise EngineRestarting("this replica's engine is restarting for a new shape")
         engine = self.engine
         self._busy[id(engine)] = self._busy.get(id(engine), 0) + 1
         try:
