@@ -154,12 +154,13 @@ class Responder:
                 return stream, await anext(stream, None)
             except Exception as e:
                 mapped = client_error(e)
-                if (
-                    mapped is None
-                    or mapped.code != "engine_unavailable"
-                    or time.monotonic() + delay > deadline
-                ):
+                retryable = ("engine_unavailable", "engine_restarting")
+                if mapped is None or mapped.code not in retryable or time.monotonic() + delay > deadline:
                     raise
+                if mapped.code == "engine_restarting":  # refused before it ran: no loss, only a wait
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 5.0)
+                    continue
                 core = _engine_core_died(e)
                 losses += 1 if core else 0
                 replica_losses += 0 if core else 1
@@ -170,8 +171,8 @@ class Responder:
                     self.suspects.add(fingerprint)
                     raise RequestError(
                         503,
-                        f"the engine failed {losses + replica_losses} times while running this request; it is not sent to another "
-                        f"replica, and the same request is refused for {SUSPECT_S:.0f} s",
+                        f"the engine failed {losses + replica_losses} times while running this request; it is not "
+                        f"sent to another replica, and the same request is refused for {SUSPECT_S:.0f} s",
                         code="engine_failed_on_request",
                     ) from None
                 logger.warning(

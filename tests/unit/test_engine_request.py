@@ -216,3 +216,49 @@ def test_a_request_that_takes_down_engines_twice_is_not_sent_to_a_third() -> Non
     with pytest.raises(RequestError):
         asyncio.run(responder._start(other))
     assert engines.calls == 4  # another request still gets its one retry
+
+
+def test_a_request_refused_by_a_restarting_replica_waits_and_is_sent_again_without_counting_a_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from ray.exceptions import RayTaskError
+
+    from expertserve.errors import EngineRestarting
+    from expertserve.serve.config import ServeConfig
+    from expertserve.serve.metrics import Metrics
+    from expertserve.serve.respond import MAX_REPLICA_LOSSES, Responder
+
+    calls = []
+
+    class Restarting:
+        def options(self, **_: object) -> Restarting:
+            return self
+
+        @property
+        def generate(self) -> Restarting:
+            return self
+
+        def remote(self, request: EngineRequest) -> object:
+            calls.append(request.request_id)
+
+            async def stream():  # type: ignore[no-untyped-def]
+                if len(calls) <= MAX_REPLICA_LOSSES + 1:  # more refusals than any loss budget
+                    raise RayTaskError("generate", "", EngineRestarting("restarting")).as_instanceof_cause()
+                yield "first chunk"
+
+            return stream()
+
+    responder = Responder(engine=Restarting(), config=ServeConfig(), metrics=Metrics())
+    request = EngineRequest("chat", "r1", Sampling(), NONE, messages=(Message("user", "hi"),))
+    import expertserve.serve.respond as respond
+
+    original = respond.asyncio.sleep
+
+    async def no_wait(_: float) -> None:
+        await original(0)
+
+    monkeypatch.setattr(respond.asyncio, "sleep", no_wait)
+    _, first = asyncio.run(responder._start(request))
+    assert first == "first chunk" and len(calls) == MAX_REPLICA_LOSSES + 2
