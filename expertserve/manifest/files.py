@@ -75,6 +75,10 @@ def check_files(manifest: ExpertManifest, root: Path, *, datasets: bool = True) 
         if ref.kind == "dataset" and not datasets:
             continue
         target = root / ref.path
+        outside = _outside(root, ref.path)
+        if outside:  # what `train` and `package` refuse, reported here too (`validate --strict`)
+            problems.append(f"{ref.field}: {outside}")
+            continue
         problem = _CHECKS[ref.kind](manifest, ref, target)
         if problem:
             problems.append(f"{ref.field}: {problem} ({target})")
@@ -90,6 +94,16 @@ def check_files(manifest: ExpertManifest, root: Path, *, datasets: bool = True) 
             if adapter.sha256 and sha256_file(weights) != adapter.sha256:
                 problems.append(f"{where}.sha256: does not match {weights}")
     return problems
+
+
+def _outside(root: Path, rel: str) -> str | None:
+    """Why `rel` is not a path inside the expert directory `root` (absolute, `..` or a link out of it), or None."""
+    if Path(rel).is_absolute():
+        return f"expected a path inside the expert directory, got {rel!r}"
+    resolved, base = (root / rel).resolve(), root.resolve()
+    if not resolved.is_relative_to(base):
+        return f"{rel!r} resolves to {resolved}, outside the expert directory {base}"
+    return None
 
 
 def _check_adapter(manifest: ExpertManifest, ref: FileRef, target: Path) -> str | None:

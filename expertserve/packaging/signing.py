@@ -171,6 +171,20 @@ def open_envelope(envelope: Any) -> tuple[dict[str, Any], str]:
     """
     if not isinstance(envelope, dict) or envelope.get("payloadType") != PAYLOAD_TYPE:
         raise SignatureError(f"expected a DSSE envelope with payloadType {PAYLOAD_TYPE!r}")
+    # Unknown fields are errors, as everywhere else: a `public_key` beside the signatures would read as if it
+    # meant something.
+    unknown = sorted(set(envelope) - {"payloadType", "payload", "signatures"})
+    if unknown:
+        raise SignatureError(f"unknown field(s) {', '.join(map(repr, unknown))} in the envelope")
+    bad = [
+        sorted(set(s) - {"keyid", "sig"})
+        for s in envelope.get("signatures") or []
+        if isinstance(s, dict) and set(s) - {"keyid", "sig"}
+    ]
+    if bad:
+        raise SignatureError(
+            f"unknown field(s) {', '.join(map(repr, bad[0]))} in a signature of the envelope"
+        )
     try:
         payload = base64.b64decode(envelope["payload"], validate=True)
         signatures = [(s["keyid"], base64.b64decode(s["sig"], validate=True)) for s in envelope["signatures"]]

@@ -3,7 +3,9 @@
 Asking an engine replica (a call through its handle) queues behind inference: under 300 concurrent requests such
 a probe did not answer within 3 s, and a readiness probe would pull the pod exactly when it is busy. Serve's
 controller already health-checks every replica (`EngineReplica.check_health`, outside the request queue) and
-knows how many run; that answer is cached for a second so probes cost nothing.
+knows how many run; that answer is cached for a second so probes cost nothing. The read runs on a thread of its
+own: on the default executor it queued behind the request path's threads (the first probe under 300 concurrent
+requests took over 3 s), and once a value is known a probe never waits for a fresh one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 logger = logging.getLogger("ray.serve")
@@ -35,26 +38,35 @@ class EngineHealth:
         self.app_name, self.deployment = app_name, deployment
         self._last: Readiness | None = None
         self._at = 0.0
-        self._lock = asyncio.Lock()
+        self._reading: asyncio.Future[Readiness] | None = None  # one controller call at a time
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="engine-readiness")
 
     async def readiness(self) -> Readiness:
-        """At most a second old; never waits more than `TIMEOUT_SECONDS`."""
-        async with self._lock:  # one controller call at a time however many probes arrive
-            if self._last is not None and time.monotonic() - self._at < CACHE_SECONDS:
-                return self._last
-            try:
-                fresh = await asyncio.wait_for(asyncio.to_thread(self._read), TIMEOUT_SECONDS)
-            except Exception as e:  # the controller is busy or restarting: say so, do not hang
-                fresh = Readiness(False, 0, f"cannot read Serve's status: {type(e).__name__}")
-            if self._last is None or fresh.ready != self._last.ready:  # transitions only, not every probe
-                logger.log(
-                    logging.INFO if fresh.ready else logging.WARNING,
-                    "engine readiness: %s (%s)",
-                    "ready" if fresh.ready else "NOT ready",
-                    fresh.detail,
-                )
-            self._last, self._at = fresh, time.monotonic()
-            return fresh
+        """At most a second old once known (an older answer is returned at once while a fresh one is read); the
+        first read never waits more than `TIMEOUT_SECONDS`."""
+        if self._last is not None and time.monotonic() - self._at < CACHE_SECONDS:
+            return self._last
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._refresh())
+        if self._last is not None:
+            return self._last
+        return await asyncio.shield(self._reading)
+
+    async def _refresh(self) -> Readiness:
+        loop = asyncio.get_running_loop()
+        try:
+            fresh = await asyncio.wait_for(loop.run_in_executor(self._thread, self._read), TIMEOUT_SECONDS)
+        except Exception as e:  # the controller is busy or restarting: say so, do not hang
+            fresh = Readiness(False, 0, f"cannot read Serve's status: {type(e).__name__}")
+        if self._last is None or fresh.ready != self._last.ready:  # transitions only, not every probe
+            logger.log(
+                logging.INFO if fresh.ready else logging.WARNING,
+                "engine readiness: %s (%s)",
+                "ready" if fresh.ready else "NOT ready",
+                fresh.detail,
+            )
+        self._last, self._at = fresh, time.monotonic()
+        return fresh
 
     def _read(self) -> Readiness:
         from ray import serve

@@ -187,6 +187,7 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=16)]
 MAX_INT32 = 2**31 - 1
 # Prompts in one completions request; each is one engine request.
 MAX_PROMPTS = 64
+MAX_SEQUENCES = 64  # prompts x n in one request
 INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -332,6 +333,17 @@ class CompletionRequest(SamplingFields):
     def _zero_tokens_only_to_score(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: 0 is only allowed with echo (to score the prompt)")
+        return self
+
+    @model_validator(mode="after")
+    def _bounded_sequences(self) -> CompletionRequest:
+        # 64 prompts x n=8 with ignore_eos was 512 sequences to the context's end from one request.
+        asked = len(self.prompts()) * self.n
+        if asked > MAX_SEQUENCES:
+            raise ValueError(
+                f"n: {len(self.prompts())} prompt(s) x n={self.n} asks for {asked} sequences; one request may ask "
+                f"for at most {MAX_SEQUENCES} (send fewer prompts or a smaller n, or several requests)"
+            )
         return self
 
     def prompts(self) -> list[str]:

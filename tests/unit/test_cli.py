@@ -87,6 +87,24 @@ def test_validate_strict_reports_missing_files(tmp_path: Path) -> None:
     assert "error: training.dataset.path: dataset file not found" in result.stdout
 
 
+def test_validate_strict_refuses_files_outside_the_expert_as_train_does(tmp_path: Path) -> None:
+    """Found by a probe (tenancy issue, "Also"): `validate --strict` called an expert valid whose dataset was
+    `/etc/hostname`, which `train` refuses."""
+    data = manifest()
+    data["training"]["dataset"]["path"] = "/etc/hostname"
+    root = make_expert(tmp_path / "expert-demo", data)
+    result = run("validate", "--strict", str(root))
+    assert result.returncode == 1
+    assert (
+        "training.dataset.path: expected a path inside the expert directory, got '/etc/hostname'"
+        in result.stdout
+    )
+    data["training"]["dataset"]["path"] = "../../outside.jsonl"
+    (tmp_path / "expert-demo" / "manifest.json").write_text(json.dumps(data))
+    result = run("validate", "--strict", str(root))
+    assert result.returncode == 1 and "outside the expert directory" in result.stdout
+
+
 def test_validate_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run("validate").returncode == 2
     missing = run("validate", str(tmp_path / "nope"))

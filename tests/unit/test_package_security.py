@@ -346,3 +346,19 @@ def test_trust_is_checked_again_at_every_scan_from_the_packages_signed_checksums
     manifest_file.write_text(manifest_file.read_text().replace('"expert-demo"', '"expert-trained"'))
     trained = Registry.scan([root], check=lambda r: trust_problems(r, policy, root)).get("expert-trained")
     assert "not installed from a package" in (trained.broken or "")
+
+
+def test_unknown_fields_in_the_signature_envelope_are_refused(expert: Path, tmp_path: Path, key) -> None:
+    """Found by a probe (tenancy issue, "Also"): a `public_key` added to signature.json was accepted in silence."""
+    package = archive.build_package(expert, tmp_path / "out", sign_key=key[0])
+    envelope = json.loads(members_of(package)["signature.json"])
+    for changed, where in (
+        ({**envelope, "public_key": "00" * 32}, "'public_key' in the envelope"),
+        (
+            {**envelope, "signatures": [{**envelope["signatures"][0], "cert": "x"}]},
+            "'cert' in a signature of the envelope",
+        ),
+    ):
+        with pytest.raises(SignatureError, match=where):
+            archive.verify_package(_with(package, **{"signature.json": json.dumps(changed).encode()}))
+    assert archive.verify_package(package).signer == key[1]

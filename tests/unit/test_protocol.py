@@ -104,3 +104,20 @@ def test_text_parts_are_joined() -> None:
         }
     )
     assert r.messages[0].text() == "ab"
+
+
+def test_one_request_asks_for_at_most_64_sequences() -> None:
+    """Finding 10 of the security issue: 64 prompts x n=8 with ignore_eos was 512 sequences from one request."""
+    from expertserve.serve.errors import RequestError
+    from expertserve.serve.protocol import MAX_SEQUENCES, parse_request
+
+    body = {"model": "m", "prompt": ["p"] * 64, "n": 8, "ignore_eos": True, "max_tokens": 16}
+    with pytest.raises(RequestError) as info:
+        parse_request("completion", body)
+    assert (
+        info.value.status == 400
+        and "512 sequences" in info.value.message
+        and str(MAX_SEQUENCES) in info.value.message
+    )
+    assert parse_request("completion", {**body, "n": 1}).n == 1
+    assert parse_request("completion", {**body, "prompt": ["p"] * 8}).n == 8
