@@ -376,8 +376,13 @@ def request_errors(error: ValidationError) -> list[tuple[str, str]]:
         if err["type"] == "extra_forbidden":
             msg = "unknown parameter"
         path, text = locate(err, msg)
+        if len(path) > MAX_PARAM_SHOWN:  # a client's key, echoed: a 500 KB key must not come back whole
+            path = path[:MAX_PARAM_SHOWN] + "..."
         out.append((path, text[0].lower() + text[1:] if text else text))
     return out
+
+
+MAX_PARAM_SHOWN = 128
 
 
 class EngineRestartRequest(_Strict):

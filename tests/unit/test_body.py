@@ -123,3 +123,15 @@ def test_an_empty_admin_body_reads_as_no_fields() -> None:
     assert asyncio.run(read_body(_StreamedRequest([b"  "]), 4096, empty_ok=True)) == {}
     with pytest.raises(RequestError):
         asyncio.run(read_body(_StreamedRequest([b""]), 4096))
+
+
+def test_the_issues_one_mib_body_is_refused_with_a_small_400() -> None:
+    """Finding 1's body through the whole request check: a 400 naming a shortened parameter, not a 1 MB echo."""
+    from expertserve.serve.protocol import parse_request
+
+    key = "k" * 500_000
+    raw = ('{"model": "m", "prompt": "p", "' + key + '": [' + ",".join(["0"] * 250_000) + "]}").encode()
+    with pytest.raises(RequestError) as info:
+        parse_request("completion", parse_body(raw))
+    assert info.value.status == 400 and "unknown parameter" in info.value.message
+    assert len(info.value.body()["error"]["message"]) < 1000 and len(info.value.param or "") < 200
