@@ -75,7 +75,7 @@ def check_files(manifest: ExpertManifest, root: Path, *, datasets: bool = True) 
         if ref.kind == "dataset" and not datasets:
             continue
         target = root / ref.path
-        outside = _outside(root, ref.path)
+        outside = outside_reason(root, ref.path)
         if outside:  # what `train` and `package` refuse, reported here too (`validate --strict`)
             problems.append(f"{ref.field}: {outside}")
             continue
@@ -96,8 +96,9 @@ def check_files(manifest: ExpertManifest, root: Path, *, datasets: bool = True) 
     return problems
 
 
-def _outside(root: Path, rel: str) -> str | None:
-    """Why `rel` is not a path inside the expert directory `root` (absolute, `..` or a link out of it), or None."""
+def outside_reason(root: Path, rel: str) -> str | None:
+    """Why `rel` is not a path inside the expert directory `root` (absolute, `..` or a link out of it), or None.
+    One rule for `validate --strict` (check_files) and `train` (train/plan.py)."""
     if Path(rel).is_absolute():
         return f"expected a path inside the expert directory, got {rel!r}"
     resolved, base = (root / rel).resolve(), root.resolve()

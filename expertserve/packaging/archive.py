@@ -255,14 +255,12 @@ def verify_installed(expert_dir: Path, name: str, version: str) -> tuple[str | N
     """
     from expertserve.packaging.digests import file_digest
 
-    listed: dict[str, str] = {}
     try:
-        text = (expert_dir / CHECKSUMS).read_text(encoding="utf-8")
+        listed = _parse_checksums((expert_dir / CHECKSUMS).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         return None, f"{CHECKSUMS} is missing or unreadable: not the files of a verified package"
-    for line in text.splitlines():
-        want, _, rel = line.partition("  ")
-        listed[rel] = want
+    except ValueError as e:
+        return None, str(e)
     present = {
         p.relative_to(expert_dir).as_posix() for p in expert_dir.rglob("*") if p.is_file() or p.is_symlink()
     } - {CHECKSUMS, SIGNATURE, PROVENANCE}
@@ -278,21 +276,11 @@ def verify_installed(expert_dir: Path, name: str, version: str) -> tuple[str | N
     if not (expert_dir / SIGNATURE).is_file():
         return None, None
     try:
-        envelope = json.loads((expert_dir / SIGNATURE).read_text(encoding="utf-8"))
-        statement, signer = signing.open_envelope(envelope)
-    except (OSError, UnicodeDecodeError, ValueError, SignatureError) as e:
-        return None, f"{SIGNATURE}: {e}"
-    expected: dict[str, Any] = {
-        "name": name,
-        "version": version,
-        "checksums_sha256": file_digest(expert_dir / CHECKSUMS),
-    }
-    for key, want in expected.items():
-        if statement.get(key) != want:
-            return (
-                None,
-                f"{SIGNATURE}: the signed {key} is not this expert's (changed since it was installed)",
-            )
+        _, signer = _signed_statement(
+            expert_dir / SIGNATURE, name, version, file_digest(expert_dir / CHECKSUMS)
+        )
+    except SignatureError as e:
+        return None, str(e)
     return signer, None
 
 
@@ -606,16 +594,28 @@ def _read_checksums(path: Path, dest: Path, digests: dict[str, str]) -> dict[str
         text = (dest / CHECKSUMS).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise PackageError(f"{path}: {CHECKSUMS}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return _parse_checksums(text)
+    except ValueError as e:
+        raise PackageError(f"{path}: {e}") from None
+
+
+def _parse_checksums(text: str) -> dict[str, str]:
+    """`CHECKSUMS.sha256` as {path: sha256}.
+
+    Raises:
+        ValueError: A line is not `<sha256>  <path>`, a path is listed twice, or the manifest is not covered.
+    """
     listed: dict[str, str] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         want, sep, rel = line.partition("  ")
         if not sep or len(want) != 64 or not rel or any(c not in "0123456789abcdef" for c in want):
-            raise PackageError(f"{path}: {CHECKSUMS} line {lineno} is not '<sha256>  <path>'")
+            raise ValueError(f"{CHECKSUMS} line {lineno} is not '<sha256>  <path>'")
         if rel in listed:
-            raise PackageError(f"{path}: {CHECKSUMS} line {lineno} lists {rel!r} twice")
+            raise ValueError(f"{CHECKSUMS} line {lineno} lists {rel!r} twice")
         listed[rel] = want
     if MANIFEST_FILE not in listed:
-        raise PackageError(f"{path}: {CHECKSUMS} does not cover {MANIFEST_FILE}")
+        raise ValueError(f"{CHECKSUMS} does not cover {MANIFEST_FILE}")
     return listed
 
 
@@ -629,30 +629,46 @@ def _check_signature(
             raise SignatureError(f"{path}: unsigned, but a signature by {public_key[:16]}... is required")
         return None, None
     try:
-        envelope = json.loads((dest / SIGNATURE).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise SignatureError(f"{path}: {SIGNATURE}: not JSON ({e})") from None
-    try:
-        statement, signer = signing.open_envelope(envelope)
+        statement, signer = _signed_statement(
+            dest / SIGNATURE, loaded.manifest.name, loaded.manifest.version, digests[CHECKSUMS]
+        )
     except SignatureError as e:
-        raise SignatureError(f"{path}: {SIGNATURE}: {e}") from None
-    expected = {
-        "name": loaded.manifest.name,
-        "version": loaded.manifest.version,
-        "checksums_sha256": digests[CHECKSUMS],
-    }
-    for key, want in expected.items():
-        if statement.get(key) != want:
-            raise SignatureError(
-                f"{path}: {SIGNATURE}: the signed statement's {key} is {statement.get(key)!r}, but the "
-                f"package has {want!r} (tampered)"
-            )
+        raise SignatureError(f"{path}: {e}") from None
     signed_at = statement.get("signed_at")
     if not isinstance(signed_at, str):
         raise SignatureError(f"{path}: {SIGNATURE}: the signed statement has no signed_at time")
     if public_key is not None and signer != public_key.lower():
         raise SignatureError(f"{path}: signed by {signer}, not by the required key {public_key}")
     return signer, signed_at
+
+
+def _signed_statement(
+    signature: Path, name: str, version: str, checksums_sha256: str | None
+) -> tuple[dict[str, Any], str]:
+    """The statement and signer of a `signature.json` whose signature verifies and whose statement names this
+    expert, version and checksum list (a package being installed, or an installed expert as it is now).
+
+    Raises:
+        SignatureError: Unreadable, not an envelope, a bad signature, or a statement about other contents.
+    """
+    try:
+        envelope = json.loads(signature.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SignatureError(f"{SIGNATURE}: cannot read ({e})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SignatureError(f"{SIGNATURE}: not JSON ({e})") from None
+    try:
+        statement, signer = signing.open_envelope(envelope)
+    except SignatureError as e:
+        raise SignatureError(f"{SIGNATURE}: {e}") from None
+    expected = {"name": name, "version": version, "checksums_sha256": checksums_sha256}
+    for key, want in expected.items():
+        if statement.get(key) != want:
+            raise SignatureError(
+                f"{SIGNATURE}: the signed statement's {key} is {statement.get(key)!r}, but the package has "
+                f"{want!r} (tampered)"
+            )
+    return statement, signer
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -100,15 +100,20 @@ def _mapped(error: BaseException) -> RequestError | None:
     return None
 
 
-def client_error(error: BaseException) -> RequestError | None:
-    """The client-facing error for `error` or for the domain error Ray wrapped in it; None for a bug (500)."""
+def error_chain(error: BaseException) -> list[BaseException]:
+    """`error` and what it wraps (Ray's `cause`, Python's `__cause__`), outermost first, each once."""
     chain: list[BaseException] = []
     cause: BaseException | None = error
     while cause is not None and all(cause is not seen for seen in chain):
         chain.append(cause)
         cause = getattr(cause, "cause", None) or cause.__cause__
+    return chain
+
+
+def client_error(error: BaseException) -> RequestError | None:
+    """The client-facing error for `error` or for the domain error Ray wrapped in it; None for a bug (500)."""
     # Innermost first: Ray's wrapper subclasses the error it wraps, but its message is a remote traceback.
-    for candidate in reversed(chain):
+    for candidate in reversed(error_chain(error)):
         mapped = None if _is_ray_wrapper(candidate) else _mapped(candidate)
         if mapped is not None:
             return mapped

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from expertserve.engine.request import Chunk, EngineRequest
 from expertserve.serve.config import ServeConfig
-from expertserve.serve.errors import RequestError, client_error
+from expertserve.serve.errors import RequestError, client_error, error_chain
 from expertserve.serve.metrics import Metrics, RequestTracker
 from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest
 from expertserve.serve.responses import (
@@ -47,16 +47,11 @@ MAX_SUSPECTS = 1024
 
 
 def _engine_core_died(error: BaseException) -> bool:
-    cause: BaseException | None = error
-    seen: list[BaseException] = []
-    while cause is not None and all(cause is not s for s in seen):
-        seen.append(cause)
-        if any(
-            c.__name__ == "EngineDeadError" and c.__module__.startswith("vllm.") for c in type(cause).__mro__
-        ):
-            return True
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    return False
+    return any(
+        c.__name__ == "EngineDeadError" and c.__module__.startswith("vllm.")
+        for cause in error_chain(error)
+        for c in type(cause).__mro__
+    )
 
 
 class SuspectRequests:
@@ -157,30 +152,29 @@ class Responder:
                 retryable = ("engine_unavailable", "engine_restarting")
                 if mapped is None or mapped.code not in retryable or time.monotonic() + delay > deadline:
                     raise
-                if mapped.code == "engine_restarting":  # refused before it ran: no loss, only a wait
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, 5.0)
-                    continue
-                core = _engine_core_died(e)
-                losses += 1 if core else 0
-                replica_losses += 0 if core else 1
-                self.metrics.engine_lost.inc()
-                if losses >= MAX_ENGINE_LOSSES or replica_losses >= MAX_REPLICA_LOSSES:
-                    # The same request took down engines twice: it is the likely cause, so it goes to no
-                    # other replica (a poison request retried for engine_retry_s took down every replica).
-                    self.suspects.add(fingerprint)
-                    raise RequestError(
-                        503,
-                        f"the engine failed {losses + replica_losses} times while running this request; it is not "
-                        f"sent to another replica, and the same request is refused for {SUSPECT_S:.0f} s",
-                        code="engine_failed_on_request",
-                    ) from None
-                logger.warning(
-                    "request %s: engine replica lost before any output (%s); sending it again in %.2f s",
-                    engine_request.request_id,
-                    type(e).__name__,
-                    delay,
-                )
+                if (
+                    mapped.code == "engine_unavailable"
+                ):  # lost under it ("engine_restarting": refused, no loss)
+                    core = _engine_core_died(e)
+                    losses += 1 if core else 0
+                    replica_losses += 0 if core else 1
+                    self.metrics.engine_lost.inc()
+                    if losses >= MAX_ENGINE_LOSSES or replica_losses >= MAX_REPLICA_LOSSES:
+                        # The same request took down engines twice: it is the likely cause, so it goes to no
+                        # other replica (a poison request retried for engine_retry_s took down every replica).
+                        self.suspects.add(fingerprint)
+                        raise RequestError(
+                            503,
+                            f"the engine failed {losses + replica_losses} times while running this request; it is "
+                            f"not sent to another replica, and the same request is refused for {SUSPECT_S:.0f} s",
+                            code="engine_failed_on_request",
+                        ) from None
+                    logger.warning(
+                        "request %s: engine replica lost before any output (%s); sending it again in %.2f s",
+                        engine_request.request_id,
+                        type(e).__name__,
+                        delay,
+                    )
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from expertserve.datasets.common import read_jsonl
 from expertserve.errors import ExpertserveError
+from expertserve.manifest.files import outside_reason
 from expertserve.manifest.load import LoadedManifest
 from expertserve.manifest.status import RuntimeContext, field_statuses
 
@@ -97,17 +98,10 @@ class TrainPlan:
 def _inside(loaded: LoadedManifest, field: str, rel: str) -> Path:
     """A dataset path, which must stay inside the expert directory (no absolute paths, no `..` out of it,
     no symbolic link pointing elsewhere): training reads what the manifest names, nothing else on the machine."""
-    root = loaded.root.resolve()
-    if Path(rel).is_absolute():
-        raise TrainingError(
-            f"{loaded.path}: {field}: expected a path inside the expert directory, got {rel!r}"
-        )
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root):
-        raise TrainingError(
-            f"{loaded.path}: {field}: {rel!r} resolves to {path}, outside the expert directory {root}"
-        )
-    return path
+    reason = outside_reason(loaded.root, rel)
+    if reason is not None:
+        raise TrainingError(f"{loaded.path}: {field}: {reason}")
+    return (loaded.root / rel).resolve()
 
 
 def _precision_and_optimizer(cfg: Any, use_gpu: bool) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -169,27 +170,33 @@ _EngineDeadError.__module__ = "vllm.v1.engine.exceptions"
 _EngineDeadError.__name__ = "EngineDeadError"
 
 
-class _DyingEngines:
-    """A deployment handle whose every replica dies under the request."""
+class _Engines:
+    """A deployment handle whose `generate` streams are made by `answer(call number)`: an error it raises (before the
+    first chunk, as a replica that failed), or the first chunk it returns."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[int], object]) -> None:
+        self.answer = answer
         self.calls = 0
 
-    def options(self, **_: object) -> _DyingEngines:
+    def options(self, **_: object) -> _Engines:
         return self
 
     @property
-    def generate(self) -> _DyingEngines:
+    def generate(self) -> _Engines:
         return self
 
     def remote(self, request: EngineRequest) -> object:
         self.calls += 1
+        call = self.calls
 
         async def stream():  # type: ignore[no-untyped-def]
-            raise _EngineDeadError("engine core died")
-            yield  # pragma: no cover
+            yield self.answer(call)
 
         return stream()
+
+
+def _engine_core_dies(call: int) -> object:
+    raise _EngineDeadError("engine core died")
 
 
 def test_a_request_that_takes_down_engines_twice_is_not_sent_to_a_third() -> None:
@@ -201,7 +208,7 @@ def test_a_request_that_takes_down_engines_twice_is_not_sent_to_a_third() -> Non
     from expertserve.serve.metrics import Metrics
     from expertserve.serve.respond import MAX_ENGINE_LOSSES, Responder
 
-    engines = _DyingEngines()
+    engines = _Engines(_engine_core_dies)
     responder = Responder(engine=engines, config=ServeConfig(), metrics=Metrics())
     poison = EngineRequest("chat", "r1", Sampling(), NONE, messages=(Message("user", "poison"),))
     with pytest.raises(RequestError) as info:
@@ -230,27 +237,13 @@ def test_a_request_refused_by_a_restarting_replica_waits_and_is_sent_again_witho
     from expertserve.serve.metrics import Metrics
     from expertserve.serve.respond import MAX_REPLICA_LOSSES, Responder
 
-    calls = []
+    def restarting(call: int) -> object:
+        if call <= MAX_REPLICA_LOSSES + 1:  # more refusals than any loss budget
+            raise RayTaskError("generate", "", EngineRestarting("restarting")).as_instanceof_cause()
+        return "first chunk"
 
-    class Restarting:
-        def options(self, **_: object) -> Restarting:
-            return self
-
-        @property
-        def generate(self) -> Restarting:
-            return self
-
-        def remote(self, request: EngineRequest) -> object:
-            calls.append(request.request_id)
-
-            async def stream():  # type: ignore[no-untyped-def]
-                if len(calls) <= MAX_REPLICA_LOSSES + 1:  # more refusals than any loss budget
-                    raise RayTaskError("generate", "", EngineRestarting("restarting")).as_instanceof_cause()
-                yield "first chunk"
-
-            return stream()
-
-    responder = Responder(engine=Restarting(), config=ServeConfig(), metrics=Metrics())
+    engines = _Engines(restarting)
+    responder = Responder(engine=engines, config=ServeConfig(), metrics=Metrics())
     request = EngineRequest("chat", "r1", Sampling(), NONE, messages=(Message("user", "hi"),))
     import expertserve.serve.respond as respond
 
@@ -261,4 +254,4 @@ def test_a_request_refused_by_a_restarting_replica_waits_and_is_sent_again_witho
 
     monkeypatch.setattr(respond.asyncio, "sleep", no_wait)
     _, first = asyncio.run(responder._start(request))
-    assert first == "first chunk" and len(calls) == MAX_REPLICA_LOSSES + 2
+    assert first == "first chunk" and engines.calls == MAX_REPLICA_LOSSES + 2

@@ -302,10 +302,6 @@ class StateHandle:
             renewed = await asyncio.to_thread(self._renew, actor)
             return await getattr(renewed, method).remote(*args)
 
-    def send(self, method: str, *args: Any) -> None:
-        """Calls `method` without waiting (a replica leaving)."""
-        getattr(self.actor, method).remote(*args)
-
     def _renew(self, dead: Any) -> Any:
         with self._lock:
             if self.actor is dead:

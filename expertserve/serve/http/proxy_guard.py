@@ -107,9 +107,10 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _refuse(send: Send, message: str) -> None:
-    body = json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": 413}}
-    ).encode()
+    """413 with the body the ingress would send (one error table: serve/errors.py)."""
+    from expertserve.serve.errors import RequestError
+
+    body = json.dumps(RequestError(413, message).body()).encode()
     await send(
         {
             "type": "http.response.start",
