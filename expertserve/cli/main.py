@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_bench(sub)
     _add_models(sub)
+    _add_tenants(sub)
     return parser
 
 
@@ -263,6 +264,27 @@ def _add_models(sub: Any) -> None:
     mp.set_defaults(handler="expertserve.cli.models:run_tiny")
 
 
+def _add_tenants(sub: Any) -> None:
+    """`expertserve tenants`."""
+    p = sub.add_parser("tenants", help="check a tenants file offline; hash a key for key_sha256")
+    tsub = p.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
+    tp = tsub.add_parser(
+        "check",
+        help="check a tenants file (YAML or JSON, `tenants:` at the top) as the server would load it",
+        description="Exit 0 when the file loads; 1 with one line per problem, naming the tenant and field.",
+    )
+    tp.add_argument("file", metavar="FILE")
+    tp.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the server config it goes with (its api_keys, admin key and tenants)",
+    )
+    tp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    tp.set_defaults(handler="expertserve.cli.tenants:run_check")
+    tp = tsub.add_parser("hash", help="print the key_sha256 of a key read from standard input (one line)")
+    tp.set_defaults(handler="expertserve.cli.tenants:run_hash")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit code."""
     args = build_parser().parse_args(argv)
@@ -285,7 +307,9 @@ def run_handler(args: argparse.Namespace) -> int:
         print(f"expertserve {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ExpertserveError as e:
-        lines = str(e).splitlines() if type(e).__name__ == "ConfigError" else [str(e)]  # one line per problem
+        lines = (
+            str(e).splitlines() if type(e).__name__ in ("ConfigError", "TenantsError") else [str(e)]
+        )  # one line per problem
         print("\n".join(f"error: {line}" for line in lines), file=sys.stderr)
         return EXIT_FAIL
     except BrokenPipeError:  # `expertserve validate ... | head`: the reader left; not an error to report

@@ -53,7 +53,11 @@ def _config(args: Any) -> Any:
     overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if args.ignore_manifest_decoding:
         overrides["ignore_manifest_decoding"] = True
-    return ServeConfig.load(args.config, overrides=overrides)
+    config = ServeConfig.load(args.config, overrides=overrides)
+    from expertserve.serve.tenants import load
+
+    load(config)  # a bad tenants file stops here (exit 1, one line per problem), not in a replica
+    return config
 
 
 def _start_ray(config: Any) -> tuple[bool, str | None]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -215,7 +216,9 @@ class Router:
         self.profiles = [p for p in self.profiles if p.name != name]
         self._index = None
 
-    def route_messages(self, messages: list[dict[str, str]]) -> Decision:
+    def route_messages(
+        self, messages: list[dict[str, str]], allowed: Callable[[str], bool] | None = None
+    ) -> Decision:
         """Routes a conversation: the last user turn decides, except that a short fragment continuing the previous
         turns (`now for 'Ana, 25'`, `and one that checks palindromes`) stays with the expert they route to, and the
         expert earlier turns picked keeps the conversation unless another expert is clearly better (by
@@ -223,10 +226,10 @@ class Router:
         users = [m["content"] for m in messages if m.get("role") == "user"]
         if not users:
             return Decision(BASE, 1.0, "no-user-message")
-        decision = self.route(users[-1])
+        decision = self.route(users[-1], allowed)
         if len(users) == 1:
             return decision
-        incumbent_decision = self.route("\n".join(users[:-1]))
+        incumbent_decision = self.route("\n".join(users[:-1]), allowed)
         incumbent = incumbent_decision.expert
         if incumbent is None or incumbent == decision.expert:
             return decision
@@ -248,8 +251,9 @@ class Router:
             )
         return decision
 
-    def route(self, prompt: str) -> Decision:
-        """Routes one prompt."""
+    def route(self, prompt: str, allowed: Callable[[str], bool] | None = None) -> Decision:
+        """Routes one prompt among the experts `allowed` accepts (all when None: a caller's scope narrows the
+        candidates before the softmax, so confidences are among what the caller may use)."""
         cfg = self.config
         # The start of a prompt says what it is; a bounded read keeps a decision cheap for any length.
         prompt = prompt[: cfg.max_chars]
@@ -291,6 +295,10 @@ class Router:
             mismatch = cfg.language_penalty if foreign or (named and not (named & p.languages)) else 0.0
             score = -1.0 if excluded else semantic + bonus + cfg.priority_weight * p.priority - mismatch
             raw.append((p, score, semantic, hits, excluded))
+        if allowed is not None:
+            raw = [r for r in raw if allowed(r[0].name)]
+            if not raw:
+                return Decision(BASE, 1.0, "no-permitted-experts")
         logits = np.array([s for _, s, *_ in raw] + [base_score]) / cfg.temperature
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()

@@ -156,6 +156,18 @@ class ExpertCatalog:
         """What the engine needs to load `record`."""
         return self.with_store(record, record.engine_spec(self.model_id))
 
+    def is_base(self, model: str) -> bool:
+        """Whether `model` names the base model."""
+        return model in (self.model_id, "base")
+
+    @staticmethod
+    def not_found(model: str) -> ExpertNotFound:
+        """The one answer for a model that does not exist, and for one outside the caller's scope (no existence
+        leak: the same status, code and text)."""
+        return ExpertNotFound(
+            f"model {model!r} does not exist; GET /v1/models lists the base model and the experts"
+        )
+
     def resolve(self, model: str) -> ExpertRecord | None:
         """None for the base model; the expert's record otherwise.
 
@@ -163,12 +175,10 @@ class ExpertCatalog:
             ExpertNotFound: No such model.
             ExpertNotServable: The expert is registered but this server cannot serve it.
         """
-        if model in (self.model_id, "base"):
+        if self.is_base(model):
             return None
         if model not in self.registry:
-            raise ExpertNotFound(
-                f"model {model!r} does not exist; GET /v1/models lists the base model and the experts"
-            )
+            raise self.not_found(model)
         record = self.registry.get(model)
         reason = record.unservable_reason(self.model_id)
         if reason:

@@ -21,6 +21,7 @@ from expertserve.engine.config import EngineConfig
 from expertserve.errors import ExpertserveError
 from expertserve.manifest.base import StrictModel
 from expertserve.settings import DEFAULT_MODEL_ID
+from expertserve.tenancy.config import Tenant
 
 
 class ReplicaConfig(StrictModel):
@@ -88,6 +89,19 @@ class RoutingConfig(StrictModel):
     base_score: float = Field(default=0.42, description="The base model's score among the candidates.")
 
 
+class FairnessConfig(StrictModel):
+    """Weighted-fair admission: beyond `max_in_flight` requests at once, requests wait in per-tenant queues and
+    are admitted by the tenants' weights (tenancy/fair.py)."""
+
+    enabled: bool = Field(default=True, description="Queue by tenant beyond max_in_flight (off: first come).")
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests each ingress replica lets run at once before queueing fairly; default: the engines' "
+        "batch (engine replicas x engine.max_num_seqs), divided among the ingress replicas.",
+    )
+
+
 class ServeConfig(StrictModel):
     """The whole server."""
 
@@ -125,6 +139,19 @@ class ServeConfig(StrictModel):
     )
     admin_key: str | None = Field(
         default=None, description="Bearer key for /admin endpoints; unset: loopback only."
+    )
+    tenants: dict[str, Tenant] = Field(
+        default_factory=dict,
+        description="Tenants by name: their keys, the experts they may use, their limits and weights "
+        "(docs/tenancy.md). `api_keys` are one more tenant, `default`, with every expert.",
+    )
+    tenants_file: str | None = Field(
+        default=None,
+        description="A YAML or JSON file with a `tenants:` section (a Kubernetes Secret), added to `tenants` and "
+        "read again at every reload (a bad file keeps the last good one); EXPERTSERVE_TENANTS_FILE.",
+    )
+    fairness: FairnessConfig = Field(
+        default_factory=lambda: FairnessConfig(), description="Weighted-fair admission by tenant."
     )
     trusted_keys: list[str] = Field(
         default_factory=list,
@@ -177,8 +204,22 @@ class ServeConfig(StrictModel):
         return key
 
     @model_validator(mode="after")
+    def _tenant_keys(self) -> ServeConfig:
+        from expertserve.tenancy.config import TenantsError, build
+
+        try:
+            build(self.tenants, self.api_keys, self.admin_key, source="tenants")
+        except TenantsError as e:
+            raise ValueError("; ".join(e.problems)) from None
+        return self
+
+    def has_keys(self) -> bool:
+        """Whether inference needs a key (api_keys, tenants, or a tenants file)."""
+        return bool(self.api_keys or self.tenants or self.tenants_file)
+
+    @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> ServeConfig:
-        if not self.api_keys and not self.allow_no_auth and not _is_loopback(self.host):
+        if not self.has_keys() and not self.allow_no_auth and not _is_loopback(self.host):
             raise ValueError(
                 f"host {self.host} listens beyond loopback with no api_keys: set api_keys (EXPERTSERVE_API_KEYS), "
                 "or allow_no_auth: true to serve every expert to anyone who reaches the port"
@@ -280,7 +321,7 @@ def _is_loopback(host: str) -> bool:
 
 ENV_PREFIX = "EXPERTSERVE_"
 # Never echoed in messages or logs.
-SECRET_SETTINGS = {"api_keys", "admin_key"}
+SECRET_SETTINGS = {"api_keys", "admin_key", "tenants"}
 
 
 def env_values(environ: Mapping[str, str]) -> dict[str, Any]:

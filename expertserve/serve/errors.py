@@ -49,8 +49,10 @@ class RequestError(ExpertserveError):
         param: str | None = None,
         code: str | None = None,
         retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
+        self.headers = dict(headers or {})
         self.status, self.message, self.param, self.code, self.retry_after = (
             status,
             message,
@@ -58,6 +60,13 @@ class RequestError(ExpertserveError):
             code,
             retry_after,
         )
+
+    def response_headers(self) -> dict[str, str] | None:
+        """`Retry-After` and the error's own headers (the rate-limit triples of a 429)."""
+        out = dict(self.headers)
+        if self.retry_after:
+            out["Retry-After"] = str(self.retry_after)
+        return out or None
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error body."""

@@ -36,7 +36,9 @@ from expertserve.serve.http.headers import GenerationHeader
 from expertserve.serve.metrics import Metrics
 from expertserve.serve.pipeline import Completions
 from expertserve.serve.protocol import parse_engine_restart
+from expertserve.serve.quota import Quota
 from expertserve.serve.respond import Responder
+from expertserve.serve.tenants import TenantsSource
 from expertserve.serve.transport import by_reference
 
 # Serve configures this logger in replicas (stderr and log files); a logger of our own would print nothing.
@@ -85,7 +87,7 @@ class Ingress:
         # Serve's direct gRPC channel or a Ray actor call, per the config, whatever Ray's nodes default to.
         engine = engine.options(_by_reference=by_reference(config.grpc_data_plane))
         self.config = config
-        auth.install(auth.KeyCheck(config.api_keys, config.admin_key))
+        self.tenants = TenantsSource(config)  # installs the key check the auth middleware applies
         self.metrics = Metrics()
         self.catalog = ExpertCatalog(
             config,
@@ -95,12 +97,19 @@ class Ingress:
             embedder=_embedder(config, embedder_cls),
             compile_grammars=compile_grammars,
         )
+        application = app_name()  # None outside Serve
+        self.quota = Quota(
+            self.metrics,
+            app_name=application,
+            resources=config.replicas.ingress_resources,
+            capacity=fair_capacity(config),
+        )
         self.completions = Completions(
             catalog=self.catalog,
             chooser=Chooser(self.catalog, self.metrics),
             responder=Responder(engine=engine, config=config, metrics=self.metrics),
+            quota=self.quota,
         )
-        application = app_name()  # None outside Serve
         self.health = EngineHealth(application)
         self.engine_metrics = EngineMetrics()
         self.control = ControlPlane(
@@ -111,6 +120,7 @@ class Ingress:
             resources=config.replicas.ingress_resources,
             expert_min_replicas=config.replicas.expert_min_replicas,
             config_digest=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:32],
+            also_reload={"tenants": self.tenants.reload},
         )
         self.control.start()
 
@@ -144,29 +154,35 @@ class Ingress:
 
     # ---- the catalog (inference keys) ------------------------------------------------------------------------
 
+    # Each lists what the caller's tenant may use only (serve/tenants.py, docs/tenancy.md).
+
     @app.get("/v1/models")
-    async def route_models(self) -> dict[str, Any]:
-        return listings.models(self.catalog)
+    async def route_models(self, request: Request) -> dict[str, Any]:
+        return listings.models(self.catalog, self.tenants.caller(request.scope).tenant)
 
     @app.get("/v1/models/{model_id:path}")
-    async def route_model(self, model_id: str) -> dict[str, Any]:
+    async def route_model(self, model_id: str, request: Request) -> dict[str, Any]:
         """One model object, as `GET /v1/models` lists it; 404 when there is none by that id."""
-        return listings.model(self.catalog, model_id)
+        return listings.model(self.catalog, model_id, self.tenants.caller(request.scope).tenant)
 
     @app.get("/v1/experts")
-    async def route_experts(self) -> dict[str, Any]:
-        return listings.experts(self.catalog)
+    async def route_experts(self, request: Request) -> dict[str, Any]:
+        return listings.experts(self.catalog, self.tenants.caller(request.scope).tenant)
 
     # ---- completions (inference keys) ------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
     async def route_chat(self, request: Request) -> Response:
-        return await self.completions.complete("chat", await read_body(request, self.config.max_body_bytes))
+        caller = self.tenants.caller(request.scope)
+        return await self.completions.complete(
+            "chat", await read_body(request, self.config.max_body_bytes), caller
+        )
 
     @app.post("/v1/completions")
     async def route_completions(self, request: Request) -> Response:
+        caller = self.tenants.caller(request.scope)
         return await self.completions.complete(
-            "completion", await read_body(request, self.config.max_body_bytes)
+            "completion", await read_body(request, self.config.max_body_bytes), caller
         )
 
     # ---- admin (the admin key, or loopback) ------------------------------------------------------------------
@@ -183,6 +199,11 @@ class Ingress:
         body = await read_body(request, self.config.max_body_bytes, empty_ok=True)
         return await self.control.restart_engines(parse_engine_restart(body))
 
+    @app.get("/admin/usage")
+    async def route_usage(self) -> dict[str, Any]:
+        """Usage per tenant and expert across every ingress replica (serve/quota.py; tenant names, never keys)."""
+        return await self.quota.report()
+
     @app.get("/admin/engines")
     async def route_engines(self) -> dict[str, Any]:
         """The shape experts are checked against here, the target and applied shapes, each engine's version."""
@@ -193,9 +214,22 @@ class Ingress:
         """The experts served now (tests, diagnostics)."""
         return self.catalog.registry
 
-    def reload(self) -> dict[str, list[str]]:
+    def reload(self) -> dict[str, Any]:
         """Rescans this replica's expert roots now (tests; admin calls go through the control plane)."""
         return self.control.reload()
+
+
+def fair_capacity(config: ServeConfig) -> int | None:
+    """Requests one ingress replica lets run before it queues by tenant: the engines' batch (replicas x
+    max_num_seqs) shared among the ingress replicas, or the configured `fairness.max_in_flight`."""
+    fairness = config.fairness
+    if not fairness.enabled:
+        return None
+    if fairness.max_in_flight is not None:
+        return fairness.max_in_flight
+    rep = config.replicas
+    engines = rep.max_replicas if rep.autoscaling else rep.num_replicas
+    return max(1, -(-engines * config.engine.max_num_seqs // rep.ingress_replicas))
 
 
 def _embedder(config: ServeConfig, embedder_cls: Any) -> Any:

@@ -11,6 +11,7 @@ from expertserve.errors import ExpertNotFound
 from expertserve.manifest.status import RuntimeContext, field_statuses
 from expertserve.registry import ExpertRecord
 from expertserve.serve.catalog import ExpertCatalog
+from expertserve.tenancy.config import Tenant
 
 
 def _model(model_id: str, created: int, parent: str | None, **extra: Any) -> dict[str, Any]:
@@ -24,30 +25,30 @@ def _model(model_id: str, created: int, parent: str | None, **extra: Any) -> dic
     }
 
 
-def models(catalog: ExpertCatalog) -> dict[str, Any]:
-    """`GET /v1/models`: the base model, the routed names (when routing is on), the servable experts."""
+def models(catalog: ExpertCatalog, tenant: Tenant | None = None) -> dict[str, Any]:
+    """`GET /v1/models`: the base model, the routed names (when routing is on), the servable experts; for a
+    `tenant`, only those it may use (the routed names when it may use an expert or the base model)."""
     created = int(time.time())
     base = catalog.model_id
-    data = [_model(base, created, None, root=base)]
-    if catalog.router is not None:
+    permits = tenant.permits if tenant is not None else (lambda name: True)
+    experts = [record for record in catalog.registry.servable(base) if permits(record.name)]
+    data = [_model(base, created, None, root=base)] if permits(None) else []
+    if catalog.router is not None and (experts or permits(None)):
         data += [
             _model(name, created, None, root=base, routed=True)
             for name in catalog.config.routing.routed_names
         ]
-    data += [
-        _model(record.name, created, base, root=base, version=record.version)
-        for record in catalog.registry.servable(base)
-    ]
+    data += [_model(record.name, created, base, root=base, version=record.version) for record in experts]
     return {"object": "list", "data": data}
 
 
-def model(catalog: ExpertCatalog, model_id: str) -> dict[str, Any]:
-    """One model object, as `GET /v1/models` lists it.
+def model(catalog: ExpertCatalog, model_id: str, tenant: Tenant | None = None) -> dict[str, Any]:
+    """One model object, as `GET /v1/models` lists it (for `tenant`).
 
     Raises:
-        ExpertNotFound: There is none by that id.
+        ExpertNotFound: There is none by that id (or the tenant may not use it: the same answer).
     """
-    found = next((m for m in models(catalog)["data"] if m["id"] == model_id), None)
+    found = next((m for m in models(catalog, tenant)["data"] if m["id"] == model_id), None)
     if found is None:
         raise ExpertNotFound(
             f"model {model_id!r} does not exist; GET /v1/models lists the base model and the servable experts"
@@ -55,14 +56,17 @@ def model(catalog: ExpertCatalog, model_id: str) -> dict[str, Any]:
     return found
 
 
-def experts(catalog: ExpertCatalog) -> dict[str, Any]:
-    """`GET /v1/experts`: every registered expert, the scan's problems and shadowing warnings."""
+def experts(catalog: ExpertCatalog, tenant: Tenant | None = None) -> dict[str, Any]:
+    """`GET /v1/experts`: every registered expert, the scan's problems and shadowing warnings; for a tenant
+    limited to some experts, only those, and no problems or warnings (they name other experts and paths)."""
     ctx = RuntimeContext.detect()
+    scoped = tenant is not None and "*" not in tenant.experts
+    records = [r for r in catalog.registry if tenant is None or tenant.permits(r.name)]
     return {
         "object": "list",
-        "data": [expert_info(catalog, record, ctx) for record in catalog.registry],
-        "problems": catalog.registry.problems,
-        "warnings": catalog.registry.shadowing(),
+        "data": [expert_info(catalog, record, ctx) for record in records],
+        "problems": [] if scoped else catalog.registry.problems,
+        "warnings": [] if scoped else catalog.registry.shadowing(),
     }
 
 

@@ -4,6 +4,7 @@ time per expert, and requests in flight."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -70,9 +71,32 @@ class Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
         )
 
-    def track(self, expert: str) -> RequestTracker:
-        """Starts tracking one request sent to the engine (it counts as in flight until the tracker ends)."""
-        return RequestTracker(self, expert)
+        # Tenant names as labels, never keys (docs/tenancy.md).
+        self.tenant_requests = Counter(
+            "expertserve_tenant_requests",
+            "Requests per tenant and expert by outcome (ok, error, abandoned, rejected)",
+            ["tenant", "expert", "outcome"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "expertserve_tenant_tokens",
+            "Tokens per tenant and expert (kind: prompt, completion)",
+            ["tenant", "expert", "kind"],
+            registry=r,
+        )
+        self.tenant_rejections = Counter(
+            "expertserve_tenant_rejections",
+            "Requests refused with 429 per tenant and expert, by the limit they were over",
+            ["tenant", "expert", "limit"],
+            registry=r,
+        )
+
+    def track(
+        self, expert: str, on_end: Callable[[str, dict[str, int] | None], None] | None = None
+    ) -> RequestTracker:
+        """Starts tracking one request sent to the engine (it counts as in flight until the tracker ends);
+        `on_end(outcome, usage)` is told once how it ended (the tenant's ticket, serve/quota.py)."""
+        return RequestTracker(self, expert, on_end)
 
     def render(self) -> bytes:
         """Prometheus text format."""
@@ -83,8 +107,13 @@ class RequestTracker:
     """One request's metrics from the moment it goes to the engine to its end: the only code that moves the
     in-flight gauge, so it goes down exactly once however the request ends (done, failed, client gone)."""
 
-    def __init__(self, metrics: Metrics, expert: str):
-        self._metrics, self.expert = metrics, expert
+    def __init__(
+        self,
+        metrics: Metrics,
+        expert: str,
+        on_end: Callable[[str, dict[str, int] | None], None] | None = None,
+    ):
+        self._metrics, self.expert, self._on_end = metrics, expert, on_end
         self.started = time.monotonic()
         self._open = True
         metrics.ongoing.inc()
@@ -100,7 +129,7 @@ class RequestTracker:
 
     def done(self, usage: dict[str, int]) -> None:
         """The request finished normally."""
-        if self._end("ok"):
+        if self._end("ok", usage):
             self._metrics.tokens.labels(self.expert, "prompt").inc(usage["prompt_tokens"])
             self._metrics.tokens.labels(self.expert, "completion").inc(usage["completion_tokens"])
 
@@ -113,11 +142,13 @@ class RequestTracker:
         """Ends the request as abandoned (the client went away) unless it ended already."""
         self._end("abandoned")
 
-    def _end(self, outcome: str) -> bool:
+    def _end(self, outcome: str, usage: dict[str, int] | None = None) -> bool:
         if not self._open:
             return False
         self._open = False
         self._metrics.ongoing.dec()
         self._metrics.requests.labels(self.expert, outcome).inc()
         self._metrics.latency.labels(self.expert).observe(time.monotonic() - self.started)
+        if self._on_end is not None:
+            self._on_end(outcome, usage)
         return True

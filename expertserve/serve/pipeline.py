@@ -20,8 +20,10 @@ from expertserve.serve.catalog import ExpertCatalog
 from expertserve.serve.choose import AnyRequest, Choice, Chooser
 from expertserve.serve.errors import RequestError
 from expertserve.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from expertserve.serve.quota import Quota, estimate
 from expertserve.serve.respond import Responder
 from expertserve.serve.responses import ResponseMeta
+from expertserve.serve.tenants import TenantCaller
 from expertserve.serve.tools import ToolPlan, render_tool_turn, with_manifest
 from expertserve.serve.tools import plan as plan_tools
 
@@ -47,29 +49,43 @@ class Completions:
         responder: Sends engine requests and answers.
     """
 
-    def __init__(self, *, catalog: ExpertCatalog, chooser: Chooser, responder: Responder) -> None:
+    def __init__(
+        self, *, catalog: ExpertCatalog, chooser: Chooser, responder: Responder, quota: Quota | None = None
+    ) -> None:
         self.catalog = catalog
         self.chooser = chooser
         self.responder = responder
+        self.quota = quota
 
-    async def complete(self, kind: Kind, body: dict[str, Any]) -> Response:
-        """Answers one request of `kind` with the parsed JSON `body`."""
+    async def complete(
+        self, kind: Kind, body: dict[str, Any], caller: TenantCaller | None = None
+    ) -> Response:
+        """Answers one request of `kind` with the parsed JSON `body`, for `caller` (None: no tenancy, every
+        expert): its scope narrows the choice, its limits and fair share admit the request."""
         req = parse_request(kind, body)
-        choice = await self.chooser.choose(req, kind)
+        tenant = caller.tenant if caller else None
+        choice = await self.chooser.choose(req, kind, tenant)
         tool_plan = self._tool_plan(req, choice.record)
         engine_requests = self._engine_requests(kind, req, choice.record, tool_plan)
         first = engine_requests[0]
         headers = self._headers(req, choice, first)
         logger.info(
-            "request %s model=%s expert=%s user=%s decoding: %s",
+            "request %s tenant=%s model=%s expert=%s user=%s decoding: %s",
             first.request_id,
+            caller.name if caller else "-",
             req.model,
             headers["x-expertserve-expert"],
             json.dumps(req.user),
             describe(dict(first.sampling.items()), first.constraint),
         )
         meta = self._meta(req, choice, first, tool_plan)
-        return await self.responder.respond(req, engine_requests, headers, meta)
+        if self.quota is None or caller is None:
+            return await self.responder.respond(req, engine_requests, headers, meta)
+        ticket = await self.quota.admit(
+            caller.name, caller.tenant, headers["x-expertserve-expert"], _estimate(req, engine_requests)
+        )
+        headers.update(ticket.headers)
+        return await self.responder.respond(req, engine_requests, headers, meta, on_end=ticket.end)
 
     def _tool_plan(self, req: AnyRequest, record: ExpertRecord | None) -> ToolPlan | None:
         """How the request's tools (or the expert's declared ones) are enforced (None: no tool call); see
@@ -179,6 +195,13 @@ class Completions:
             turn, text = render_tool_turn(message.text() or None, calls, message.tool_call_id)
             return Message(turn, text, message.name)
         return Message(_ROLES[message.role], message.text(), message.name)
+
+
+def _estimate(req: AnyRequest, engine_requests: list[EngineRequest]) -> int:
+    """The request's tokens at admission (serve/quota.py `estimate`)."""
+    chars = sum(len(r.prompt or "") + sum(len(m.content) for m in r.messages) for r in engine_requests)
+    max_tokens = engine_requests[0].sampling.max_tokens
+    return estimate(chars, len(engine_requests), req.n, int(max_tokens.value) if max_tokens else None)
 
 
 def _extras(req: AnyRequest) -> Extras:

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -105,9 +105,11 @@ class Responder:
         engine_requests: list[EngineRequest],
         headers: dict[str, str],
         meta: ResponseMeta,
+        on_end: Callable[[str, dict[str, int] | None], None] | None = None,
     ) -> Response:
-        """Sends the requests to the engine; streams the chunks as SSE, or answers with the whole body."""
-        tracker = self.metrics.track(headers["x-expertserve-expert"])
+        """Sends the requests to the engine; streams the chunks as SSE, or answers with the whole body.
+        `on_end(outcome, usage)` is told once how the request ended."""
+        tracker = self.metrics.track(headers["x-expertserve-expert"], on_end)
         try:
             started = await _all_or_none([self._start(r) for r in engine_requests])
             stream = merged(started, req.n)

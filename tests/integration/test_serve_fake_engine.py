@@ -4,8 +4,10 @@ vLLM. The same app on vLLM is tested in tests/e2e."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -754,3 +756,342 @@ def test_engine_restart_for_a_bigger_rank_serves_the_new_expert_without_dropping
         assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]
     finally:
         serve.delete(name)
+
+
+# ---- tenancy: scoped keys, limits across two ingress replicas, reloads, usage (docs/tenancy.md) ----------------
+
+TENANT_KEYS = {
+    "team-a": "sk-team-a",
+    "team-b": "sk-team-b",
+    "metered": "sk-metered",
+    "per-expert": "sk-per-expert",
+    "team-c": "sk-team-c",
+}
+TENANTS_FILE_GOOD = (
+    "tenants:\n  team-c:\n    keys: [sk-team-c]\n    experts: [expert-sql]\n    base_model: false\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tenanted(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A third app on the same Serve instance: two ingress replicas, tenants in the config and in a file."""
+    from ray import serve
+
+    from expertserve.serve.app import build_app_from_config
+    from expertserve.serve.config import ServeConfig
+
+    root = tmp_path_factory.mktemp("fake-tenanted")
+    experts = root / "experts"
+    _expert(
+        experts, "expert-sql", {"keywords": ["sql", "select"], "examples": ["write a sql query for orders"]}
+    )
+    _expert(experts, "expert-json", {"keywords": ["json"], "examples": ["extract the fields into json"]})
+    _expert(experts, "expert-greedy", {"keywords": ["greedy"]}, temperature=0.0)
+    tenants_file = root / "tenants.yaml"
+    tenants_file.write_text(TENANTS_FILE_GOOD)
+    config = ServeConfig.model_validate(
+        {
+            "model_dir": str(root),
+            "model_id": BASE,
+            "experts_dirs": [str(experts)],
+            "admin_key": "sk-admin",
+            "engine": {"max_model_len": 64},
+            "replicas": {"num_replicas": 1, "num_cpus": 0.1, "ingress_replicas": 2},
+            "routing": {"base_score": 0.3, "min_confidence": 0.0},
+            "tenants_file": str(tenants_file),
+            "tenants": {
+                "team-a": {
+                    "keys": ["sk-team-a"],
+                    "experts": ["expert-sql"],
+                    "base_model": False,
+                    "limits": {"tokens_per_minute": 1_000_000},
+                },
+                "team-b": {
+                    "key_sha256": [hashlib.sha256(b"sk-team-b").hexdigest()],
+                    "experts": ["expert-j*"],
+                },
+                "metered": {"keys": ["sk-metered"], "limits": {"requests_per_minute": 10}},
+                "per-expert": {
+                    "keys": ["sk-per-expert"],
+                    "expert_limits": {"expert-greedy": {"requests_per_minute": 2}},
+                },
+            },
+        }
+    )
+    serve.run(
+        build_app_from_config(config, engine_cls=FakeEngine, embedder_cls=FakeEmbedder),
+        name="tenanted",
+        route_prefix="/tenanted",
+    )
+    try:
+        yield f"{url}/tenanted", tenants_file
+    finally:
+        serve.delete("tenanted")
+
+
+def _as(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TENANT_KEYS[tenant]}"}
+
+
+def _admin() -> dict[str, str]:
+    return {"Authorization": "Bearer sk-admin"}
+
+
+SQL_PROMPT = "write a sql select query for the orders table"
+
+
+def _calls(base: str, tenant: str, model: str) -> dict[str, httpx.Response]:
+    """Every endpoint that names or lists a model, for `model`, as `tenant`."""
+    h = _as(tenant)
+    chat = {"model": model, "messages": [{"role": "user", "content": SQL_PROMPT}]}
+    return {
+        "models": httpx.get(f"{base}/v1/models", headers=h, timeout=30),
+        "model": httpx.get(f"{base}/v1/models/{model}", headers=h, timeout=30),
+        "experts": httpx.get(f"{base}/v1/experts", headers=h, timeout=30),
+        "chat": httpx.post(f"{base}/v1/chat/completions", json=chat, headers=h, timeout=30),
+        "stream": httpx.post(
+            f"{base}/v1/chat/completions", json={**chat, "stream": True}, headers=h, timeout=30
+        ),
+        "completion": httpx.post(
+            f"{base}/v1/completions",
+            json={"model": model, "prompt": [SQL_PROMPT, "x"], "logprobs": 1},
+            headers=h,
+            timeout=30,
+        ),
+        "tools": httpx.post(
+            f"{base}/v1/chat/completions",
+            headers=h,
+            timeout=30,
+            json={
+                **chat,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}},
+            },
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("tenant", "model", "case"),
+    [
+        ("team-a", "expert-sql", "in"),
+        ("team-a", "expert-json", "out"),
+        ("team-a", BASE, "out"),
+        ("team-a", "expert-nope", "unknown"),
+        ("team-a", "auto", "auto"),
+        ("team-b", "expert-json", "in"),
+        ("team-b", "expert-sql", "out"),
+        ("team-b", BASE, "in"),
+        ("team-b", "expert-nope", "unknown"),
+        ("team-b", "auto", "auto"),
+    ],
+)
+def test_every_endpoint_keeps_to_the_tenants_scope(
+    tenanted: tuple[str, Path], tenant: str, model: str, case: str
+) -> None:
+    base, _ = tenanted
+    r = _calls(base, tenant, model)
+    assert r["models"].status_code == 200, r["models"].text
+    listed = {m["id"] for m in r["models"].json()["data"]}
+    experts = {e["name"] for e in r["experts"].json()["data"]}
+    assert listed == ({"expert-sql", "auto"} if tenant == "team-a" else {"expert-json", "auto", BASE})
+    assert experts == ({"expert-sql"} if tenant == "team-a" else {"expert-json"})
+    completions = ("chat", "stream", "completion", "tools")
+    if case == "in":
+        assert r["model"].status_code == 200 and r["model"].json()["id"] == model
+        for name in completions:
+            assert r[name].status_code == 200, (name, r[name].text)
+            assert r[name].headers["x-expertserve-expert"] == model
+    elif case in ("out", "unknown"):
+        # Out of scope reads exactly like a model that does not exist: no existence leak.
+        unknown = _calls(base, tenant, "expert-never-was")
+        for name in ("model", *completions):
+            assert r[name].status_code == 404, (name, r[name].text)
+            error = r[name].json()["error"]
+            assert error["code"] == "model_not_found" and error["type"] == "not_found_error"
+            assert error["message"] == unknown[name].json()["error"]["message"].replace(
+                "expert-never-was", model
+            )
+    else:  # auto: the router chooses only among the tenant's experts
+        for name in completions:
+            assert r[name].status_code == 200, (name, r[name].text)
+            chosen = r[name].headers["x-expertserve-expert"]
+            assert chosen == "expert-sql" if tenant == "team-a" else chosen in ("expert-json", BASE)
+
+
+def test_auto_with_no_permitted_expert_and_no_base_model_is_a_404_that_says_so(
+    tenanted: tuple[str, Path],
+) -> None:
+    base, _ = tenanted
+    prompt = [{"role": "user", "content": "tell me a story about a cat"}]
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        headers=_as("team-a"),
+        timeout=30,
+        json={"model": "auto", "messages": prompt},
+    )
+    # The router sees only expert-sql; the story is for the base model, which team-a may not use.
+    assert r.status_code == 404, r.text
+    assert (
+        r.json()["error"]["code"] == "model_not_found"
+        and "no expert you may use" in r.json()["error"]["message"]
+    )
+    as_b = httpx.post(
+        f"{base}/v1/chat/completions",
+        headers=_as("team-b"),
+        timeout=30,
+        json={"model": "auto", "messages": prompt},
+    )
+    assert as_b.status_code == 200 and as_b.headers["x-expertserve-expert"] == BASE
+
+
+def test_a_tenant_limit_holds_exactly_across_two_ingress_replicas(tenanted: tuple[str, Path]) -> None:
+    """10 requests per minute: exactly 10 answered and the rest refused, sent at once through both ingress
+    replicas (one shared book)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = tenanted
+
+    def one(_: int) -> httpx.Response:
+        return httpx.post(
+            f"{base}/v1/chat/completions",
+            headers=_as("metered"),
+            timeout=30,
+            json={"model": "expert-sql", "messages": HELLO},
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(16)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200] * 10 + [429] * 6, statuses
+    ok = next(r for r in answers if r.status_code == 200)
+    assert ok.headers["x-ratelimit-limit-requests"] == "10"
+    assert int(ok.headers["x-ratelimit-remaining-requests"]) in range(10)
+    assert ok.headers["x-ratelimit-reset-requests"].endswith("s")
+    refused = next(r for r in answers if r.status_code == 429)
+    error = refused.json()["error"]
+    assert (
+        error["type"] == "rate_limit_error"
+        and "requests_per_minute" in error["message"]
+        and "10" in error["message"]
+    )
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    time.sleep(1.5)  # the other ingress replica's usage arrives with its next flush (serve/quota.py FLUSH_S)
+    usage = httpx.get(f"{base}/admin/usage", headers=_admin(), timeout=30).json()
+    row = usage["tenants"]["metered"]["experts"]["expert-sql"]
+    assert row["requests"] == 10 and row["rejected"] == 6 and row["completion_tokens"] > 0
+
+
+def test_usage_and_metrics_name_tenants_never_keys(tenanted: tuple[str, Path]) -> None:
+    base, _ = tenanted
+    for _ in range(2):
+        assert (
+            _chat(base, model="expert-sql", messages=[{"role": "user", "content": "a b c"}]).status_code
+            == 401
+        )
+        r = httpx.post(
+            f"{base}/v1/chat/completions",
+            headers=_as("team-a"),
+            timeout=30,
+            json={"model": "expert-sql", "messages": [{"role": "user", "content": "a b c"}]},
+        )
+        assert r.status_code == 200
+        assert r.headers["x-ratelimit-limit-tokens"] == "1000000"
+    assert httpx.get(f"{base}/admin/usage", headers=_as("team-a"), timeout=30).status_code == 401
+    time.sleep(1.5)  # the other ingress replica's usage arrives with its next flush
+    usage = httpx.get(f"{base}/admin/usage", headers=_admin(), timeout=30).json()
+    row = usage["tenants"]["team-a"]["experts"]["expert-sql"]
+    assert row["requests"] >= 2 and row["prompt_tokens"] >= 6 and row["completion_tokens"] > 0
+    assert set(row) >= {"requests", "prompt_tokens", "completion_tokens", "rejected"}
+    texts = [httpx.get(f"{base}/metrics", timeout=30).text for _ in range(4)]
+    assert any(
+        'expertserve_tenant_requests_total{expert="expert-sql",outcome="ok",tenant="team-a"}' in t
+        for t in texts
+    )
+    assert any(
+        'expertserve_tenant_tokens_total{expert="expert-sql",kind="completion",tenant="team-a"}' in t
+        for t in texts
+    )
+    assert not any(key in t for t in texts for key in TENANT_KEYS.values())
+
+
+def test_a_tenants_reload_under_traffic_has_no_5xx_and_a_bad_file_keeps_the_last_good(
+    tenanted: tuple[str, Path],
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, tenants_file = tenanted
+    stop = threading.Event()
+
+    def traffic() -> list[int]:
+        seen = []
+        while not stop.is_set():
+            for tenant in ("team-a", "team-c"):
+                r = httpx.post(
+                    f"{base}/v1/chat/completions",
+                    headers=_as(tenant),
+                    timeout=30,
+                    json={"model": "expert-sql", "messages": HELLO},
+                )
+                seen.append(r.status_code)
+        return seen
+
+    wider = TENANTS_FILE_GOOD.replace("[expert-sql]", "[expert-sql, expert-json]")
+    with ThreadPoolExecutor(3) as pool:
+        load = [pool.submit(traffic) for _ in range(3)]
+        for text in (wider, TENANTS_FILE_GOOD, wider):
+            tenants_file.write_text(text)
+            reloaded = httpx.post(f"{base}/admin/experts/reload", headers=_admin(), timeout=60)
+            assert reloaded.status_code == 200 and reloaded.json()["tenants"]["loaded"] is True, reloaded.text
+        stop.set()
+        statuses = [s for f in load for s in f.result()]
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    json_as_c = {"model": "expert-json", "messages": HELLO}
+    assert (
+        httpx.post(
+            f"{base}/v1/chat/completions", headers=_as("team-c"), json=json_as_c, timeout=30
+        ).status_code
+        == 200
+    )
+
+    tenants_file.write_text(wider.replace("team-c:", "team-c:\n    rpm: 5"))
+    kept = httpx.post(f"{base}/admin/experts/reload", headers=_admin(), timeout=60)
+    assert kept.status_code == 200, kept.text
+    answer = kept.json()["tenants"]
+    assert answer["loaded"] is False and any(
+        "tenants.team-c.rpm: unknown field" in p for p in answer["problems"]
+    )
+    # Both ingress replicas still serve the last good tenants: team-c keeps its key and its wider scope.
+    for _ in range(6):
+        r = httpx.post(f"{base}/v1/chat/completions", headers=_as("team-c"), json=json_as_c, timeout=30)
+        assert r.status_code == 200, r.text
+    tenants_file.write_text(TENANTS_FILE_GOOD)
+    assert httpx.post(f"{base}/admin/experts/reload", headers=_admin(), timeout=60).json()["tenants"][
+        "loaded"
+    ]
+    for _ in range(6):  # the narrower scope again, on every replica
+        r = httpx.post(f"{base}/v1/chat/completions", headers=_as("team-c"), json=json_as_c, timeout=30)
+        assert r.status_code == 404, r.text
+
+
+def test_a_per_expert_limit_binds_below_the_tenants(tenanted: tuple[str, Path]) -> None:
+    base, _ = tenanted
+    answers = [
+        httpx.post(
+            f"{base}/v1/chat/completions",
+            headers=_as("per-expert"),
+            timeout=30,
+            json={"model": "expert-greedy", "messages": HELLO},
+        )
+        for _ in range(3)
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    assert "on expert 'expert-greedy'" in answers[2].json()["error"]["message"]
+    other = httpx.post(
+        f"{base}/v1/chat/completions",
+        headers=_as("per-expert"),
+        timeout=30,
+        json={"model": "expert-sql", "messages": HELLO},
+    )
+    assert other.status_code == 200 and "x-ratelimit-limit-requests" not in other.headers

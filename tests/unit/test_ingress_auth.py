@@ -27,7 +27,7 @@ def test_no_keys_means_open_inference_and_loopback_only_admin() -> None:
 
 def test_api_keys_are_required_when_configured() -> None:
     keys = KeyCheck(["k1", "k2"], "adm")
-    assert check(keys, "k2", admin=False).key_index == 1
+    assert check(keys, "k2", admin=False).tenant == "default"
     for token in (None, "nope", "adm"):
         with pytest.raises(RequestError) as info:
             check(keys, token, admin=False)
@@ -82,3 +82,15 @@ def test_the_middleware_refuses_before_the_route_reads_the_body() -> None:
     assert seen == []
     assert client.get("/livez").status_code == 200
     assert client.post("/admin/x", headers={"authorization": "Bearer k1"}).status_code == 401
+
+
+def test_an_app_under_a_route_prefix_needs_its_keys_too() -> None:
+    from expertserve.serve.http.auth import app_path
+
+    # Serve gives an app deployed at route_prefix /team the full path and the prefix as root_path.
+    assert app_path({"path": "/team/v1/models", "root_path": "/team"}) == "/v1/models"
+    assert app_path({"path": "/team/admin/usage", "root_path": "/team/"}) == "/admin/usage"
+    assert app_path({"path": "/team", "root_path": "/team"}) == "/"
+    assert app_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
+    assert app_path({"path": "/teamx/v1/models", "root_path": "/team"}) == "/teamx/v1/models"
+    assert scope_of(app_path({"path": "/team/v1/chat/completions", "root_path": "/team"})) == "inference"

@@ -385,3 +385,16 @@ def test_training_rows_with_content_lists_or_odd_shapes_never_break_the_router(t
     record = Registry.scan([tmp_path]).get("expert-sql")
     assert _training_prompts(record, 10) == ["count orders per day", "list the customers"]
     assert router(tmp_path).route("count the orders per day in sql").expert in ("expert-sql", "base")
+
+
+def test_a_callers_scope_narrows_the_candidates_before_the_decision(two: Path) -> None:
+    r = router(two, base_score=0.05, min_confidence=0.0)
+    prompt = "write a sql query with group by over the orders table"
+    assert r.route(prompt).expert == "expert-sql"
+    narrowed = r.route(prompt, lambda name: name == "expert-json")
+    assert {c.expert for c in narrowed.candidates} == {"expert-json"}
+    assert narrowed.expert in ("expert-json", None)  # never an expert outside the scope
+    nothing = r.route(prompt, lambda name: False)
+    assert nothing.expert is None and nothing.method == "no-permitted-experts"
+    chat = [{"role": "user", "content": prompt}, {"role": "user", "content": "and by month"}]
+    assert r.route_messages(chat, lambda name: name != "expert-sql").expert != "expert-sql"

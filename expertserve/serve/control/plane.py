@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from expertserve.packaging.store import local_roots
@@ -45,6 +46,7 @@ class ControlPlane:
         expert_min_replicas: Per-expert replica minimums from the server config.
         config_digest: Identifies the server config: a redeploy with another one drops the engine shape a restart
             raised for the old one (control/state.py `adopt`).
+        also_reload: What else a reload reads again, by the key its answer goes under (the tenants).
     """
 
     def __init__(
@@ -57,8 +59,10 @@ class ControlPlane:
         resources: dict[str, float] | None = None,
         expert_min_replicas: dict[str, int] | None = None,
         config_digest: str | None = None,
+        also_reload: dict[str, Callable[[], Any]] | None = None,
     ) -> None:
         self.catalog = catalog
+        self.also_reload = dict(also_reload or {})
         self.engine = engine
         self.app_name = app_name
         self.replica = replica
@@ -94,9 +98,12 @@ class ControlPlane:
         )
         self.warmer.start()
 
-    def reload(self) -> dict[str, list[str]]:
-        """Rescans this replica's catalog (see `ExpertCatalog.reload`) and warms what it now holds."""
-        answer = self.catalog.reload()
+    def reload(self) -> dict[str, Any]:
+        """Rescans this replica's catalog (see `ExpertCatalog.reload`), reads again what `also_reload` names, and
+        warms what it now holds."""
+        answer: dict[str, Any] = self.catalog.reload()
+        for key, reload in self.also_reload.items():
+            answer[key] = reload()
         if self.warmer is not None:
             self.warmer.poke()
         return answer

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from expertserve.serve.errors import RequestError
+from expertserve.tenancy.config import Tenants, build
 
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
 Scope = Literal["open", "inference", "admin"]
@@ -30,12 +31,23 @@ def scope_of(path: str) -> Scope:
     return "open"
 
 
+def app_path(scope: Any) -> str:
+    """The request's path inside the app: without the app's route prefix (Serve's `root_path`), so an app
+    deployed under `/team/` needs keys for `/team/v1/...` exactly as one at `/` does for `/v1/...`."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", "") or "")
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+        return path[len(root.rstrip("/")) :] or "/"
+    return path
+
+
 @dataclass(frozen=True)
 class Caller:
-    """Who a request comes from, as far as authentication knows."""
+    """Who a request comes from, as far as authentication knows: for inference, the tenant whose key it presented
+    (`default` when no key is configured; tenancy/config.py)."""
 
     scope: Scope
-    key_index: int | None = None  # which of the configured inference keys it presented (None: no keys set)
+    tenant: str | None = None
 
 
 def same_key(token: str | None, key: str) -> bool:
@@ -52,10 +64,14 @@ def bearer(authorization: str) -> str | None:
 
 
 class KeyCheck:
-    """The configured keys. No inference keys: inference is open; no admin key: admin is loopback-only."""
+    """The configured keys: the tenants' (no tenant keys: inference is open, as the tenant `default`) and the admin
+    key (none: admin is loopback-only)."""
 
-    def __init__(self, api_keys: Iterable[str], admin_key: str | None) -> None:
-        self.api_keys = tuple(api_keys)
+    def __init__(self, tenants: Tenants | Iterable[str], admin_key: str | None) -> None:
+        # A plain list of keys is the server config's api_keys: the tenant `default`.
+        self.tenants = (
+            tenants if isinstance(tenants, Tenants) else build({}, tenants, admin_key, source="api_keys")
+        )
         self.admin_key = admin_key
 
     def check(self, scope: Scope, authorization: str, client_host: str) -> Caller:
@@ -76,12 +92,11 @@ class KeyCheck:
             elif not same_key(token, self.admin_key):
                 raise RequestError(401, "admin endpoints need 'Authorization: Bearer <admin_key>'")
             return Caller("admin")
-        if not self.api_keys:
-            return Caller("inference")
-        for index, key in enumerate(self.api_keys):
-            if same_key(token, key):
-                return Caller("inference", index)
-        raise RequestError(401, "missing or invalid API key ('Authorization: Bearer <key>')")
+        # The header arrives as latin-1 text: its bytes are what the client sent (a UTF-8 key as UTF-8 matches).
+        tenant = self.tenants.find(token.encode("latin-1", "replace") if token is not None else None)
+        if tenant is None:
+            raise RequestError(401, "missing or invalid API key ('Authorization: Bearer <key>')")
+        return Caller("inference", tenant)
 
 
 _INSTALLED: dict[str, KeyCheck] = {}
@@ -103,7 +118,7 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.asgi(scope, receive, send)
             return
-        needed = scope_of(scope.get("path", ""))
+        needed = scope_of(app_path(scope))
         check = _INSTALLED.get("check")
         try:
             if check is None:  # fail closed: a replica not yet configured serves nothing that needs a key
@@ -118,8 +133,7 @@ class AuthMiddleware:
         except RequestError as error:
             from starlette.responses import JSONResponse
 
-            headers_out = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-            response = JSONResponse(error.body(), status_code=error.status, headers=headers_out)
+            response = JSONResponse(error.body(), status_code=error.status, headers=error.response_headers())
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["caller"] = caller

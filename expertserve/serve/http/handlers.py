@@ -19,8 +19,7 @@ logger = logging.getLogger("ray.serve")
 
 
 async def request_error(request: Request, error: RequestError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.response_headers())
 
 
 async def domain_error(request: Request, error: ExpertserveError) -> JSONResponse:
