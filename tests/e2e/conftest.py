@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,9 @@ class Server:
     base: Path
     experts: Path
     log: Path
+    headers: dict[str, str] = field(
+        default_factory=dict
+    )  # a key of the server's default tenant, if it has keys
 
     def expert(self, name: str) -> Path:
         return self.experts / name
@@ -115,8 +118,10 @@ def running_server(root: Path, base: Path, experts: Path, **overrides: object) -
         )
     )
     log = root / f"server-{port}.log"
+    keys = overrides.get("api_keys")
+    headers = {"Authorization": f"Bearer {keys[0]}"} if isinstance(keys, list) and keys else {}
     with launched_server(["--config", str(config), "--port", str(port)], log) as url:
-        yield Server(url, base, experts, log)
+        yield Server(url, base, experts, log, headers)
 
 
 # An expert that calls a function by default (manifest tools; request > manifest).
@@ -185,8 +190,23 @@ def server(built: tuple[Path, Path, Path]) -> Iterator[Server]:
         yield running
 
 
-# One engine request running and one queued per engine replica: what the overload test fills.
-SMALL_QUEUE = {"replicas": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
+# One engine request running and one queued per engine replica: what the overload test fills. Two ingress
+# replicas and tenants (the default tenant from api_keys, two scoped ones from a tenants file; test_tenancy.py).
+SMALL_QUEUE = {
+    "replicas": {"max_ongoing_requests": 1, "max_queued_requests": 1, "ingress_replicas": 2},
+    "api_keys": ["sk-e2e-default"],
+}
+TENANTS_FILE = """\
+tenants:
+  team-beta:
+    keys: [sk-e2e-beta]
+    experts: [expert-beta]
+    base_model: false
+    limits: {requests_per_minute: 6}
+  team-base:
+    keys: [sk-e2e-base]
+    experts: []
+"""
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +222,10 @@ def small_queue_server(
     experts = root / "experts"
     experts.mkdir()
     shutil.copytree(shared / "expert-beta", experts / "expert-beta")
-    with running_server(root, base, experts, **SMALL_QUEUE) as running:
+    (root / "tenants.yaml").write_text(TENANTS_FILE)
+    with running_server(
+        root, base, experts, **SMALL_QUEUE, tenants_file=str(root / "tenants.yaml")
+    ) as running:
         yield running
 
 

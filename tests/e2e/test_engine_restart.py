@@ -43,6 +43,7 @@ def _greedy(url: str, model: str, n: int = 8) -> list[int]:
     r = httpx.post(
         f"{url}/v1/chat/completions",
         timeout=180,
+        headers={"Authorization": "Bearer sk-e2e-default"},  # the small-queue server's default tenant
         json={
             "model": model,
             "messages": [{"role": "user", "content": "hello world"}],
@@ -59,6 +60,7 @@ def test_engine_restart_for_a_bigger_rank_on_vllm(small_queue_server: Server) ->
     # The small-queue server (its own experts: the shared server's stay as they are); one client at a time here.
     server = small_queue_server
     base, experts = server.base, server.experts
+    h = server.headers
     assert httpx.get(f"{server.url}/admin/engines", timeout=30).json()["serving"]["max_lora_rank"] == 8
     before = _greedy(server.url, "expert-beta")
     wide = _rank16(experts, base)
@@ -68,6 +70,7 @@ def test_engine_restart_for_a_bigger_rank_on_vllm(small_queue_server: Server) ->
         httpx.post(
             f"{server.url}/v1/chat/completions",
             json={"model": "expert-wide-rank", "messages": [{"role": "user", "content": "hi"}]},
+            headers=h,
             timeout=60,
         ).status_code
         == 400
@@ -96,7 +99,7 @@ def test_engine_restart_for_a_bigger_rank_on_vllm(small_queue_server: Server) ->
     assert answers and all(a == before for a in answers), f"answers during the restart: {answers}"
 
     assert "expert-wide-rank" in {
-        m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+        m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=h, timeout=30).json()["data"]
     }
     got = _greedy(server.url, "expert-wide-rank")
     assert got == reference_greedy(base, wide, "hello world", True, False, len(got))

@@ -24,7 +24,9 @@ def test_overload_is_503_with_retry_after(small_queue_server: Server) -> None:
     with ThreadPoolExecutor(8) as pool:
         responses = list(
             pool.map(
-                lambda _: httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120),
+                lambda _: httpx.post(
+                    f"{server.url}/v1/chat/completions", json=body, headers=server.headers, timeout=120
+                ),
                 range(8),
             )
         )
@@ -32,5 +34,10 @@ def test_overload_is_503_with_retry_after(small_queue_server: Server) -> None:
     assert 200 in statuses and 503 in statuses, statuses
     refused = next(r for r in responses if r.status_code == 503)
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "server_overloaded"
-    again = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=120)
+    again = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={**body, "max_tokens": 2},
+        headers=server.headers,
+        timeout=120,
+    )
     assert again.status_code == 200
