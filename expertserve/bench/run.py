@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from expertserve.bench import workload
+from expertserve.bench import fairness, workload
 from expertserve.bench.load import run_load, run_sequential
 from expertserve.bench.servers import expertserve_server, free_port, vllm_server
 from expertserve.bench.stats import Timed, percentile, ratio, summarize
@@ -62,6 +62,9 @@ class Size:
     # vLLM's server started again after expertserve's for its base-only runs (drift pooling). The smoke size's
     # figures mean nothing and the second start runs the first one's code: it skips it (about a minute of the suite).
     vllm_twice: bool = True
+    # The fairness scenario (bench/fairness.py): the light tenant's requests, and the flood's tokens per request.
+    fair_light: Shape = Shape(16, 2, 16)
+    fair_flood_tokens: int = 32
 
 
 SIZES = {
@@ -78,6 +81,8 @@ SIZES = {
         2,
         in_process_engines=True,
         vllm_twice=False,
+        fair_light=Shape(4, 2, 4),
+        fair_flood_tokens=8,
     ),
     "quick": Size(Shape(48, 8, 32), Shape(48, 8, 16), 4, 3, 40, Shape(24, 8, 32), 1000, Shape(96, 8, 16)),
     "full": Size(
@@ -90,6 +95,7 @@ STACK_EXPERTS = 3  # like the shipped experts
 MIXED_SIZES = (1, 8, 32)
 SOFT_TOKENS = 16  # expert-json's soft prompt length
 SEED = 20261123
+DEFAULT_KEY = "bench-default-tenant"  # the servers with tenants: what the scenarios without a tenant send
 
 
 @dataclass(frozen=True)
@@ -149,10 +155,10 @@ def _summary(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[s
     return summarize(timed, wall)
 
 
-def _warm(url: str, models: list[str]) -> None:
+def _warm(url: str, models: list[str], headers: dict[str, str] | None = None) -> None:
     """One short request per model: loads adapters, so throughput runs measure steady state."""
     bodies = workload.requests(models, Shape(len(models), min(8, len(models)), 2), SEED + 99)
-    run_load(url, bodies, min(8, len(models)))
+    run_load(url, bodies, min(8, len(models)), headers)
 
 
 def stack(url: str, experts: list[str], size: Size) -> dict[str, Any]:
@@ -289,12 +295,16 @@ def soft_prompt(url: str, with_soft: str, without: str, size: Size) -> dict[str,
     }
 
 
-def placement(url: str, experts: list[str], size: Size) -> dict[str, Any]:
+def placement(
+    url: str, experts: list[str], size: Size, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Scenario 6, on a server with 2 engine replicas: the 8-expert mix after one request per expert. `held_share`:
     the share of requests answered by a replica that already held their expert (no load on the way, from
     `x-expertserve-expert-load-ms`); `replicas`: how many engine replicas answered."""
-    _warm(url, experts)
-    timed, wall = run_load(url, workload.requests(experts, size.mixed, SEED + 1), size.mixed.concurrency)
+    _warm(url, experts, headers)
+    timed, wall = run_load(
+        url, workload.requests(experts, size.mixed, SEED + 1), size.mixed.concurrency, headers
+    )
     out = summarize(timed, wall)
     ok = [t for t in timed if t.error is None]
     out["held_share"] = sum(not t.loaded for t in ok) / len(ok) if ok else math.nan
@@ -423,14 +433,25 @@ def run(size_name: str, work: Path, repo: Path, log=print) -> dict[str, Any]:  #
     theirs = _vllm_phase(bench, "vllm.log", log, started)
     log("[2/4] expertserve (Ray Serve + vLLM engine)")
     ours = _expertserve_phase(bench, log)
-    log("[3/4] expertserve with 2 engine replicas: placement of the 8-expert mix")
-    two = {**_server_config(bench), "port": free_port(), "replicas": {"num_replicas": 2, "num_cpus": 1}}
-
+    log("[3/4] expertserve with 2 engine replicas and tenants: placement of the 8-expert mix, fairness")
+    two = {
+        **_server_config(bench),
+        "port": free_port(),
+        "replicas": {"num_replicas": 2, "num_cpus": 1},
+        # The placement run as the default tenant; the fairness run as two tenants of weight 1.
+        "api_keys": [DEFAULT_KEY],
+        "tenants": fairness.TENANTS,
+    }
     (work / "expertserve-2.json").write_text(json.dumps(two, indent=2))
     with expertserve_server(
         work / "expertserve-2.json", work / "expertserve-2.log", bench.settings.kv_cache_gib
     ) as url:
-        ours["placement"] = placement(url, bench.mixed_names[:8], bench.size)
+        default = {"Authorization": f"Bearer {DEFAULT_KEY}"}
+        ours["placement"] = placement(url, bench.mixed_names[:8], bench.size, default)
+        log(f"      fairness: {fairness.FLOOD_CONCURRENCY} streams of one tenant, 2 of another")
+        ours["fairness"] = fairness.fairness(
+            url, bench.mixed_names[0], bench.size.fair_light, bench.size.fair_flood_tokens, SEED + 3
+        )
     # The base-only comparison is across servers, minutes apart; this machine's speed drifted by 13-33% within one
     # benchmark run (vLLM's base-only server: 104.9 before, 139.9 after in one of round 10's). vLLM's base-only
     # runs before and after expertserve's are pooled, so a drift falls on both sides.
@@ -626,6 +647,7 @@ def _figures(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
         "softprompt": soft,
         "placement": place,
         "many": zipf,
+        "fairness": ours["fairness"],
     }
     results.update(_headline(results, theirs, ours, vllm_base))
     return results
@@ -635,9 +657,9 @@ def _headline(
     results: dict[str, Any], theirs: dict[str, Any], ours: dict[str, Any], vllm_base: Any
 ) -> dict[str, Any]:
     """The top-level keys (docs/benchmarks.md's and the e2e test's)."""
-    experts, zipf, cold, route, soft, place = (
+    experts, zipf, cold, route, soft, place, fair = (
         results["experts"], results["many"], results["cold_warm"], results["routing"], results["softprompt"],
-        results["placement"],
+        results["placement"], results["fairness"],
     )  # fmt: skip
     base_tps = experts["base"]["output_tokens_per_s"]
     scenario_errors = [
@@ -671,9 +693,14 @@ def _headline(
         "placement_throughput_ratio": ratio(
             place["output_tokens_per_s"], experts["mixed8"]["output_tokens_per_s"]
         ),
-        "errors": sum(s["errors"] for s in [*scenario_errors, place, zipf])
+        "fairness_ttft_p50_ratio": fair["ttft_p50_ratio"],
+        "errors": sum(s["errors"] for s in [*scenario_errors, place, zipf, *_fair_runs(fair)])
         + sum(int(c.get("failed") or 0) for c in (theirs["client"], ours["client"])),
     }
+
+
+def _fair_runs(fair: dict[str, Any]) -> list[dict[str, Any]]:
+    return [fair["light_alone"], fair["light_under_flood"], fair["flood"]]
 
 
 def _client_ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> float:

@@ -201,7 +201,7 @@ class Quota:
     def ended(self, ticket: Ticket, outcome: str, usage: dict[str, int] | None) -> None:
         """A ticket's end: its place, its concurrency and tokens in the book, its usage."""
         if ticket.queued and self.gate is not None:
-            self.gate.leave()
+            self.gate.leave(ticket.tenant)
         with self.lock:
             self.running.pop(ticket.id, None)
         tokens = usage["prompt_tokens"] + usage["completion_tokens"] if usage else None

@@ -75,6 +75,15 @@ def test_bench_smoke_runs_every_scenario_and_writes_json_and_png(tmp_path: Path)
     assert many["loads"] >= many["distinct_requested"] >= 1
     # The placement server's two engine replicas both answered, and the share is a share.
     assert results["placement"]["replicas"] == 2 and 0 <= results["placement_held_share"] <= 1
+    # Fairness: both tenants' runs answered (the figure itself is for the quick and full sizes).
+    fair = results["fairness"]
+    assert fair["light_alone"]["requests"] == fair["light_under_flood"]["requests"] == 4
+    assert (
+        fair["light_under_flood"]["errors"] == 0
+        and fair["flood"]["requests"] >= 64
+        and fair["flood"]["errors"] == 0
+    )
+    assert results["fairness_ttft_p50_ratio"] > 0
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in FIGURES.values():
         assert label in proc.stdout

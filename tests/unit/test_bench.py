@@ -57,8 +57,10 @@ def test_ratio_and_verdicts() -> None:
         "many_throughput_ratio",
         "many_cold_warm_ttft_p99_ratio",
         "base_throughput_ratio",
+        "fairness_ttft_p50_ratio",
     }
     assert verdict("many_cold_warm_ttft_p99_ratio", 2.5) == "FAIL"
+    assert verdict("fairness_ttft_p50_ratio", 1.8) == "pass"
 
 
 def test_table_prints_every_headline_figure() -> None:

@@ -231,7 +231,7 @@ def test_fair_gate_lets_a_light_tenant_past_a_flooding_one() -> None:
             await gate.enter(tenant, weight)
             order.append(tenant)
             await asyncio.sleep(0.01)
-            gate.leave()
+            gate.leave(tenant)
 
         flood = [asyncio.create_task(request("a")) for _ in range(20)]
         await asyncio.sleep(0)  # a's 20 are in: 2 running, 18 queued
@@ -252,7 +252,7 @@ def test_fair_gate_shares_by_weight_and_skips_clients_that_left() -> None:
             await gate.enter(tenant, weight)
             served.append(tenant)
             await asyncio.sleep(0.002)
-            gate.leave()
+            gate.leave(tenant)
 
         blocker = asyncio.create_task(request("x", 1))
         await asyncio.sleep(0)
@@ -269,3 +269,30 @@ def test_fair_gate_shares_by_weight_and_skips_clients_that_left() -> None:
     assert (
         heavy == 15 and light == 5 and running == 0
     )  # 3:1 while both wait; the cancelled waiter took no place
+
+
+def test_while_two_tenants_are_active_a_flood_holds_only_its_share() -> None:
+    async def scenario() -> tuple[int, int]:
+        gate = FairGate(4)
+        most_a_with_b = 0
+        b_running = 0
+
+        async def request(tenant: str, hold: float) -> None:
+            nonlocal most_a_with_b, b_running
+            await gate.enter(tenant, 1.0)
+            b_running += tenant == "b"
+            if b_running:
+                most_a_with_b = max(most_a_with_b, gate.running_by.get("a", 0))
+            await asyncio.sleep(hold)
+            b_running -= tenant == "b"
+            gate.leave(tenant)
+
+        flood = [asyncio.create_task(request("a", 0.01)) for _ in range(40)]
+        await asyncio.sleep(0)
+        assert gate.running_by["a"] == 4  # alone: every place
+        light = [asyncio.create_task(request("b", 0.05)) for _ in range(2)]
+        await asyncio.gather(*flood, *light)
+        return most_a_with_b, gate.running
+
+    most, running = asyncio.run(scenario())
+    assert most <= 3 and running == 0  # a drains to its share (2 of 4) while b runs; never more than it held
