@@ -173,7 +173,16 @@ class Quota:
         scopes = _scopes(tenant_name, tenant, expert)
         if scopes:
             ticket.limited = True
-            answer = await self.book.call("admit", ticket.id, scopes, estimate)
+            try:
+                answer = await self.book.call("admit", ticket.id, scopes, estimate)
+            except Exception as e:  # the shared book unreachable: a limited tenant is not admitted unmetered
+                logger.warning("quota: admission of tenant %s: %s: %s", tenant_name, type(e).__name__, e)
+                raise RequestError(
+                    503,
+                    "the rate-limit book is restarting; retry shortly",
+                    retry_after=1,
+                    code="quota_unavailable",
+                ) from None
             ticket.headers = dict(answer["headers"])
             if not answer["admitted"]:
                 self._count(tenant_name, expert, rejected=1, **{f"rejected_{answer['limit']}": 1})

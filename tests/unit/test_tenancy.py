@@ -296,3 +296,46 @@ def test_while_two_tenants_are_active_a_flood_holds_only_its_share() -> None:
 
     most, running = asyncio.run(scenario())
     assert most <= 3 and running == 0  # a drains to its share (2 of 4) while b runs; never more than it held
+
+
+def test_quota_admits_refuses_counts_and_fails_closed() -> None:
+    from expertserve.serve.errors import RequestError
+    from expertserve.serve.metrics import Metrics
+    from expertserve.serve.quota import Quota
+
+    tenant = parse_section(
+        {"tenants": {"t": {"keys": ["k"], "limits": {"requests_per_minute": 1, "max_concurrent": 1}}}},
+        source="x",
+    )["t"]
+    metrics = Metrics()
+    quota = Quota(metrics, app_name=None, capacity=4)
+
+    async def scenario() -> None:
+        ticket = await quota.admit("t", tenant, "expert-x", 10)
+        assert ticket.headers["x-ratelimit-remaining-requests"] == "0"
+        with pytest.raises(RequestError) as info:
+            await quota.admit("t", tenant, "expert-x", 10)
+        error = info.value
+        assert error.status == 429 and error.body()["error"]["type"] == "rate_limit_error"
+        assert error.response_headers()["Retry-After"] and "max_concurrent" in error.message
+        ticket.end("ok", {"prompt_tokens": 3, "completion_tokens": 4})
+        ticket.end("ok", {"prompt_tokens": 3, "completion_tokens": 4})  # once only
+        assert quota.gate is not None and quota.gate.running == 0
+
+        async def broken(*args: object) -> None:
+            raise ConnectionError("actor gone")
+
+        working, quota.book.call = quota.book.call, broken
+        with pytest.raises(RequestError) as info:
+            await quota.admit("t", tenant, "expert-x", 10)
+        assert info.value.status == 503 and info.value.code == "quota_unavailable"
+        quota.book.call = working
+
+    asyncio.run(scenario())
+    row = asyncio.run(quota.report())["tenants"]["t"]["experts"]["expert-x"]
+    assert row["requests"] == 1 and row["ok"] == 1 and row["completion_tokens"] == 4 and row["rejected"] == 1
+    text = metrics.render().decode()
+    assert 'expertserve_tenant_requests_total{expert="expert-x",outcome="rejected",tenant="t"} 1.0' in text
+    assert (
+        'expertserve_tenant_rejections_total{expert="expert-x",limit="max_concurrent",tenant="t"} 1.0' in text
+    )
