@@ -21,7 +21,7 @@ from expertserve.engine.config import EngineConfig
 from expertserve.errors import ExpertserveError
 from expertserve.manifest.base import StrictModel
 from expertserve.settings import DEFAULT_MODEL_ID
-from expertserve.tenancy.config import Tenant
+from expertserve.tenancy.config import NOT_KEYS, Tenant
 
 
 class ReplicaConfig(StrictModel):
@@ -188,7 +188,7 @@ class ServeConfig(StrictModel):
     @classmethod
     def _api_keys(cls, keys: list[str]) -> list[str]:
         for i, key in enumerate(keys):
-            if not key.strip() or key.strip().lower() in _NOT_KEYS:
+            if not key.strip() or key.strip().lower() in NOT_KEYS:
                 raise ValueError(
                     f"api_keys[{i}]: an empty or null key (an empty Secret value?); unset api_keys to turn auth off"
                 )
@@ -197,7 +197,7 @@ class ServeConfig(StrictModel):
     @field_validator("admin_key")
     @classmethod
     def _admin_key(cls, key: str | None) -> str | None:
-        if key is not None and (not key.strip() or key.strip().lower() in _NOT_KEYS):
+        if key is not None and (not key.strip() or key.strip().lower() in NOT_KEYS):
             raise ValueError(
                 "an empty or null key (an empty Secret value?); unset admin_key for loopback-only admin"
             )
@@ -309,10 +309,6 @@ def config_problems(error: ValidationError) -> list[str]:
         shown = f" (got {value!r})" if scalar and not secret else ""
         lines.append(f"{where}: {message}{shown}")
     return lines
-
-
-# Values an empty or templated Secret leaves behind; never a key.
-_NOT_KEYS = {"null", "none", "nil", "undefined"}
 
 
 def _is_loopback(host: str) -> bool:
