@@ -98,7 +98,8 @@ class FairnessConfig(StrictModel):
         default=None,
         ge=1,
         description="Requests each ingress replica lets run at once before queueing fairly; default: the engines' "
-        "batch (engine replicas x engine.max_num_seqs), divided among the ingress replicas.",
+        "batch (engine replicas x the smaller of engine.max_num_seqs and replicas.max_ongoing_requests), divided "
+        "among the ingress replicas. Beyond it, as many may wait as the engines would have queued; then 503.",
     )
 
 

@@ -102,7 +102,7 @@ class Ingress:
             self.metrics,
             app_name=application,
             resources=config.replicas.ingress_resources,
-            capacity=fair_capacity(config),
+            places=fair_places(config),
         )
         self.completions = Completions(
             catalog=self.catalog,
@@ -219,17 +219,20 @@ class Ingress:
         return self.control.reload()
 
 
-def fair_capacity(config: ServeConfig) -> int | None:
-    """Requests one ingress replica lets run before it queues by tenant: the engines' batch (replicas x
-    max_num_seqs) shared among the ingress replicas, or the configured `fairness.max_in_flight`."""
-    fairness = config.fairness
+def fair_places(config: ServeConfig) -> tuple[int, int] | None:
+    """(places, waiting) of one ingress replica's fair gate: the requests it lets run at once (the engines' batch,
+    `min(max_num_seqs, max_ongoing_requests)` per engine replica, or `fairness.max_in_flight`) and how many may wait
+    beyond them (what the engines would have queued); None when fairness is off. Shared among the ingress replicas."""
+    fairness, rep = config.fairness, config.replicas
     if not fairness.enabled:
         return None
-    if fairness.max_in_flight is not None:
-        return fairness.max_in_flight
-    rep = config.replicas
     engines = rep.max_replicas if rep.autoscaling else rep.num_replicas
-    return max(1, -(-engines * config.engine.max_num_seqs // rep.ingress_replicas))
+    share = rep.ingress_replicas
+    places = fairness.max_in_flight or -(
+        -engines * min(config.engine.max_num_seqs, rep.max_ongoing_requests) // share
+    )
+    admitted = -(-engines * (rep.max_ongoing_requests + rep.max_queued_requests) // share)
+    return places, max(0, admitted - places)
 
 
 def _embedder(config: ServeConfig, embedder_cls: Any) -> Any:

@@ -74,7 +74,7 @@ class Metrics:
         # Tenant names as labels, never keys (docs/tenancy.md).
         self.tenant_requests = Counter(
             "expertserve_tenant_requests",
-            "Requests per tenant and expert by outcome (ok, error, abandoned, rejected)",
+            "Requests per tenant and expert by outcome (ok, error, abandoned, rejected: 429, overloaded: 503)",
             ["tenant", "expert", "outcome"],
             registry=r,
         )

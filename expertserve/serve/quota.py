@@ -20,7 +20,7 @@ from typing import Any
 from expertserve.serve.errors import RequestError
 from expertserve.serve.metrics import Metrics
 from expertserve.tenancy.config import Tenant
-from expertserve.tenancy.fair import FairGate
+from expertserve.tenancy.fair import FairGate, GateFull
 from expertserve.tenancy.limits import LimitBook, UsageBook
 
 logger = logging.getLogger("ray.serve")
@@ -42,6 +42,9 @@ class QuotaActor:
 
     def finish(self, ticket: str, tokens: int | None) -> None:
         self.limits.finish(str(ticket), None if tokens is None else int(tokens))
+
+    def cancel(self, ticket: str) -> None:
+        self.limits.cancel(str(ticket))
 
     def flush(self, rows: list[Any], running: list[str]) -> None:
         """An ingress replica's usage since its last flush, and the tickets it still runs."""
@@ -139,7 +142,7 @@ class Quota:
         metrics: Where the per-tenant series go.
         app_name: The Serve app (None outside Serve: the book is in-process).
         resources: The ingress's custom resources (the actor is placed with them).
-        capacity: Requests this replica lets run at once before it queues fairly (None: no fair queue).
+        places: (running, waiting) of this replica's fair gate (None: no fair queue).
     """
 
     def __init__(
@@ -148,11 +151,11 @@ class Quota:
         *,
         app_name: str | None,
         resources: dict[str, float] | None = None,
-        capacity: int | None = None,
+        places: tuple[int, int] | None = None,
     ) -> None:
         self.metrics = metrics
         self.book: Any = ActorBook(app_name, resources) if app_name else LocalBook()
-        self.gate = FairGate(capacity) if capacity else None
+        self.gate = FairGate(*places) if places else None
         self.usage = UsageBook()
         self.running: dict[str, Ticket] = {}
         self.lock = threading.Lock()
@@ -201,11 +204,27 @@ class Quota:
         if self.gate is not None:
             try:
                 await self.gate.enter(tenant_name, tenant.weight)
+            except GateFull:
+                self._refused(ticket)
+                raise RequestError(
+                    503, "the server is overloaded; retry shortly", retry_after=1, code="overloaded"
+                ) from None
             except BaseException:
                 ticket.end("abandoned", None)
                 raise
             ticket.queued = True
         return ticket
+
+    def _refused(self, ticket: Ticket) -> None:
+        """A ticket the full queue refused: out of the book (it counts for no limit) and counted as overloaded."""
+        ticket.open = False
+        with self.lock:
+            self.running.pop(ticket.id, None)
+        if ticket.limited:
+            self.book.send("cancel", ticket.id)
+        self._count(ticket.tenant, ticket.expert, overloaded=1)
+        self.metrics.tenant_requests.labels(ticket.tenant, ticket.expert, "overloaded").inc()
+        self.metrics.errors.labels("503").inc()
 
     def ended(self, ticket: Ticket, outcome: str, usage: dict[str, int] | None) -> None:
         """A ticket's end: its place, its concurrency and tokens in the book, its usage."""

@@ -20,6 +20,14 @@ import itertools
 from dataclasses import dataclass, field
 
 
+class GateFull(Exception):
+    """Every place is taken and the queue is full: the request is refused (the server answers 503)."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} requests wait already")
+        self.waiting = waiting
+
+
 @dataclass(order=True)
 class _Waiter:
     finish: float
@@ -34,10 +42,13 @@ class FairGate:
 
     Args:
         capacity: Requests that may run at once through this gate (the engines' batch, per ingress replica).
+        max_waiting: Requests that may wait beyond them (None: no bound); one more is refused (`GateFull`).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_waiting: int | None = None) -> None:
         self.capacity = max(1, capacity)
+        self.max_waiting = max_waiting
+        self.waiting = 0
         self.running = 0
         self.running_by: dict[str, int] = {}
         self.waiting_by: dict[str, int] = {}
@@ -67,9 +78,13 @@ class FairGate:
         if not self.waiting_by.get(tenant) and self._may_run(tenant):
             self._take(tenant)
             return
+        if self.max_waiting is not None and self.waiting >= self.max_waiting:
+            self.last_finish[tenant] = finish - 1.0 / weight  # refused: it took nothing
+            raise GateFull(self.waiting)
         waiter = _Waiter(finish, next(self.order), tenant, start, asyncio.get_running_loop().create_future())
         heapq.heappush(self.queue, waiter)
         self.waiting_by[tenant] = self.waiting_by.get(tenant, 0) + 1
+        self.waiting += 1
         try:
             await waiter.future
         except asyncio.CancelledError:
@@ -77,6 +92,7 @@ class FairGate:
                 self.leave(tenant)  # given a place just as the client went away: pass it on
             else:
                 self.waiting_by[tenant] -= 1
+                self.waiting -= 1
                 self._dispatch()  # its leaving may lower the others' shares' sum: someone may go now
             raise
 
@@ -107,6 +123,7 @@ class FairGate:
                 skipped.append(waiter)
                 continue
             self.waiting_by[waiter.tenant] -= 1
+            self.waiting -= 1
             self.virtual = max(self.virtual, waiter.start)
             self._take(waiter.tenant)
             waiter.future.set_result(None)

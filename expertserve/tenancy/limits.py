@@ -141,6 +141,20 @@ class LimitBook:
                 counter.tokens += tokens - entry[1]
                 entry[1] = tokens
 
+    def cancel(self, ticket: str) -> None:
+        """The request was admitted here and then refused elsewhere (the server's queue was full): it counts for
+        nothing."""
+        held = self.tickets.pop(ticket, None)
+        if held is None:
+            return
+        for key, entry in zip(held[0], held[1], strict=True):
+            counter = self.counters.get(key)
+            if counter is not None:
+                counter.running.discard(ticket)
+                if entry in counter.log:
+                    counter.log.remove(entry)
+                    counter.tokens -= entry[1]
+
     def renew(self, tickets: list[str]) -> None:
         """The caller still runs these requests."""
         now = self.clock()

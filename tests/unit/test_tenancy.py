@@ -308,7 +308,7 @@ def test_quota_admits_refuses_counts_and_fails_closed() -> None:
         source="x",
     )["t"]
     metrics = Metrics()
-    quota = Quota(metrics, app_name=None, capacity=4)
+    quota = Quota(metrics, app_name=None, places=(4, 4))
 
     async def scenario() -> None:
         ticket = await quota.admit("t", tenant, "expert-x", 10)
@@ -339,3 +339,44 @@ def test_quota_admits_refuses_counts_and_fails_closed() -> None:
     assert (
         'expertserve_tenant_rejections_total{expert="expert-x",limit="max_concurrent",tenant="t"} 1.0' in text
     )
+
+
+def test_the_gate_waits_for_what_the_engines_would_queue_then_refuses() -> None:
+    from expertserve.serve.config import ServeConfig
+    from expertserve.serve.ingress import fair_places
+    from expertserve.tenancy.fair import GateFull
+
+    default = ServeConfig()
+    assert fair_places(default) == (
+        32,
+        64 + 128 - 32,
+    )  # one engine: 32 sequences a step, 64 running + 128 queued
+    small = ServeConfig.model_validate(
+        {"replicas": {"max_ongoing_requests": 1, "max_queued_requests": 1, "ingress_replicas": 2}}
+    )
+    assert fair_places(small) == (1, 0)
+    assert fair_places(ServeConfig.model_validate({"fairness": {"enabled": False}})) is None
+    assert fair_places(ServeConfig.model_validate({"fairness": {"max_in_flight": 4}})) == (4, 188)
+
+    async def scenario() -> None:
+        gate = FairGate(1, max_waiting=1)
+        await gate.enter("a", 1.0)
+        waiting = asyncio.create_task(gate.enter("b", 1.0))
+        await asyncio.sleep(0)
+        with pytest.raises(GateFull):
+            await gate.enter("c", 1.0)
+        gate.leave("a")
+        await waiting
+        gate.leave("b")
+        assert gate.running == 0 and gate.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_admission_counts_for_nothing() -> None:
+    book = LimitBook(Clock())
+    both = [(("tenant", "a"), {"requests_per_minute": 1, "max_concurrent": 1, "tokens_per_minute": 100})]
+    assert book.admit("t1", both, 50)["admitted"]
+    book.cancel("t1")
+    answer = book.admit("t2", both, 100)
+    assert answer["admitted"] and answer["headers"]["x-ratelimit-remaining-tokens"] == "0"
