@@ -44,6 +44,7 @@ SHARED_SERVERS = {
     "tests/e2e/test_engine_failure.py": "e2e-shared-server",
     "tests/e2e/test_overload.py": "e2e-small-queue",
     "tests/e2e/test_engine_restart.py": "e2e-small-queue",
+    "tests/e2e/test_tenancy.py": "e2e-small-queue",
 }
 
 
