@@ -32,6 +32,17 @@ def version_key(version: str) -> tuple[int, int, int]:
     return major, minor, patch
 
 
+def config_rank(config: Any, default: int = 0) -> int:
+    """The largest LoRA rank an `adapter_config.json` holds: its `r` and every `rank_pattern` value (PEFT gives
+    modules matching a pattern their own rank); `default` when it names none."""
+    if not isinstance(config, dict):
+        return default
+    pattern = config.get("rank_pattern")
+    ranks = [config.get("r"), *(pattern.values() if isinstance(pattern, dict) else [])]
+    valid = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and r > 0]
+    return max(valid, default=default)
+
+
 @dataclass(frozen=True)
 class ExpertRecord:
     """One version of one expert, as found on disk.
@@ -98,12 +109,7 @@ class ExpertRecord:
             config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             return adapter.r or 0
-        if not isinstance(config, dict):
-            return adapter.r or 0
-        pattern = config.get("rank_pattern")
-        ranks = [config.get("r"), *(pattern.values() if isinstance(pattern, dict) else [])]
-        valid = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and r > 0]
-        return max(valid, default=adapter.r or 0)
+        return config_rank(config, adapter.r or 0)
 
     def unservable_reason(self, base_model: str, aliases: Iterable[str] = ()) -> str | None:
         """Why a vLLM server running `base_model` cannot serve this expert, or None when it can."""

@@ -18,7 +18,7 @@ from expertserve.engine.args import lora_rank_slot
 from expertserve.manifest.files import ADAPTER_CONFIG, read_safetensors_header, soft_prompt_shape
 from expertserve.packaging.archive import verify_installed
 from expertserve.packaging.trust import TrustPolicy
-from expertserve.registry import ExpertRecord
+from expertserve.registry import ExpertRecord, config_rank
 
 GrammarCompiler = Callable[[str, str], str | None]  # (kind, text) -> problem or None
 
@@ -142,8 +142,8 @@ def _adapter_problems(adapter_dir: Path, ctx: ServingContext) -> list[str]:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return [f"{adapter_dir / ADAPTER_CONFIG}: unreadable ({e})"]
     problems = []
-    rank = config.get("r")
-    if isinstance(rank, int) and rank > ctx.max_lora_rank:
+    rank = config_rank(config)  # the same rank the engines are sized by (registry.py)
+    if rank > ctx.max_lora_rank:
         problems.append(
             f"adapter rank {rank} is above the running engine's max_lora_rank {ctx.max_lora_rank} "
             "(restart the server, or set engine.max_lora_rank, to serve it)"

@@ -115,3 +115,14 @@ def test_an_expert_that_needs_prefix_caching_is_not_servable_on_engines_without_
     assert any("prefix caching off" in p and "restart the server" in p for p in expert_problems(record, off))
     assert expert_problems(record, dataclasses.replace(CTX, prefix_caching=True)) == []
     assert expert_problems(record, CTX) == []  # unknown engine settings: nothing claimed
+
+
+def test_an_adapter_whose_rank_pattern_is_above_the_engines_rank_is_not_servable(tmp_path: Path) -> None:
+    """The check reads the same rank the engines are sized by: `r` and every `rank_pattern` value."""
+    expert = make_expert(tmp_path / "expert-demo", manifest())
+    config_file = expert / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "r": 4, "rank_pattern": {"q_proj": 32}}))
+    record = Registry.scan([tmp_path]).get("expert-demo")
+    assert record.adapter_rank(BASE) == 32
+    assert any("adapter rank 32 is above the running engine's max_lora_rank 8" in p for p in check(record))
