@@ -32,3 +32,18 @@ def reference_greedy(base: Path, expert: Path, prompt: str, adapter: bool, soft:
             out.append(next_id)
             embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[next_id]]))], 1)
     return out
+
+
+def reference_prompt_logprobs(base: Path, prompt: str) -> tuple[list[int], list[float]]:
+    """The prompt's token ids (as the server tokenizes a completion prompt) and the base model's log probability
+    of each token after the first, from transformers in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return ids, [float(logprobs[i - 1, t]) for i, t in enumerate(ids) if i > 0]

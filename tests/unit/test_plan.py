@@ -127,3 +127,22 @@ def test_storage_takes_what_ray_train_takes_and_refuses_other_schemes(tmp_path: 
     for bad in ("ftp://host/runs", "s3://", "mystore://x"):
         with pytest.raises(ValueError, match="storage: .*expected a directory or a URI of s3://"):
             storage_location(bad, tmp_path)
+
+
+def test_a_retrained_expert_takes_the_next_patch_version_never_the_old_one(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from expertserve.train.launch import _next_version
+
+    plan: Any = SimpleNamespace(adapter_path="adapter")
+    out = tmp_path / "out"
+    assert _next_version("0.1.0", out, plan) == "0.1.0"  # nothing trained there yet
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (out / "manifest.json").write_text(json.dumps({"version": "0.1.0"}))
+    assert _next_version("0.1.0", out, plan) == "0.1.1"
+    (out / "manifest.json").write_text(json.dumps({"version": "0.3.2"}))
+    assert _next_version("0.1.0", out, plan) == "0.3.3"  # above the higher of the two
+    assert _next_version("1.0.0", out, plan) == "1.0.1"
+    (out / "manifest.json").write_text("{not json")
+    assert _next_version("0.2.0", out, plan) == "0.2.1"
