@@ -36,7 +36,17 @@ def load(config: ServeConfig) -> Tenants:
                 ],
             )
         section.update(from_file)
-    return build(section, config.api_keys, config.admin_key, source=config.tenants_file or "tenants")
+    tenants = build(section, config.api_keys, config.admin_key, source=config.tenants_file or "tenants")
+    if tenants.open and config.tenants_file and not config.allow_no_auth:
+        # The file turned auth on at config time (ServeConfig.has_keys): an empty one must not open the server.
+        raise TenantsError(
+            config.tenants_file,
+            [
+                "no tenant has a key and api_keys is empty: inference would need no key; add a tenant with keys "
+                "(or set allow_no_auth to serve every expert to anyone who reaches the port)"
+            ],
+        )
+    return tenants
 
 
 class TenantsSource:

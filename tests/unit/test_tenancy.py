@@ -380,3 +380,16 @@ def test_a_cancelled_admission_counts_for_nothing() -> None:
     book.cancel("t1")
     answer = book.admit("t2", both, 100)
     assert answer["admitted"] and answer["headers"]["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_a_tenants_file_without_keys_never_opens_the_server(tmp_path: Path) -> None:
+    from expertserve.serve.config import ServeConfig
+    from expertserve.serve.tenants import load
+
+    empty = tmp_path / "tenants.yaml"
+    empty.write_text("tenants: {}\n")
+    config = ServeConfig.model_validate({"host": "0.0.0.0", "tenants_file": str(empty)})
+    with pytest.raises(TenantsError, match="inference would need no key"):
+        load(config)
+    assert load(config.model_copy(update={"api_keys": ["k"]})).find(b"k") == "default"
+    assert load(config.model_copy(update={"allow_no_auth": True})).open
