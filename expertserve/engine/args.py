@@ -65,6 +65,10 @@ def engine_kwargs(
     if not batch:
         kwargs["max_cpu_loras"] = config.max_cpu_loras + reserved_loras
         kwargs["max_num_seqs"] = config.max_num_seqs
+        # Waiting requests by priority, then arrival: the ingress gives each request its tenant's fair-queueing tag
+        # (all 0 without tenants: first come, first served as before), so a tenant that floods one engine replica
+        # (an expert's requests go where it is loaded) does not queue another tenant's requests behind its own.
+        kwargs["scheduling_policy"] = "priority"
     if prefix_caching is not None:
         kwargs["enable_prefix_caching"] = prefix_caching
     block_size = kv_block_size(config.block_size, prefix_caching)

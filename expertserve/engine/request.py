@@ -172,6 +172,8 @@ class EngineRequest:
         messages: The conversation (chat).
         prompt: The prompt text (completion).
         extras: Request-only options.
+        priority: The engine's scheduling priority (lower runs first; ties by arrival): the tenant's fair-queueing
+            tag (serve/quota.py), so the engine's own waiting queue keeps the tenants' fair order.
     """
 
     kind: Kind
@@ -182,6 +184,7 @@ class EngineRequest:
     messages: tuple[Message, ...] = ()
     prompt: str | None = None
     extras: Extras = field(default_factory=Extras)
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if self.kind == "chat" and (not self.messages or self.prompt is not None):

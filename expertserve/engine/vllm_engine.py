@@ -167,7 +167,9 @@ class VLLMExpertEngine(ExpertEngine):
         completion_tokens = [0] * params.n
         prompt_sent = [False] * params.n
         try:
-            async for out in self.llm.generate(prompt, params, request.request_id, lora_request=lora):
+            async for out in self.llm.generate(
+                prompt, params, request.request_id, lora_request=lora, priority=request.priority
+            ):
                 for choice in out.outputs:
                     first = not prompt_sent[choice.index]
                     prompt_sent[choice.index] = True

@@ -4,6 +4,7 @@ responder (serve/respond.py), which streams or answers whole. Every client mista
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -85,6 +86,8 @@ class Completions:
             caller.name, caller.tenant, headers["x-expertserve-expert"], _estimate(req, engine_requests)
         )
         headers.update(ticket.headers)
+        if ticket.priority:  # the engine's waiting queue keeps the tenants' fair order too
+            engine_requests = [dataclasses.replace(r, priority=ticket.priority) for r in engine_requests]
         return await self.responder.respond(req, engine_requests, headers, meta, on_end=ticket.end)
 
     def _tool_plan(self, req: AnyRequest, record: ExpertRecord | None) -> ToolPlan | None:

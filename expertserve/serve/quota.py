@@ -28,6 +28,8 @@ logger = logging.getLogger("ray.serve")
 FLUSH_S = 1.0
 CHARS_PER_TOKEN = 4  # the prompt's estimate at admission (corrected to the engine's count at the end)
 DEFAULT_COMPLETION = 256  # a request whose max_tokens nothing set
+PRIORITY_SCALE = 1000  # the fair tag (in requests / weight) to the engine's integer priority
+MAX_PRIORITY = 2**62
 
 
 class QuotaActor:
@@ -126,6 +128,7 @@ class Ticket:
     queued: bool
     headers: dict[str, str] = field(default_factory=dict)
     open: bool = True
+    priority: int = 0  # the engine's scheduling priority: the fair gate's tag (lower first)
 
     def end(self, outcome: str, usage: dict[str, int] | None) -> None:
         """The request ended (`ok`, `error` or `abandoned`) with `usage` (None: unknown)."""
@@ -203,7 +206,7 @@ class Quota:
             self.running[ticket.id] = ticket
         if self.gate is not None:
             try:
-                await self.gate.enter(tenant_name, tenant.weight)
+                tag = await self.gate.enter(tenant_name, tenant.weight)
             except GateFull:
                 self._refused(ticket)
                 raise RequestError(
@@ -213,6 +216,7 @@ class Quota:
                 ticket.end("abandoned", None)
                 raise
             ticket.queued = True
+            ticket.priority = min(int(tag * PRIORITY_SCALE), MAX_PRIORITY)
         return ticket
 
     def _refused(self, ticket: Ticket) -> None:

@@ -66,7 +66,9 @@ class SuspectRequests:
         Raises:
             RequestError: 503 while the same request is a suspect.
         """
-        fingerprint = hashlib.sha256(repr(dataclasses.replace(request, request_id="")).encode()).hexdigest()
+        fingerprint = hashlib.sha256(
+            repr(dataclasses.replace(request, request_id="", priority=0)).encode()
+        ).hexdigest()
         until = self.until.get(fingerprint)
         if until is not None and until > time.monotonic():
             raise RequestError(

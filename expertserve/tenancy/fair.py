@@ -68,16 +68,16 @@ class FairGate:
     def _may_run(self, tenant: str) -> bool:
         return self.running < self.capacity and self.running_by.get(tenant, 0) < self.share(tenant)
 
-    async def enter(self, tenant: str, weight: float) -> None:
+    async def enter(self, tenant: str, weight: float) -> float:
         """Waits for this request's place (at once while the engines have room and the tenant is within its
-        share)."""
+        share); returns its virtual finish tag (lower: its turn comes sooner), which the engine schedules by too."""
         self.weights[tenant] = weight
         start = max(self.virtual, self.last_finish.get(tenant, 0.0))
         finish = start + 1.0 / weight
         self.last_finish[tenant] = finish
         if not self.waiting_by.get(tenant) and self._may_run(tenant):
             self._take(tenant)
-            return
+            return finish
         if self.max_waiting is not None and self.waiting >= self.max_waiting:
             self.last_finish[tenant] = finish - 1.0 / weight  # refused: it took nothing
             raise GateFull(self.waiting)
@@ -95,6 +95,7 @@ class FairGate:
                 self.waiting -= 1
                 self._dispatch()  # its leaving may lower the others' shares' sum: someone may go now
             raise
+        return finish
 
     def leave(self, tenant: str) -> None:
         """A request of `tenant` that entered ended; its place goes to the next waiter in fair order."""

@@ -826,7 +826,9 @@ def tenanted(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     try:
         yield f"{url}/tenanted", tenants_file
     finally:
-        serve.delete("tenanted")
+        serve.delete(
+            "tenanted", _blocking=False
+        )  # the module's last app: Serve's shutdown after it waits anyway
 
 
 def _as(tenant: str) -> dict[str, str]:

@@ -393,3 +393,28 @@ def test_a_tenants_file_without_keys_never_opens_the_server(tmp_path: Path) -> N
         load(config)
     assert load(config.model_copy(update={"api_keys": ["k"]})).find(b"k") == "default"
     assert load(config.model_copy(update={"allow_no_auth": True})).open
+
+
+def test_the_engine_schedules_by_the_tenants_fair_tags() -> None:
+    """A served engine waits by priority (the fair tag), an evaluation engine first come first served; a later
+    request of a flooding tenant gets a larger tag than a light tenant's first one."""
+    from expertserve.engine.args import engine_kwargs
+    from expertserve.engine.config import EngineConfig
+    from expertserve.serve.metrics import Metrics
+    from expertserve.serve.quota import Quota
+
+    served = engine_kwargs(EngineConfig(), model_dir=Path("/m"), max_lora_rank=8, prefix_caching=None)
+    batch = engine_kwargs(
+        EngineConfig(), model_dir=Path("/m"), max_lora_rank=8, prefix_caching=None, batch=True
+    )
+    assert served["scheduling_policy"] == "priority" and "scheduling_policy" not in batch
+    tenant = Tenant(keys=["k"])
+    quota = Quota(Metrics(), app_name=None, places=(8, 8))
+
+    async def scenario() -> list[int]:
+        flood = [await quota.admit("a", tenant, "x", 1) for _ in range(5)]
+        light = await quota.admit("b", tenant, "x", 1)
+        return [t.priority for t in flood] + [light.priority]
+
+    priorities = asyncio.run(scenario())
+    assert priorities[:5] == sorted(priorities[:5]) and priorities[-1] < priorities[4]
