@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from expertserve.config_files import UnreadableFile, read_structured, validation_problems
 from expertserve.engine.config import EngineConfig
 from expertserve.errors import ExpertserveError
 from expertserve.manifest.base import StrictModel
@@ -292,24 +293,10 @@ class ConfigError(ExpertserveError):
 
 
 def config_problems(error: ValidationError) -> list[str]:
-    """One line per problem: `engine.dtype: input should be 'auto', ... (got 'fp8')`."""
-    from expertserve.manifest.load import json_path
-
-    lines = []
-    for err in error.errors(include_url=False):
-        where = json_path(err["loc"]) or "(top level)"
-        message = (
-            "unknown setting"
-            if err["type"] == "extra_forbidden"
-            else err["msg"].removeprefix("Value error, ")
-        )
-        message = message[:1].lower() + message[1:]
-        value = err.get("input")
-        secret = bool(err["loc"]) and str(err["loc"][0]) in SECRET_SETTINGS
-        scalar = isinstance(value, (str, int, float, bool)) and err["type"] != "missing"
-        shown = f" (got {value!r})" if scalar and not secret else ""
-        lines.append(f"{where}: {message}{shown}")
-    return lines
+    """One line per problem: `engine.dtype: input should be 'auto', ... (got 'fp8')`; keys are never shown."""
+    return validation_problems(
+        error, unknown="unknown setting", secret=lambda loc: bool(loc) and str(loc[0]) in SECRET_SETTINGS
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -358,16 +345,10 @@ _LIST_SETTINGS = {"api_keys", "experts_dirs", "routed_names", "trusted_keys"}
 
 
 def _read(path: Path) -> dict[str, Any]:
-    import yaml
-
     try:
-        text = path.read_text(encoding="utf-8")
-        data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except FileNotFoundError:
-        raise ConfigError(str(path), ["config file not found"]) from None
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(str(path), [f"cannot read it: {first}"]) from None
+        data = read_structured(path, what="config file")
+    except UnreadableFile as e:
+        raise ConfigError(str(path), [str(e)]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

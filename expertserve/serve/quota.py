@@ -58,24 +58,11 @@ class QuotaActor:
 
 
 def quota_actor(app_name: str | None, resources: dict[str, float] | None = None) -> Any:
-    """The app's quota actor, created by whichever ingress replica asks first (detached, restarted when its process
-    dies: it then starts empty, so the last minute's counts are forgotten once; docs/tenancy.md)."""
-    import ray
+    """The app's quota actor (control/state.py `app_actor`; after a restart it starts empty, so the last minute's
+    counts are forgotten once; docs/tenancy.md)."""
+    from expertserve.serve.control.state import app_actor
 
-    return (
-        ray.remote(QuotaActor)
-        .options(
-            name=f"expertserve-quota-{app_name or 'default'}",
-            namespace="expertserve",
-            get_if_exists=True,
-            lifetime="detached",
-            max_restarts=-1,
-            max_task_retries=-1,
-            num_cpus=0,
-            resources=dict(resources or {}),
-        )
-        .remote()
-    )
+    return app_actor(QuotaActor, f"expertserve-quota-{app_name or 'default'}", resources)
 
 
 class LocalBook:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
+from expertserve.config_files import UnreadableFile, read_structured, validation_problems
 from expertserve.errors import ExpertserveError
 from expertserve.manifest.base import StrictModel
 
@@ -240,22 +241,9 @@ def build(
 def section_problems(error: ValidationError) -> list[str]:
     """One line per problem, naming the tenant and field (`tenants.team-a.limits.requests_per_minute: ...`); values
     under `keys` are never shown."""
-    from expertserve.manifest.load import json_path
-
-    lines = []
-    for err in error.errors(include_url=False):
-        loc = err["loc"]
-        where = json_path(loc) or "(top level)"
-        message = (
-            "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        )
-        message = message[:1].lower() + message[1:]
-        value = err.get("input")
-        secret = "keys" in (str(p) for p in loc)
-        scalar = isinstance(value, (str, int, float, bool)) and err["type"] != "missing"
-        shown = f" (got {str(value)[:64]!r})" if scalar and not secret else ""
-        lines.append(f"{where}: {message}{shown}")
-    return lines
+    return validation_problems(
+        error, unknown="unknown field", secret=lambda loc: "keys" in (str(p) for p in loc), max_value_chars=64
+    )
 
 
 def parse_section(data: Any, *, source: str) -> dict[str, Tenant]:
@@ -278,17 +266,11 @@ def read_file(path: str | Path) -> dict[str, Tenant]:
     Raises:
         TenantsError: Unreadable, not YAML/JSON, or not valid (one line per problem).
     """
-    import yaml
-
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-        data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except FileNotFoundError:
-        raise TenantsError(str(path), ["tenants file not found"]) from None
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TenantsError(str(path), [f"cannot read it: {first}"]) from None
+        data = read_structured(path, what="tenants file")
+    except UnreadableFile as e:
+        raise TenantsError(str(path), [str(e)]) from None
     return parse_section(data, source=str(path))
 
 

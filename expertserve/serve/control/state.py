@@ -247,19 +247,26 @@ def find_state_actor(app_name: str | None) -> Any:
 
 
 def state_actor(app_name: str | None, resources: dict[str, float] | None = None) -> Any:
-    """The app's state actor, created by whichever ingress replica asks first. Detached, so it outlives the
-    replica that created it (a replaced replica must not take the generation with it); placed with the ingress's
-    `resources`, so it lives where the ingress replicas do (not on a node whose loss would take it along)."""
+    """The app's state actor, created by whichever ingress replica asks first (see `app_actor`)."""
+    return app_actor(ExpertState, actor_name(app_name), resources)
+
+
+def app_actor(cls: type, name: str, resources: dict[str, float] | None = None) -> Any:
+    """The app's actor of `cls` by `name` (namespace `expertserve`), created by whichever ingress replica asks
+    first. Detached, so it outlives the replica that created it (a replaced replica must not take the app's state
+    with it); restarted when its process dies (it then starts empty and recovers from what the replicas report);
+    placed with the ingress's `resources`, so it lives where the ingress replicas do (not on a node whose loss would
+    take it along)."""
     import ray
 
     return (
-        ray.remote(ExpertState)
+        ray.remote(cls)
         .options(
-            name=actor_name(app_name),
+            name=name,
             namespace="expertserve",
             get_if_exists=True,
             lifetime="detached",
-            max_restarts=-1,  # a dead process comes back (empty; it recovers from the replicas' reports)
+            max_restarts=-1,
             max_task_retries=-1,  # calls in flight wait for it
             num_cpus=0,
             resources=dict(resources or {}),
