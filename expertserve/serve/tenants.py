@@ -73,14 +73,15 @@ class TenantsSource:
                 "serving": self.current.digest(),
                 "count": len(self.current.by_name),
             }
-        changed = fresh.digest() != self.current.digest()
+        digest = fresh.digest()
+        changed = digest != self.current.digest()
         self.current = fresh
         auth.install(auth.KeyCheck(fresh, self.config.admin_key))
         if changed:
             logger.info(
                 "tenants: now serving %d tenants (%s)", len(fresh.by_name), ", ".join(sorted(fresh.by_name))
             )
-        return {"loaded": True, "changed": changed, "serving": fresh.digest(), "count": len(fresh.by_name)}
+        return {"loaded": True, "changed": changed, "serving": digest, "count": len(fresh.by_name)}
 
     def caller(self, scope: Mapping[str, Any]) -> TenantCaller:
         """The tenant of a request, from what the auth middleware left in its ASGI `scope`.
